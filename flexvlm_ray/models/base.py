@@ -1,0 +1,157 @@
+"""The model adapter contract between the measurement engine and a model family.
+
+The engine drives one sample through four named stages, each a call on the adapter, and times
+the gaps between them (see flexvlm_ray.measure.engine):
+
+    prepared = adapter.prepare(sample=..., knobs=...)        # preprocessing (not timed)
+    feats    = adapter.vision_encoder(prepared)              # stage vision_encoder (ViT only)
+    embeds   = adapter.projector(prepared, feats)            # stage projector (pooling + MLP)
+    state    = adapter.prefill(prepared, embeds)             # stage llm_prefill (first token)
+    token    = adapter.decode_step(state)  # repeated        # stage llm_decode
+
+Knobs are set in place between units with ``apply_knobs`` and undone with ``restore_knobs``;
+the model is loaded once per worker. ``describe`` answers shape questions (block and expert
+counts) without loading weights, so that a spec can be validated at the edge.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from flexvlm_ray.registry import Registry
+
+BLOCK_POLICIES = ("prefix", "importance", "random")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a spec needs to know about a model before loading it."""
+
+    family: str
+    preset: str
+    num_blocks: int
+    num_experts: int            # 0 for a dense decoder
+    default_top_k: int          # 0 for a dense decoder
+    max_crops_limit: int        # largest max_crops the preprocessing accepts; 0: no crop knob
+    vision_tokens_per_crop: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """One point of the knob grid. ``None`` keeps the model's default."""
+
+    max_crops: Optional[int] = None
+    top_k: Optional[int] = None
+    active_blocks: Optional[int] = None
+    block_policy: str = "prefix"
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Prepared:
+    """A preprocessed sample on the adapter's device, with the token counts it produces."""
+
+    inputs: dict[str, Any]
+    num_crops: int
+    num_vision_tokens: int
+    num_language_tokens: int    # prompt tokens that are not image tokens
+    num_total_tokens: int       # sequence length entering the decoder at prefill
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeState:
+    """Greedy decoding state kept by the adapter between decode steps (batch size 1)."""
+
+    next_token: int                       # the token chosen by the last step (or by prefill)
+    tokens: list[int] = field(default_factory=list)  # every generated token so far
+    cache: Any = None                     # the adapter's KV cache
+    position: int = 0                     # sequence length so far
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter(ABC):
+    """One model family. Subclasses register with ``@register_model("name")``."""
+
+    info: ModelInfo
+    device: Any = "cpu"
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, *, preset: Optional[str], path: Optional[str],
+                 options: dict[str, Any]) -> ModelInfo:
+        """Shape of the model for validation, without loading weights."""
+
+    @abstractmethod
+    def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
+                 seed: int, options: dict[str, Any]) -> None:
+        """Load (or build) the model once on ``device``."""
+
+    # -- stages ------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
+        """Preprocess one sample (crops, tokenized prompt) and move it to the device."""
+
+    @abstractmethod
+    def vision_encoder(self, prepared: Prepared) -> Any:
+        """Run the vision backbone only (ViT features of every crop)."""
+
+    @abstractmethod
+    def projector(self, prepared: Prepared, features: Any) -> Any:
+        """Connector and projector: ViT features -> decoder-space image embeddings."""
+
+    @abstractmethod
+    def prefill(self, prepared: Prepared, embeds: Any) -> DecodeState:
+        """Run the decoder over the full prompt; choose the first output token (greedy)."""
+
+    @abstractmethod
+    def decode_step(self, state: DecodeState) -> int:
+        """One greedy decode step from ``state``; updates it and returns the new token."""
+
+    @abstractmethod
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        """Detokenize generated tokens (special tokens dropped)."""
+
+    @property
+    @abstractmethod
+    def eos_token_id(self) -> Optional[int]:
+        """End of sequence token; natural decoding stops there, forced decoding ignores it."""
+
+    # -- knobs -------------------------------------------------------------------------
+    @abstractmethod
+    def apply_knobs(self, knobs: Knobs) -> None:
+        """Set top_k / active blocks in place; crops take effect in ``prepare``."""
+
+    @abstractmethod
+    def restore_knobs(self) -> None:
+        """Return to the model's defaults (identical logits to a fresh model)."""
+
+    # -- introspection -------------------------------------------------------------------
+    def decoder_blocks(self) -> Sequence[Any]:
+        """The decoder blocks that run under the current knobs, in order (for timing hooks)."""
+        return []
+
+    def block_parts(self, block: Any) -> dict[str, Any]:
+        """{'attention': module, 'ffn': module} of one block, for per-part timing hooks."""
+        return {}
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per component: vision_encoder, projector, llm (and llm_active for MoE)."""
+        return {}
+
+    def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
+        """Analytic FLOPs per stage: vision, projector, llm_prefill, llm_decode."""
+        return {}
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (CUDA); a no-op on the CPU."""
+
+
+MODELS: Registry[type[ModelAdapter]] = Registry("model")
+
+
+def register_model(name: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+    return MODELS.register(name)
