@@ -78,6 +78,7 @@ class ModelAdapter(ABC):
 
     info: ModelInfo
     device: Any = "cpu"
+    backends: tuple[str, ...] = ("hf",)   # spec `model.backend` values this family implements
 
     @classmethod
     @abstractmethod

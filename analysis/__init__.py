@@ -1,0 +1,1 @@
+"""Analyses of stored runs (one module per experiment family). Imports the store, never Ray."""

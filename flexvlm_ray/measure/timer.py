@@ -1,0 +1,67 @@
+"""StageTimer: one timeline of marks, one named stage between consecutive marks.
+
+On CUDA each mark records an event on the current stream (no host synchronisation between
+stages, so timing does not insert bubbles); ``finish`` synchronises once and reads the
+elapsed times. On the CPU a mark reads ``time.perf_counter`` (execution is synchronous there).
+Durations are milliseconds.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+
+class StageTimer:
+    def __init__(self, *, cuda: bool) -> None:
+        self.cuda = cuda
+        self._marks: list[tuple[str, Any]] = []
+        if cuda:
+            import torch
+            self._torch = torch
+
+    def _stamp(self) -> Any:
+        if self.cuda:
+            event = self._torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._marks = [("start", self._stamp())]
+
+    def mark(self, name: str) -> None:
+        """End the stage ``name`` here (it began at the previous mark)."""
+        self._marks.append((name, self._stamp()))
+
+    def finish(self) -> list[tuple[str, float]]:
+        """[(stage name, ms)] in order; repeated names (per-token marks) are kept separately."""
+        if self.cuda:
+            self._torch.cuda.synchronize()
+        out = []
+        for (_, a), (name, b) in zip(self._marks, self._marks[1:]):
+            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1000.0
+            out.append((name, ms))
+        return out
+
+
+class Stopwatch:
+    """Start/stop pairs recorded by hooks (block-level timing); ms per pair after ``read``."""
+
+    def __init__(self, *, cuda: bool) -> None:
+        self.timer = StageTimer(cuda=cuda)
+        self.pairs: list[tuple[Any, Any]] = []
+        self._open: Optional[Any] = None
+
+    def begin(self) -> None:
+        self._open = self.timer._stamp()
+
+    def end(self) -> None:
+        if self._open is not None:
+            self.pairs.append((self._open, self.timer._stamp()))
+            self._open = None
+
+    def read(self) -> list[float]:
+        if self.timer.cuda:
+            self.timer._torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.pairs]
+        return [(b - a) * 1000.0 for a, b in self.pairs]

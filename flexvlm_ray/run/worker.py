@@ -1,0 +1,131 @@
+"""ModelWorker: holds one model on one GPU (or the CPU) and measures work units on it.
+
+A plain class, so tests can drive it without Ray; the scheduler wraps it with
+``ray.remote(num_gpus=1)``. The model is loaded once in ``__init__``; knobs change in place
+per unit. A unit that raises (CUDA out-of-memory included) comes back as a failure record and
+the worker stays usable.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+import traceback
+from typing import Any, Optional
+
+from flexvlm_ray.data import DATASETS, shard_indices
+from flexvlm_ray.measure.engine import run_unit
+from flexvlm_ray.metrics import METRICS
+from flexvlm_ray.models import MODELS
+from flexvlm_ray.spec.expand import WorkUnit
+from flexvlm_ray.store.schema import rows_to_table
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise RuntimeError("the spec asks for device 'cuda' but this worker sees no CUDA GPU "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return requested
+
+
+def resolve_dtype(*, requested: str, device: str, device_choice: str) -> str:
+    """Half precision on a CPU fallback (device 'auto' without a GPU) runs as float32."""
+    if device == "cpu" and device_choice == "auto" and requested != "float32":
+        return "float32"
+    return requested
+
+
+def gpu_info() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"gpu_name": "cpu", "gpu_memory_gib": None, "cuda": None, "driver": None}
+    props = torch.cuda.get_device_properties(0)
+    driver = None
+    try:
+        import subprocess
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        driver = None
+    return {"gpu_name": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda, "driver": driver, "sm_count": props.multi_processor_count}
+
+
+class ModelWorker:
+    def __init__(self, *, model: dict[str, Any], seed: int, name: str,
+                 cpu_threads: Optional[int] = None) -> None:
+        import torch
+
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.name = name
+        self.device = resolve_device(model["device"])
+        self.dtype = resolve_dtype(requested=model["dtype"], device=self.device, device_choice=model["device"])
+        self.gpu = gpu_info() if self.device.startswith("cuda") else {"gpu_name": "cpu"}
+        started = time.perf_counter()
+        family = MODELS.get(model["family"])
+        self.adapter = family(preset=model["preset"], path=model["path"], dtype=self.dtype,
+                              device=self.device, seed=seed, options=dict(model["options"]))
+        self.adapter.synchronize()
+        self.load_s = time.perf_counter() - started
+        self._selections: dict[tuple, tuple[list, Any]] = {}
+        self.context = {"worker": name, "hostname": socket.gethostname(),
+                        "gpu_name": self.gpu["gpu_name"], "dtype": self.dtype}
+
+    def env(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        return {"worker": self.name, "hostname": socket.gethostname(), "pid": os.getpid(),
+                "device": self.device, "dtype": self.dtype, "load_s": round(self.load_s, 3),
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **self.gpu}
+
+    def _selection(self, unit: WorkUnit) -> tuple[list, Any]:
+        """The dataset selection (all shards) and its fitted metric, cached per worker."""
+        key = (unit.dataset, unit.split, unit.path, unit.num_samples, unit.seed)
+        if key not in self._selections:
+            entry = DATASETS.get(unit.dataset)
+            samples = entry.load(split=unit.split, num_samples=unit.num_samples, seed=unit.seed,
+                                 path=unit.path)
+            metric = METRICS.get(entry.metric)().fit(samples) if entry.metric != "none" else None
+            self._selections[key] = (samples, metric)
+        return self._selections[key]
+
+    def run(self, unit_data: dict[str, Any], run_id: str) -> dict[str, Any]:
+        unit = WorkUnit.from_dict(unit_data)
+        started = time.perf_counter()
+        try:
+            samples, metric = self._selection(unit)
+            indices = shard_indices(total=len(samples), shard=unit.shard, num_shards=unit.num_shards)
+            rows = run_unit(adapter=self.adapter, unit=unit, samples=[(i, samples[i]) for i in indices],
+                            metric=metric, context={**self.context, "run_id": run_id})
+            for row in rows:
+                row["dtype"] = self.dtype
+            return {"unit_id": unit.unit_id, "ok": True, "table": rows_to_table(rows),
+                    "busy_s": time.perf_counter() - started, "worker": self.name}
+        except Exception as exc:  # every failure becomes a record; the worker stays up
+            self._recover(exc)
+            return {"unit_id": unit.unit_id, "ok": False, "busy_s": time.perf_counter() - started,
+                    "worker": self.name, "failure": failure_record(exc, worker=self.name)}
+
+    def _recover(self, exc: BaseException) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def failure_record(exc: BaseException, *, worker: Optional[str]) -> dict[str, Any]:
+    return {"error_type": type(exc).__name__, "message": str(exc)[:2000],
+            "traceback": "".join(traceback.format_exception(exc))[-8000:], "worker": worker,
+            "hostname": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,0 +1,96 @@
+"""SweepSpec -> [WorkUnit]: knob grid x dataset shards x repeats x GPU types. Pure.
+
+A unit's id is a hash of its canonical content (model, dataset shard, knobs, measurement
+settings, repeat, GPU type, seed) and the row schema version, so the same unit gets the same
+id in every expansion and in every order, and a schema change gives new ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from flexvlm_ray.models.base import Knobs
+from flexvlm_ray.spec.schema import SweepSpec, grid_values
+from flexvlm_ray.store.schema import SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    unit_id: str
+    index: int                     # position in the run order
+    sweep: str
+    experiment: str
+    model: dict[str, Any]          # ModelSpec as a plain dict
+    dataset: str
+    split: str
+    path: Optional[str]
+    num_samples: Optional[int]
+    shard: int
+    num_shards: int
+    knobs: Knobs
+    repeat: int
+    gpu_type: Optional[str]
+    measure: dict[str, Any]        # MeasureSpec as a plain dict
+    seed: int
+
+    @property
+    def config_key(self) -> tuple:
+        """The knob configuration, shared by every shard and repeat of it."""
+        return (self.knobs.max_crops, self.knobs.top_k, self.knobs.active_blocks,
+                self.knobs.block_policy, self.knobs.max_new_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkUnit":
+        return cls(**{**data, "knobs": Knobs(**data["knobs"])})
+
+
+def unit_id_of(content: dict[str, Any]) -> str:
+    canonical = json.dumps({"schema_version": SCHEMA_VERSION, **content}, sort_keys=True,
+                           separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def knob_grid(spec: SweepSpec) -> list[Knobs]:
+    """Every knob combination, in a fixed order; block policy varies only with active_blocks."""
+    k = spec.knobs
+    combos = []
+    for crops, top_k, blocks, new_tokens in itertools.product(
+            grid_values(k.max_crops), grid_values(k.top_k), grid_values(k.active_blocks),
+            grid_values(k.max_new_tokens)):
+        policies = k.block_policy if blocks is not None else ["prefix"]
+        for policy in policies:
+            combos.append(Knobs(max_crops=crops, top_k=top_k, active_blocks=blocks,
+                                block_policy=policy, max_new_tokens=new_tokens))
+    return combos
+
+
+def expand(spec: SweepSpec) -> list[WorkUnit]:
+    model = spec.model.model_dump()
+    measure = spec.measure.model_dump()
+    gpu_types: list[Optional[str]] = list(spec.gpu_types) if spec.gpu_types else [None]
+    cells = []  # (config index, dataset index, shard, repeat, gpu type)
+    for (ci, knobs), (di, ds), repeat, gpu_type in itertools.product(
+            enumerate(knob_grid(spec)), enumerate(spec.datasets), range(spec.repeats), gpu_types):
+        for shard in range(ds.shards):
+            cells.append((ci, di, shard, repeat, gpu_type, knobs, ds))
+    if spec.order == "interleave":
+        # repeat-major, then shard, then config: consecutive units walk across configs
+        cells.sort(key=lambda c: (c[3], c[1], c[2], gpu_types.index(c[4]), c[0]))
+    units = []
+    for index, (_, _, shard, repeat, gpu_type, knobs, ds) in enumerate(cells):
+        content = dict(model=model, dataset=ds.name, split=ds.split, path=ds.path,
+                       num_samples=ds.num_samples, shard=shard, num_shards=ds.shards,
+                       knobs=asdict(knobs), repeat=repeat, gpu_type=gpu_type, measure=measure,
+                       seed=spec.seed)
+        units.append(WorkUnit(unit_id=unit_id_of(content), index=index, sweep=spec.name,
+                              experiment=spec.experiment, model=model, dataset=ds.name,
+                              split=ds.split, path=ds.path, num_samples=ds.num_samples,
+                              shard=shard, num_shards=ds.shards, knobs=knobs, repeat=repeat,
+                              gpu_type=gpu_type, measure=measure, seed=spec.seed))
+    return units

@@ -1,0 +1,120 @@
+"""The typed sweep spec. Structure and types are checked here (pydantic, unknown keys are
+errors); names and ranges that depend on registries (model shape, datasets) in spec.load."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from flexvlm_ray.models.base import BLOCK_POLICIES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+GRID_HELP = "an integer, a list of integers, or a range {start: A, stop: B, step: C} (inclusive)"
+
+
+def _to_grid(value: Any) -> list[int]:
+    """Normalize a grid field to a list of ints; ranges are inclusive of stop."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(value):
+        return [value]
+    if isinstance(value, list) and all(is_int(v) for v in value):
+        return list(value)
+    if isinstance(value, dict):
+        extra = set(value) - {"start", "stop", "step"}
+        if extra or not {"start", "stop"} <= set(value):
+            raise ValueError(f"a range needs keys start, stop (and optional step), got keys {sorted(value)}")
+        start, stop, step = value["start"], value["stop"], value.get("step", 1)
+        if not all(is_int(v) for v in (start, stop, step)) or step < 1 or stop < start:
+            raise ValueError(f"a range needs integers start <= stop and step >= 1, got {value}")
+        return list(range(start, stop + 1, step))
+    raise ValueError(f"expected {GRID_HELP}")
+
+
+IntGrid = Annotated[list[int], BeforeValidator(_to_grid)]
+
+
+def grid_values(grid: Optional[list[int]]) -> list[Optional[int]]:
+    """The values of a grid field; an absent grid is the model default (None)."""
+    return [None] if grid is None else list(grid)
+
+
+class ModelSpec(_Strict):
+    family: str = Field(description="model family name (registry), e.g. flexmoe")
+    preset: Optional[str] = Field(default=None, description="named shape/weights of the family")
+    path: Optional[str] = Field(default=None, description="local checkpoint folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: cuda when the worker sees a GPU, else cpu")
+    backend: Literal["hf", "fast"] = "hf"
+    trust_remote_code: bool = False
+    options: dict[str, Any] = Field(default_factory=dict, description="family-specific options")
+
+
+class DatasetSpec(_Strict):
+    name: str
+    split: str = "validation"
+    num_samples: Optional[int] = Field(default=None, ge=1)
+    shards: int = Field(default=1, ge=1, description="disjoint shards (one unit each)")
+    path: Optional[str] = Field(default=None, description="local folder/Parquet instead of the hub")
+
+
+class KnobGrid(_Strict):
+    max_crops: Optional[IntGrid] = None
+    top_k: Optional[IntGrid] = None
+    active_blocks: Optional[IntGrid] = None
+    block_policy: list[Literal["prefix", "importance", "random"]] = Field(default_factory=lambda: ["prefix"])
+    max_new_tokens: IntGrid = Field(default_factory=lambda: [16])
+
+    @field_validator("max_crops", "top_k", "active_blocks", "max_new_tokens")
+    @classmethod
+    def _grid(cls, grid: Optional[IntGrid], info) -> Optional[IntGrid]:
+        values = grid_values(grid)
+        if grid is not None and not grid:
+            raise ValueError("empty grid: give at least one value")
+        floor = 0 if info.field_name == "max_new_tokens" else 1
+        bad = [v for v in values if v is not None and v < floor]
+        if bad:
+            raise ValueError(f"values must be >= {floor}, got {bad}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"repeated values {values}")
+        return grid
+
+    @field_validator("block_policy")
+    @classmethod
+    def _policies(cls, policies: list[str]) -> list[str]:
+        if not policies:
+            raise ValueError(f"empty grid: give at least one of {', '.join(BLOCK_POLICIES)}")
+        return policies
+
+
+class MeasureSpec(_Strict):
+    warmup: int = Field(default=1, ge=0, description="untimed passes before each unit's first sample")
+    runs_per_sample: int = Field(default=1, ge=1, description="timed passes of every sample")
+    decode_mode: Literal["forced", "natural"] = Field(
+        default="forced", description="forced: exactly max_new_tokens (EOS ignored); natural: stop at EOS")
+    prefill_hook: bool = Field(default=True, description="also time prefill with block hooks")
+    per_token_decode: bool = Field(default=False, description="record every decode step's time")
+    block_parts: bool = Field(default=False, description="attention vs FFN time per block (prefill)")
+    score: bool = Field(default=True, description="score predictions with the dataset's metric")
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    experiment: str = Field(description="analysis family, e.g. quickstart, motivation_exp3, e2")
+    description: str = ""
+    model: ModelSpec
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    knobs: KnobGrid = Field(default_factory=KnobGrid)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    repeats: int = Field(default=1, ge=1, description="independent repetitions of every unit")
+    gpu_types: Optional[list[str]] = Field(
+        default=None, min_length=1, description="pin units to these Ray accelerator types")
+    order: Literal["grid", "interleave"] = Field(
+        default="grid", description="interleave: alternate configs so clock drift does not follow one knob")
+    seed: int = 0
