@@ -181,3 +181,7 @@ def analyze(run_dir: str) -> None:
         click.echo(str(path))
     if not written:
         click.echo("no analysis registered for this run's experiment", err=True)
+
+
+if __name__ == "__main__":
+    main()

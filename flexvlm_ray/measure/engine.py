@@ -74,7 +74,8 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit) -> di
         adapter.decode_step(state)
         if measure["per_token_decode"]:
             timer.mark("decode_token")
-    timer.mark("llm_decode")
+    if not measure["per_token_decode"]:
+        timer.mark("llm_decode")
     stages = timer.finish()
     tokens = state.tokens[:max_new]
 

@@ -35,7 +35,7 @@ def connect(*, num_gpus: Optional[int], address: Optional[str], dashboard: bool 
     if real and num_gpus > real:
         raise ValueError(f"--num-gpus {num_gpus} but this machine has {real} GPU(s); "
                          f"use at most {real}, or --address to join a larger cluster")
-    ray.init(num_gpus=num_gpus, num_cpus=max(os.cpu_count() or 1, num_gpus + 1),
+    ray.init(address="local", num_gpus=num_gpus, num_cpus=max(os.cpu_count() or 1, num_gpus + 1),
              include_dashboard=dashboard, dashboard_host=dashboard_host,
              logging_level="WARNING", runtime_env=env)
 

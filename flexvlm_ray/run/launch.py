@@ -52,6 +52,7 @@ def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[st
            dashboard: bool = False, progress: bool = True, prefetch: int = 1):
     store = RunStore(run_dir)
     spec, units = check_resumable(store)
+    store.remove_partial_writes()
     manifest = store.manifest()
     return store.root, _execute(spec=spec, units=units, store=store, run_id=manifest["run_id"],
                                 num_gpus=num_gpus, address=address, dashboard=dashboard,

@@ -144,16 +144,16 @@ class SweepDriver:
         import ray
 
         slot = self.by_ref.pop(ref)
-        position = next(i for i, (r, _) in enumerate(slot.held) if r == ref)
-        unit = slot.held[position][1]
-        del slot.held[position]
         try:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            self._worker_died(slot=slot, unit=unit, exc=exc)
+            self._worker_died(slot=slot, exc=exc)
         else:
+            position = next(i for i, (r, _) in enumerate(slot.held) if r == ref)
+            unit = slot.held[position][1]
+            del slot.held[position]
             self._record(unit=unit, result=result)
-        self.bar.update(1)
+            self.bar.update(1)
         self.bar.set_postfix(failed=self.summary.failed, rows=self.summary.rows)
         self._fill(slot)
 
@@ -175,19 +175,24 @@ class SweepDriver:
         if self.metrics is not None:
             self.metrics.unit_finished(ok=result["ok"], worker=result["worker"], table=table)
 
-    def _worker_died(self, *, slot: _Slot, unit: WorkUnit, exc: BaseException) -> None:
+    def _worker_died(self, *, slot: _Slot, exc: BaseException) -> None:
+        """The oldest unit the worker held was running: it fails. Ray may report a queued
+        unit's error first, so every unit behind the oldest goes back to the queue."""
+        (_, unit), *queued = slot.held
+        for ref, _ in slot.held:
+            self.by_ref.pop(ref, None)
+        slot.held.clear()
+        queue = self.queues[slot.gpu_type]
+        for _, waiting in reversed(queued):
+            queue.appendleft(waiting)
         self.store.write_failure(unit.unit_id, {"unit_id": unit.unit_id, "unit": unit.to_dict(),
                                                 **failure_record(exc, worker=slot.name),
                                                 "error_type": "WorkerDied"})
         self.summary.failed += 1
+        self.bar.update(1)
         if self.metrics is not None:
             self.metrics.unit_finished(ok=False, worker=slot.name, table=None)
         _say(f"unit {unit.unit_id}: {slot.name} died ({_root_cause(exc)[:200]})")
-        queue = self.queues[slot.gpu_type]
-        for ref, queued in reversed(slot.held):
-            self.by_ref.pop(ref, None)
-            queue.appendleft(queued)
-        slot.held.clear()
         if slot.restarts >= MAX_RESTARTS_PER_SLOT:
             _say(f"{slot.name} died {slot.restarts + 1} times; not restarting it")
             slot.actor = None

@@ -84,6 +84,7 @@ class ModelWorker:
         import transformers
 
         return {"worker": self.name, "hostname": socket.gethostname(), "pid": os.getpid(),
+                "node_id": _ray_node_id(),
                 "device": self.device, "dtype": self.dtype, "load_s": round(self.load_s, 3),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
@@ -123,6 +124,14 @@ class ModelWorker:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+
+
+def _ray_node_id() -> Optional[str]:
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
 
 
 def failure_record(exc: BaseException, *, worker: Optional[str]) -> dict[str, Any]:

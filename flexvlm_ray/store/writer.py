@@ -63,6 +63,13 @@ class RunStore:
             "unit_ids": [u.unit_id for u in units], "status": "created",
         })
 
+    def remove_partial_writes(self) -> int:
+        """Delete temp files left by a writer that was killed mid-write; returns how many."""
+        stale = list(self.root.glob("**/.*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
     def manifest(self) -> dict[str, Any]:
         path = self.root / "manifest.json"
         if not path.exists():

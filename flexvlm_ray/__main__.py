@@ -1,0 +1,3 @@
+from flexvlm_ray.cli import main
+
+main()

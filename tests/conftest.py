@@ -1,0 +1,37 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+BASE_SPEC = """
+name: t
+experiment: quickstart
+model: {family: simulated, options: {decode_ms_per_token: 0.5}}
+datasets: [{name: probe_grid, num_samples: 4, shards: 2}]
+knobs: {top_k: [1, 8], active_blocks: [8, 16]}
+measure: {warmup: 0}
+"""
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    def write(text: str = BASE_SPEC, name: str = "spec.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+    return write
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray cluster with 2 logical GPUs for a test module (workers run on CPU)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_gpus=2, num_cpus=3, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,118 @@
+"""The Ray path on a local cluster with 2 logical GPUs (workers run on the CPU)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from flexvlm_ray.run.launch import launch, resume, run_status
+from flexvlm_ray.store.reader import load_frame
+from flexvlm_ray.store.writer import RunStore
+
+pytestmark = pytest.mark.slow
+
+SPEC = """
+name: t
+experiment: quickstart
+model: {{family: simulated, options: {{decode_ms_per_token: {decode_ms}{extra}}}}}
+datasets: [{{name: probe_grid, num_samples: 4, shards: 2}}]
+knobs: {{top_k: [1, 2, 8], active_blocks: [8, 16]}}
+measure: {{warmup: 0}}
+"""
+
+
+def spec_text(decode_ms=0.5, extra=""):
+    return SPEC.format(decode_ms=decode_ms, extra=extra)
+
+
+def test_sweep_end_to_end_on_two_logical_gpus(ray_local, write_spec, tmp_path):
+    run_dir, summary = launch(spec_path=str(write_spec(spec_text())), output=str(tmp_path / "out"),
+                              run_id="r1", num_gpus=2, progress=False)
+    assert summary.ok and summary.done == 12 and summary.rows == 24
+    rows = load_frame(run_dir)
+    assert len(rows) == 24 and set(rows["status"]) == {"ok"}
+    assert rows.groupby("unit_id").size().eq(2).all()
+    assert set(rows["worker"]) == {"worker-0", "worker-1"}  # both GPUs pulled work
+    assert sorted(p.name for p in run_dir.iterdir()) == ["env.json", "failures", "manifest.json",
+                                                         "parts", "spec.yaml", "units.jsonl"]
+    env = (run_dir / "env.json").read_text()
+    assert '"gpu_name": "cpu"' in env and '"ray":' in env
+    status = run_status(run_dir)
+    assert (status["done"], status["failed"], status["pending"], status["rows"]) == (12, 0, 0, 24)
+    assert RunStore(run_dir).manifest()["status"] == "complete"
+
+
+def test_failing_units_become_records_and_the_rest_complete(ray_local, write_spec, tmp_path):
+    run_dir, summary = launch(spec_path=str(write_spec(spec_text(extra=", fail_when: {top_k: 2}"))),
+                              output=str(tmp_path / "out"), run_id="r", num_gpus=2, progress=False)
+    assert (summary.done, summary.failed) == (8, 4)
+    failures = RunStore(run_dir).failure_records()
+    assert len(failures) == 4
+    record = next(iter(failures.values()))
+    assert record["error_type"] == "RuntimeError" and "simulated failure" in record["message"]
+    assert "Traceback" in record["traceback"] and record["unit"]["knobs"]["top_k"] == 2
+    assert run_status(run_dir)["failures_by_type"] == {"RuntimeError": 4}
+    # resuming retries exactly the failed units, which fail again; nothing done is re-run
+    _, again = resume(run_dir=str(run_dir), progress=False)
+    assert (again.skipped, again.done, again.failed) == (8, 0, 4)
+
+
+def test_dead_worker_is_replaced_and_only_its_unit_fails(ray_local, write_spec, tmp_path):
+    run_dir, summary = launch(spec_path=str(write_spec(spec_text(extra=", crash_when: {top_k: 2, active_blocks: 8}"))),
+                              output=str(tmp_path / "out"), run_id="r", num_gpus=2, progress=False)
+    failures = RunStore(run_dir).failure_records()
+    assert {r["error_type"] for r in failures.values()} == {"WorkerDied"}
+    assert summary.failed == len(failures) == 2  # both shards of the crashing config
+    assert summary.done == 10
+
+
+def test_killed_driver_then_resume_stores_every_unit_exactly_once(ray_local, write_spec, tmp_path):
+    spec = write_spec(spec_text(decode_ms=60))  # ~1 s per unit
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flexvlm_ray.cli", "launch", str(spec), "--num-gpus", "2",
+                             "--output", str(out), "--run-id", "k", "--no-progress", "--no-analyze"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
+                            start_new_session=True)
+    parts = out / "t" / "k" / "parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 3:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = len(list(parts.glob("*.parquet")))
+    assert 3 <= before < 12, ("the driver must die mid-sweep for this test to mean anything; its log:\n"
+                              + (tmp_path / "driver.log").read_text()[-3000:])
+    status = run_status(out / "t" / "k")
+    assert status["pending"] == 12 - before
+
+    _, summary = resume(run_dir=str(out / "t" / "k"), progress=False)
+    assert summary.skipped == before and summary.done == 12 - before
+    tables = [pq.read_table(p) for p in sorted(parts.glob("*.parquet"))]
+    assert len(tables) == 12
+    unit_ids = [t.column("unit_id").unique().to_pylist() for t in tables]
+    assert all(len(u) == 1 for u in unit_ids) and len({u[0] for u in unit_ids}) == 12
+    rows = load_frame(out / "t" / "k")
+    assert rows.groupby("unit_id").size().eq(2).all()  # 2 samples per shard, none twice
+    assert not list((out / "t" / "k").glob("**/.*.tmp"))
+
+
+def test_resume_refuses_a_changed_spec(ray_local, write_spec, tmp_path):
+    from flexvlm_ray.spec.load import SpecError
+
+    run_dir, _ = launch(spec_path=str(write_spec(spec_text())), output=str(tmp_path / "out"), run_id="r",
+                        num_gpus=2, progress=False)
+    frozen = run_dir / "spec.yaml"
+    frozen.write_text(frozen.read_text().replace("- 8\n", "- 4\n", 1))
+    with pytest.raises(SpecError, match="changed since the run started"):
+        resume(run_dir=str(run_dir), progress=False)
+
+
+def test_launch_refuses_an_existing_run_folder(ray_local, write_spec, tmp_path):
+    path = str(write_spec(spec_text()))
+    launch(spec_path=path, output=str(tmp_path / "out"), run_id="same", num_gpus=2, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        launch(spec_path=path, output=str(tmp_path / "out"), run_id="same", num_gpus=2, progress=False)
