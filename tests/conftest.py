@@ -1,7 +1,14 @@
+"""Shared fixtures. Tests never reach a hub: Hugging Face libraries are put offline (with a
+throw-away cache) before anything imports them. GPU tests carry the ``gpu`` marker and are
+deselected by setup.cfg's addopts; run them on a GPU machine with ``pytest -m gpu``."""
 import os
+import tempfile
 
 import pytest
 
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="flexvlm-hf-cache-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")

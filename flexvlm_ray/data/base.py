@@ -1,13 +1,14 @@
 """The dataset contract: a Sample, a registry of loaders, and disjoint sharding.
 
 A dataset plug-in registers a ``DatasetEntry`` whose ``load`` returns the selected samples of
-one split. The engine shards that selection across workers with ``shard_indices`` so that the
+one split, in a deterministic order: a list, or a lazy ``Sequence`` (``len``, indexing, iteration)
+where materializing every image at once would not fit in memory (the synthetic train splits). The engine shards that selection across workers with ``shard_indices`` so that the
 shards are disjoint and together cover the selection exactly once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from flexvlm_ray.registry import Registry
 
@@ -23,11 +24,12 @@ class Sample:
     choices: Optional[list[str]] = None  # multiple choice options, in order
     task: str = "vqa"                   # vqa | caption | multiple_choice | count | doc
     error: Optional[str] = None          # set when the sample could not be loaded (bad image, ...)
+    meta: dict[str, Any] = field(default_factory=dict)  # per-sample extras (question type, needs_detail, ...)
 
 
 class Loader(Protocol):
     def __call__(self, *, split: str, num_samples: Optional[int], seed: int,
-                 path: Optional[str]) -> list[Sample]: ...
+                 path: Optional[str]) -> Sequence[Sample]: ...
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class DatasetEntry:
     task: str                 # vqa | caption | multiple_choice | count | doc
     metric: str               # name in flexvlm_ray.metrics registry
     splits: tuple[str, ...]   # splits this dataset offers
-    load: Callable[..., list[Sample]]
+    load: Callable[..., Sequence[Sample]]
     hub_id: Optional[str] = None  # the Hugging Face id a user would use (never fetched by tests)
     synthetic: bool = False       # ships with the package, needs no download
 
