@@ -244,3 +244,15 @@ def test_adapter_flops_follow_knobs(tiny):
     assert small["llm_prefill"] < full["llm_prefill"] and small["llm_decode"] < full["llm_decode"]
     fewer = tiny.prepare(sample=sample(), knobs=Knobs(max_crops=1))
     assert tiny.flops(prepared=fewer, num_output_tokens=8, knobs=Knobs())["vision"] == full["vision"] * 2 / 7
+
+
+def test_tiny_preset_loads_shipped_assets_when_present(tmp_path, monkeypatch):
+    import flexvlm_ray.models.flexmoe as flexmoe_mod
+
+    trained = make_adapter(seed=5)
+    save_flexmoe(model=trained.model, tokenizer=trained.tokenizer, directory=tmp_path / "assets" / "tiny")
+    monkeypatch.setattr(flexmoe_mod, "ASSETS_TINY", tmp_path / "assets" / "tiny")
+    shipped = make_adapter(seed=0)
+    assert shipped.weights_dir == tmp_path / "assets" / "tiny"
+    assert torch.equal(shipped.model.decoder.lm_head.weight, trained.model.decoder.lm_head.weight)
+    assert shipped.identity()["weights"].startswith("sha256:")
