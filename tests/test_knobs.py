@@ -75,7 +75,7 @@ def test_top_k_changes_the_output(tiny):
     (Knobs(active_blocks=0), r"active_blocks=0 is out of range: allowed 1\.\.4"),
     (Knobs(active_blocks=5), r"active_blocks=5 is out of range: allowed 1\.\.4"),
     (Knobs(active_blocks=2, block_policy="middle"), r"block_policy 'middle' is not one of prefix, importance, random"),
-    (Knobs(max_new_tokens=0), r"max_new_tokens=0"),
+    (Knobs(max_new_tokens=-1), r"max_new_tokens=-1 is out of range: allowed >= 0"),
 ])
 def test_invalid_knobs_fail_clearly(tiny, knobs, message):
     with pytest.raises(ValueError, match=message):

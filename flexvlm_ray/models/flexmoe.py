@@ -280,8 +280,8 @@ class FlexMoeAdapter(ModelAdapter):
         validate_active_blocks(active_blocks=knobs.active_blocks, num_blocks=c.num_blocks, policy=knobs.block_policy)
         if knobs.max_crops is not None and not 1 <= knobs.max_crops <= c.max_crops:
             raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{c.max_crops}")
-        if knobs.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 1")
+        if knobs.max_new_tokens < 0:   # 0: prefill only (the first token still comes from prefill)
+            raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 0")
         active = select_blocks(active_blocks=knobs.active_blocks, num_blocks=c.num_blocks,
                                policy=knobs.block_policy, seed=self.seed, scores=self.block_importance)
         set_top_k(routers=self.moe_routers(), top_k=c.top_k if knobs.top_k is None else knobs.top_k)
