@@ -1,3 +1,4 @@
 """Model families. Importing this package registers every family in ``MODELS``."""
 from flexvlm_ray.models.base import MODELS, ModelAdapter, ModelInfo, Knobs, Prepared, DecodeState, register_model  # noqa: F401
 from flexvlm_ray.models import simulated  # noqa: F401  (registers 'simulated')
+from flexvlm_ray.models import flexmoe  # noqa: F401  (registers 'flexmoe')

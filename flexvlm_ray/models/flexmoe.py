@@ -1,0 +1,393 @@
+"""``flexmoe``: a MolmoE-style VLM assembled from transformers modules, with every knob live.
+
+Presets (``flexvlm_ray.models.flexmoe_config.PRESETS``): ``tiny`` (the default; CPU-sized, loads
+``flexvlm_ray/assets/tiny/`` when that folder holds a saved model, else random weights from the
+seed) and ``molmoe-1b`` (the seed model's shape, random weights built directly on the device).
+``path`` loads a folder written by ``save_flexmoe`` instead of a preset.
+
+Options:
+    experts_implementation: 'grouped_mm' (default where it runs, else 'eager') | 'batched_mm' | 'eager'
+        transformers' MoE experts kernel (``config._experts_implementation``).
+    attn_implementation: 'sdpa' (default) | 'eager'.
+
+Stages: ``vision_encoder`` runs CLIP and concatenates two layers' patch features (CLS dropped);
+``projector`` pools every 2x2 window and projects it; ``prefill`` embeds the prompt, splices the
+pooled features into the ``[IMG]`` positions and runs the decoder; ``decode_step`` feeds one token.
+The decoder loop is the adapter's own (embeddings -> chosen blocks -> norm -> lm_head) with its own
+per-block KV cache and position counter, so skipped blocks simply have no cache entries.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flexvlm_ray.knobs.blocks import cached_importance, select_blocks, validate_active_blocks
+from flexvlm_ray.knobs.moe import set_top_k, validate_top_k
+from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
+                                     register_model)
+from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
+                                               build_tokenizer)
+from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
+from flexvlm_ray.models.flexmoe_model import (DTYPES, WEIGHTS_FILE, FlexMoeModel, build_flexmoe,
+                                              load_flexmoe, read_flexmoe_config)
+from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
+
+ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+DEFAULT_PRESET = "tiny"
+OPTIONS = ("experts_implementation", "attn_implementation")
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+CALIBRATION_VERSION = 1
+CALIBRATION_PROMPTS = ("what color is the car ?", "how many people are there ?", "describe the image .")
+CALIBRATION_SIZES = ((336, 336), (640, 480), (480, 640))
+
+
+class BlockKVCache:
+    """Keys and values per decoder block index; blocks that never run have no entry.
+
+    It implements the one cache method transformers' attention calls:
+    ``update(key_states, value_states, layer_idx) -> (all keys, all values)``.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx in self.keys:
+            key_states = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            value_states = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+    def length(self, layer_idx: int) -> int:
+        return int(self.keys[layer_idx].shape[-2]) if layer_idx in self.keys else 0
+
+
+def calibration_images() -> list[Image.Image]:
+    """Deterministic synthetic images (colored rectangles on a gradient) for importance scores."""
+    rng = np.random.default_rng(1234)
+    images = []
+    for w, h in CALIBRATION_SIZES:
+        arr = np.zeros((h, w, 3), dtype=np.uint8)
+        arr[...] = (np.linspace(0, 255, w, dtype=np.uint8)[None, :, None] // 2)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+            x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
+            arr[y0:y1, x0:x1] = rng.integers(0, 256, size=3, dtype=np.uint8)
+        images.append(Image.fromarray(arr, "RGB"))
+    return images
+
+
+def _resolve_config(*, preset: Optional[str], path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
+    """The config and the weights folder (None: random weights) for a preset or a path."""
+    if path is not None:
+        return read_flexmoe_config(path), Path(path)
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset '{name}' for family 'flexmoe'. Available: {', '.join(sorted(PRESETS))}")
+    if name == "tiny" and (ASSETS_TINY / WEIGHTS_FILE).is_file():
+        return read_flexmoe_config(ASSETS_TINY), ASSETS_TINY
+    return PRESETS[name], None
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options for family 'flexmoe': {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
+    experts = options.get("experts_implementation")
+    if experts is not None and experts not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"experts_implementation '{experts}' is not one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
+    attn = options.get("attn_implementation")
+    if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation '{attn}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@register_model("flexmoe")
+class FlexMoeAdapter(ModelAdapter):
+    @classmethod
+    def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
+        _check_options(options)
+        config, _ = _resolve_config(preset=preset, path=path)
+        return ModelInfo(family="flexmoe", preset=config.name if path is None else str(path),
+                         num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
+                         max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
+                         hidden_size=config.hidden_size, vocab_size=config.vocab_size)
+
+    def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
+                 seed: int, options: dict[str, Any]) -> None:
+        self.info = self.describe(preset=preset, path=path, options=options)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.seed = int(seed)
+        self.config, self.weights_dir = _resolve_config(preset=preset, path=path)
+        attn = options.get("attn_implementation", "sdpa")
+        experts = options.get("experts_implementation") or "grouped_mm"
+        self.model, self.tokenizer = self._load(attn=attn, experts=experts)
+        if "experts_implementation" not in options and not self._experts_run():
+            self.model.decoder.set_experts_implementation("eager")
+        self.attn_implementation = attn
+        self.experts_implementation = self.model.decoder.config._experts_implementation
+        self.knobs = Knobs()
+        self._active: tuple[int, ...] = tuple(range(self.config.num_blocks))
+        self._importance: Optional[list[float]] = None
+        self.importance_computations = 0   # how often this adapter computed (not read) importance scores
+
+    def _load(self, *, attn: str, experts: str) -> tuple[FlexMoeModel, Any]:
+        if self.weights_dir is not None:
+            return load_flexmoe(self.weights_dir, device=self.device, dtype=self.dtype,
+                                attn_implementation=attn, experts_implementation=experts)
+        model = build_flexmoe(self.config, device=self.device, dtype=self.dtype, seed=self.seed,
+                              attn_implementation=attn, experts_implementation=experts)
+        return model, build_tokenizer(vocab_size=self.config.vocab_size)
+
+    @torch.inference_mode()
+    def _experts_run(self) -> bool:
+        """Whether the configured experts kernel runs here (one block's MoE on two tokens)."""
+        moe = self.model.blocks[0].mlp
+        try:
+            moe(torch.zeros(1, 2, self.config.hidden_size, device=self.device, dtype=self.dtype))
+            return True
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False
+
+    # -- identity ----------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What determines the weights: config, dtype and the seed or the weights file's hash."""
+        weights = (f"sha256:{_file_sha256(self.weights_dir / WEIGHTS_FILE)}" if self.weights_dir is not None
+                   else f"random:seed={self.seed}")
+        return {"family": "flexmoe", "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
+                "weights": weights, "calibration": CALIBRATION_VERSION}
+
+    # -- stages ------------------------------------------------------------------------
+    def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
+        max_crops = self.config.max_crops if knobs.max_crops is None else knobs.max_crops
+        if not 1 <= max_crops <= self.config.max_crops:
+            raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{self.config.max_crops}")
+        if sample.image is None:
+            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
+        layout = layout_image(image=sample.image, config=self.config, max_crops=max_crops)
+        ids, positions = build_sequence(layout=layout, prompt=sample.prompt, tokenizer=self.tokenizer)
+        dev = self.device
+        inputs = {
+            "pixel_values": torch.from_numpy(layout.pixels).to(device=dev, dtype=self.dtype),
+            "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
+            "image_positions": torch.from_numpy(positions).to(device=dev, dtype=torch.long),
+            "feature_index": torch.from_numpy(layout.feature_index).to(device=dev),
+        }
+        return Prepared(inputs=inputs, num_crops=layout.num_crops, num_vision_tokens=len(positions),
+                        num_language_tokens=len(ids) - len(positions), num_total_tokens=len(ids),
+                        extras={"tiling": layout.tiling, "max_crops": max_crops})
+
+    @torch.inference_mode()
+    def vision_encoder(self, prepared: Prepared) -> torch.Tensor:
+        """(num_crops, patches, vit_hidden * 2): two ViT layers' patch features, CLS dropped."""
+        out = self.model.vision(pixel_values=prepared.inputs["pixel_values"], output_hidden_states=True)
+        hidden = out.hidden_states
+        return torch.cat([hidden[layer][:, 1:] for layer in self.config.vit_feature_layers], dim=-1)
+
+    @torch.inference_mode()
+    def projector(self, prepared: Prepared, features: torch.Tensor) -> torch.Tensor:
+        """(num_crops * tokens_per_crop, hidden): 2x2 attention pooling, then the MLP projector."""
+        n, _, dim = features.shape
+        g, p = self.config.patches_per_side, self.config.pooled_per_side
+        windows = features.view(n, p, 2, p, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(n * p * p, 4, dim)
+        return self.model.projector(self.model.pool(windows))
+
+    @torch.inference_mode()
+    def prefill(self, prepared: Prepared, embeds: torch.Tensor) -> DecodeState:
+        inputs = prepared.inputs
+        hidden = self.model.decoder.model.embed_tokens(inputs["input_ids"])
+        hidden[0, inputs["image_positions"]] = embeds[inputs["feature_index"]].to(hidden.dtype)
+        cache = BlockKVCache()
+        logits = self._forward(hidden=hidden, start=0, cache=cache)
+        token = int(torch.argmax(logits).item())
+        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
+                           extras={"blocks": self._active, "logits": logits})
+
+    @torch.inference_mode()
+    def decode_step(self, state: DecodeState) -> int:
+        if state.extras.get("blocks") != self._active:
+            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
+                               f"now {self._active}")
+        ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
+        hidden = self.model.decoder.model.embed_tokens(ids)
+        logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
+        token = int(torch.argmax(logits).item())
+        state.tokens.append(token)
+        state.next_token, state.position = token, state.position + 1
+        state.extras["logits"] = logits
+        return token
+
+    def _forward(self, *, hidden: torch.Tensor, start: int, cache: Optional[BlockKVCache],
+                 blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Run the chosen blocks over ``hidden`` at positions ``start ..``; logits of the last position."""
+        decoder = self.model.decoder.model
+        length = hidden.shape[1]
+        position_ids = torch.arange(start, start + length, device=hidden.device).unsqueeze(0)
+        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        mask = self._causal_mask(queries=length, keys=start + length, dtype=hidden.dtype)
+        for index in (self._active if blocks is None else blocks):
+            out = decoder.layers[index](hidden, attention_mask=mask, position_ids=position_ids,
+                                        past_key_values=cache, use_cache=cache is not None,
+                                        position_embeddings=position_embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.model.decoder.lm_head(decoder.norm(hidden[:, -1]))[0]
+
+    def _causal_mask(self, *, queries: int, keys: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """None for SDPA (it applies causality itself) and for single-token steps; else an additive mask."""
+        if queries == 1 or self.attn_implementation == "sdpa":
+            return None
+        offset = keys - queries
+        allowed = torch.ones(queries, keys, dtype=torch.bool, device=self.device).tril(diagonal=offset)
+        mask = torch.zeros(queries, keys, dtype=dtype, device=self.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        words = []
+        for tid in token_ids:
+            tok = self.tokenizer.id_to_token(int(tid))
+            if tok is not None and int(tid) >= len(SPECIAL_TOKENS):
+                words.append(tok)
+        return " ".join(words)
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        return EOS_ID
+
+    # -- knobs -------------------------------------------------------------------------
+    def apply_knobs(self, knobs: Knobs) -> None:
+        c = self.config
+        validate_top_k(top_k=knobs.top_k, num_experts=c.num_experts)
+        validate_active_blocks(active_blocks=knobs.active_blocks, num_blocks=c.num_blocks, policy=knobs.block_policy)
+        if knobs.max_crops is not None and not 1 <= knobs.max_crops <= c.max_crops:
+            raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{c.max_crops}")
+        if knobs.max_new_tokens < 0:   # 0: prefill only (the first token still comes from prefill)
+            raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 0")
+        active = select_blocks(active_blocks=knobs.active_blocks, num_blocks=c.num_blocks,
+                               policy=knobs.block_policy, seed=self.seed, scores=self.block_importance)
+        set_top_k(routers=self.moe_routers(), top_k=c.top_k if knobs.top_k is None else knobs.top_k)
+        self._active = active
+        self.knobs = knobs
+
+    def restore_knobs(self) -> None:
+        set_top_k(routers=self.moe_routers(), top_k=self.config.top_k)
+        self._active = tuple(range(self.config.num_blocks))
+        self.knobs = Knobs()
+
+    def active_block_indices(self) -> tuple[int, ...]:
+        return self._active
+
+    def moe_routers(self) -> list[torch.nn.Module]:
+        """The router of every decoder block (``OlmoeTopKRouter``), whether the block runs or not."""
+        return [block.mlp.gate for block in self.model.blocks]
+
+    # -- importance ----------------------------------------------------------------------
+    def block_importance(self) -> list[float]:
+        """Block influence per block (higher: the block changes its input more); cached on disk."""
+        if self._importance is None:
+            self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
+        return self._importance
+
+    @torch.inference_mode()
+    def _compute_importance(self) -> list[float]:
+        self.importance_computations += 1
+        sums = torch.zeros(self.config.num_blocks, dtype=torch.float64)
+        count = 0
+        routers = self.moe_routers()
+        saved_top_k = [r.top_k for r in routers]
+        set_top_k(routers=routers, top_k=self.config.top_k)
+        scores_now: dict[int, float] = {}
+
+        def hook(index: int):
+            def fn(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
+                scores_now[index] = float((1.0 - cos).mean())
+            return fn
+
+        handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.model.blocks)]
+        try:
+            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
+                sample = _CalibrationSample(image=image, prompt=prompt)
+                prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
+                embeds = self.projector(prepared, self.vision_encoder(prepared))
+                hidden = self.model.decoder.model.embed_tokens(prepared.inputs["input_ids"])
+                hidden[0, prepared.inputs["image_positions"]] = embeds[prepared.inputs["feature_index"]].to(hidden.dtype)
+                scores_now.clear()
+                self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.config.num_blocks))
+                sums += torch.tensor([scores_now[i] for i in range(self.config.num_blocks)], dtype=torch.float64)
+                count += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+            for router, k in zip(routers, saved_top_k):
+                router.top_k = k
+        return (sums / count).tolist()
+
+    # -- introspection -------------------------------------------------------------------
+    def decoder_blocks(self) -> Sequence[Any]:
+        return [self.model.blocks[i] for i in self._active]
+
+    def block_parts(self, block: Any) -> dict[str, Any]:
+        return {"attention": block.self_attn, "ffn": block.mlp}
+
+    def param_counts(self) -> dict[str, int]:
+        return flexmoe_param_counts(model=self.model, top_k=self.knobs.top_k or self.config.top_k,
+                                    active_blocks=self._active)
+
+    def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
+        c = self.config
+        n_blocks = c.num_blocks if knobs.active_blocks is None else knobs.active_blocks
+        return flexmoe_flops(config=c, num_crops=prepared.num_crops, num_prompt_tokens=prepared.num_total_tokens,
+                             num_output_tokens=num_output_tokens, top_k=knobs.top_k or c.top_k,
+                             num_active_blocks=n_blocks)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class _CalibrationSample:
+    def __init__(self, *, image: Image.Image, prompt: str) -> None:
+        self.sample_id, self.image, self.prompt = "calibration", image, prompt
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def flexmoe_param_counts(*, model: FlexMoeModel, top_k: int, active_blocks: Sequence[int]) -> dict[str, int]:
+    """vision_encoder, projector (pooling + MLP), llm (whole decoder with embeddings and lm_head) and
+    llm_active (what one token touches: embeddings, lm_head, final norm, and in each active block
+    attention, norms, router and ``top_k`` of the experts). Works on the 'meta' device."""
+    vision = _numel(model.vision)
+    projector = sum(_numel(m) for m in model.connector_modules())
+    llm = _numel(model.decoder)
+    active = llm
+    num_experts = model.config.num_experts
+    for index, block in enumerate(model.blocks):
+        if index not in active_blocks:
+            active -= _numel(block)
+            continue
+        experts = _numel(block.mlp.experts)
+        active -= experts - experts // num_experts * top_k
+    return {"vision_encoder": vision, "projector": projector, "llm": llm, "llm_active": active}

@@ -1,0 +1,164 @@
+"""Shape of a ``flexmoe`` model (a MolmoE-style VLM built from transformers modules) and its tokenizer.
+
+A ``FlexMoeConfig`` is plain data: it is written as ``config.json`` next to the weights and read
+back by ``load_flexmoe``. ``PRESETS`` holds the two built-in shapes:
+
+* ``tiny``: a CPU-sized model with Molmo's crop geometry (336 px crops, tiling decided with
+  Molmo's 14 px patches and 4+4 patch margins) but a 42 px ViT patch (8x8 patches per crop), so a
+  2x2 pooling gives 16 tokens per crop.
+* ``molmoe-1b``: the seed model's shape: CLIP ViT-L/14 at 336 px (24 layers, hidden 1024), 2x2
+  pooling to 144 tokens per crop, and an OLMoE-1B-7B decoder (16 blocks, hidden 2048, 64 experts,
+  top-8, expert width 1024, vocab 50304).
+
+The tokenizer is word level (``tokenizers.models.WordLevel``): special tokens, a fixed list of
+English words, then ``[unusedN]`` fillers up to the decoder's vocabulary size, so every id decodes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+
+# Special tokens: the order fixes their ids.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[IMG]", "[IM_START]", "[IM_END]", "[IM_COL]")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMG_ID, IM_START_ID, IM_END_ID, IM_COL_ID = range(len(SPECIAL_TOKENS))
+
+# A small fixed word list (VQA-style questions and short answers); unknown words map to [UNK].
+WORDS = tuple("""
+? . , ! ' : ; - a an the is are was were be been am do does did can could will would should
+what which who whom whose where when why how many much there here this that these those it its
+of in on at to from by with for about into over under above below behind between near next
+and or but not no yes none some any all each every both other another more most less few
+one two three four five six seven eight nine ten eleven twelve zero first second third last
+red orange yellow green blue purple pink brown black white gray grey silver gold color colors
+colour big small large little tall short long wide round square circle triangle rectangle shape
+left right top bottom middle center front back side up down inside outside
+man woman men women person people boy girl child children baby player players
+dog dogs cat cats horse horses cow cows sheep bird birds elephant elephants giraffe zebra bear
+car cars bus truck train plane airplane boat bike bicycle motorcycle street road sign traffic light
+table chair bed couch sofa tv laptop phone book clock vase cup bowl plate bottle glass knife fork
+spoon pizza cake sandwich banana apple food fruit water snow grass tree trees sky cloud
+clouds sun beach field room kitchen bathroom window door wall floor picture image photo
+wearing holding sitting standing playing eating riding walking looking flying lying running
+frisbee ball kite umbrella hat shirt bag skateboard surfboard skis tennis racket baseball bat
+game sport number letter word text say written time day night outdoor indoor
+question answer describe caption count show shown visible photograph scene object objects
+""".split())
+
+
+@dataclass(frozen=True)
+class FlexMoeConfig:
+    """Every hyperparameter of a flexmoe model (JSON-serializable)."""
+
+    name: str
+    # crops (Molmo geometry for the tiling decision; see flexvlm_ray.models.crops.crop_grid)
+    crop_px: int = 336
+    tiling_patch_px: int = 14
+    tiling_margins: tuple[int, int] = (4, 4)
+    max_crops: int = 12
+    pool_margin: int = 2            # pooled tokens dropped on each overlapping side of a tile
+    # vision encoder (transformers CLIPVisionModel)
+    vit_patch_px: int = 14
+    vit_hidden: int = 1024
+    vit_intermediate: int = 4096
+    vit_layers: int = 24
+    vit_heads: int = 16
+    vit_feature_layers: tuple[int, int] = (-2, -9)   # indices into CLIP's hidden_states
+    # connector (2x2 attention pooling, query = mean of the window) and projector (SwiGLU MLP)
+    pool_dim: int = 1024
+    pool_heads: int = 16
+    projector_hidden: int = 4096
+    # decoder (transformers OlmoeForCausalLM)
+    hidden_size: int = 2048
+    num_blocks: int = 16
+    num_heads: int = 16
+    num_experts: int = 64
+    top_k: int = 8
+    expert_width: int = 1024
+    vocab_size: int = 50304
+    max_positions: int = 4096
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.crop_px % self.vit_patch_px:
+            raise ValueError(f"crop_px {self.crop_px} is not a multiple of vit_patch_px {self.vit_patch_px}")
+        if self.patches_per_side % 2:
+            raise ValueError(f"2x2 pooling needs an even patch grid, got {self.patches_per_side}")
+        if not 0 <= 2 * self.pool_margin < self.pooled_per_side:
+            raise ValueError(f"pool_margin {self.pool_margin} leaves no window in {self.pooled_per_side} pooled tokens")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k {self.top_k} is not in 1..{self.num_experts}")
+        if self.vocab_size < len(SPECIAL_TOKENS) + len(WORDS):
+            raise ValueError(f"vocab_size {self.vocab_size} < {len(SPECIAL_TOKENS) + len(WORDS)} (specials + words)")
+        for layer in self.vit_feature_layers:
+            if not -self.vit_layers <= layer <= self.vit_layers or layer == 0:
+                raise ValueError(f"vit_feature_layers {self.vit_feature_layers} out of range for {self.vit_layers} layers")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.crop_px // self.vit_patch_px
+
+    @property
+    def pooled_per_side(self) -> int:
+        return self.patches_per_side // 2
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return self.pooled_per_side ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FlexMoeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown flexmoe config keys: {sorted(unknown)}")
+        tuples = {"tiling_margins", "vit_feature_layers"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def scaled_feature_layers(*, num_layers: int, reference: tuple[int, ...] = (-2, -9),
+                          reference_layers: int = 24) -> tuple[int, ...]:
+    """Molmo's ViT feature layers ([-2, -9] of 24) scaled to a ViT of ``num_layers`` layers.
+
+    ``hidden_states`` of CLIP has ``num_layers + 1`` entries (embeddings, then every layer); layer
+    -2 of 24 is the output of layer 23, -9 that of layer 16. The scaled layer keeps the same depth
+    fraction (rounded, at least 1) and is returned as a negative index.
+    """
+    out = []
+    for ref in reference:
+        depth = reference_layers + 1 + ref          # 1-based layer whose output is used
+        scaled = max(1, min(num_layers, round(depth * num_layers / reference_layers)))
+        out.append(scaled - num_layers - 1)
+    return tuple(out)
+
+
+PRESETS: dict[str, FlexMoeConfig] = {
+    "tiny": FlexMoeConfig(
+        name="tiny", pool_margin=0, vit_patch_px=42, vit_hidden=64, vit_intermediate=256, vit_layers=3,
+        vit_heads=4, vit_feature_layers=scaled_feature_layers(num_layers=3), pool_dim=64, pool_heads=4,
+        projector_hidden=256, hidden_size=128, num_blocks=4, num_heads=4, num_experts=8, top_k=2,
+        expert_width=192, vocab_size=512, max_positions=4096),
+    "molmoe-1b": FlexMoeConfig(name="molmoe-1b"),
+}
+
+
+def build_tokenizer(*, vocab_size: int) -> Tokenizer:
+    """Word-level tokenizer: specials, ``WORDS``, then ``[unusedN]`` fillers up to ``vocab_size``."""
+    tokens = list(SPECIAL_TOKENS) + list(WORDS)
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("duplicate entries in the tokenizer word list")
+    tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]
+    tok = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
