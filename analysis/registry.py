@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +11,6 @@ from flexvlm_ray.registry import Registry
 # fn(rows DataFrame, out_dir Path, manifest dict) -> list of written paths
 AnalysisFn = Callable[..., list[Path]]
 ANALYSES: Registry[AnalysisFn] = Registry("analysis")
-MODULES = ("analysis.quickstart",)
 
 
 def register_analysis(*experiments: str) -> Callable[[AnalysisFn], AnalysisFn]:
@@ -23,8 +23,11 @@ def register_analysis(*experiments: str) -> Callable[[AnalysisFn], AnalysisFn]:
 
 
 def _import_all() -> None:
-    for module in MODULES:
-        importlib.import_module(module)
+    """Import every module of the analysis package, so each registers its experiments."""
+    import analysis
+
+    for module in pkgutil.iter_modules(analysis.__path__):
+        importlib.import_module(f"analysis.{module.name}")
 
 
 def analyze_run(run_dir: str | Path) -> list[Path]:

@@ -183,5 +183,13 @@ def analyze(run_dir: str) -> None:
         click.echo("no analysis registered for this run's experiment", err=True)
 
 
+def _register_plugin_commands() -> None:
+    from flexvlm_ray.knobs.verify import verify_knobs_command
+
+    main.add_command(verify_knobs_command, name="verify-knobs")
+
+
+_register_plugin_commands()
+
 if __name__ == "__main__":
     main()
