@@ -12,7 +12,7 @@ python3 -c "import torch, transformers, ray; print('torch', torch.__version__, '
 for step in "$@"; do
   echo "=== step $step ($(date +%T))"
   case "$step" in
-    tests) python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tail -25 ;;
+    tests) python3 -m pytest $(ls tests/test_*gpu*.py) -q -m gpu -p no:cacheprovider 2>&1 | tail -25 ;;
     knobs) cli verify-knobs --model flexmoe:molmoe-1b --device cuda --dtype bfloat16 2>&1 | tail -40 ;;
     stages) python3 benchmarks/engine_stages.py --preset molmoe-1b --device cuda --out "$OUT/stages.json" 2>&1 | grep -v Warning ;;
     quickstart) cli launch sweeps/quickstart.yaml --output /tmp/runs --run-id gpu --no-progress \
