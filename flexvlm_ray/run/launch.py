@@ -22,7 +22,13 @@ from flexvlm_ray.store.writer import RunStore
 
 
 def spec_hash(spec: SweepSpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """Hash of the spec; a grid spec leaves out the search keys, so runs from before they
+    existed keep their hash."""
+    data = spec.model_dump(mode="json")
+    if spec.search == "grid":
+        data.pop("search", None)
+        data.pop("tune", None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -39,8 +45,14 @@ def launch(*, spec_path: str, overrides: Sequence[str] = (), num_gpus: Optional[
            address: Optional[str] = None, output: str = "results", run_id: Optional[str] = None,
            dashboard: bool = False, progress: bool = True, prefetch: int = 1):
     spec = load_spec(spec_path, overrides=overrides)
-    units = expand(spec)
     run_id = run_id or default_run_id()
+    if spec.search == "tune":
+        from flexvlm_ray.run.tune_search import launch_tune
+
+        return launch_tune(spec=spec, spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
+                           spec_hash=spec_hash(spec), output=output, run_id=run_id, num_gpus=num_gpus,
+                           address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
+    units = expand(spec)
     store = RunStore(Path(output) / spec.name / run_id)
     store.create(spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
                  spec_hash=spec_hash(spec), units=units, run_id=run_id)
@@ -66,6 +78,9 @@ def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
         raise SpecError([f"{store.root}: written with row schema v{manifest['schema_version']}, "
                          f"this code writes v{SCHEMA_VERSION}; start a new run instead of resuming"])
     spec = load_spec_text(store.spec_text(), source=str(store.root / "spec.yaml"))
+    if spec.search == "tune":
+        raise SpecError([f"{store.root}: a search: tune run cannot be resumed (the searcher's state is not "
+                         f"stored); launch the spec again under a new --run-id"])
     if spec_hash(spec) != manifest["spec_hash"]:
         raise SpecError([f"{store.root}/spec.yaml changed since the run started "
                          f"(hash {spec_hash(spec)} != {manifest['spec_hash']}); start a new run"])

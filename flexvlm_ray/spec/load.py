@@ -154,7 +154,24 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
 
     if info is not None:
         problems += _check_knob_ranges(spec, info)
+    problems += _check_search(spec)
     return problems
+
+
+def _check_search(spec: SweepSpec) -> list[tuple[str, str]]:
+    """search: tune needs a grid with more than one configuration and a budget within it."""
+    from flexvlm_ray.spec.expand import knob_grid
+
+    if spec.search == "grid":
+        return [("tune", "settings for search: tune, but search is 'grid'; remove tune or set search: tune")] \
+            if spec.tune is not None else []
+    configs = len(knob_grid(spec))
+    if configs < 2:
+        return [("search", f"tune needs a knob grid of at least 2 configurations, got {configs}")]
+    budget = (spec.tune.num_samples if spec.tune else 16)
+    if budget > configs:
+        return [("tune.num_samples", f"{budget} is above the grid's {configs} configurations; allowed 1..{configs}")]
+    return []
 
 
 def _check_knob_ranges(spec: SweepSpec, info: Any) -> list[tuple[str, str]]:

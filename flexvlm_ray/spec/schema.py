@@ -104,6 +104,13 @@ class MeasureSpec(_Strict):
     score: bool = Field(default=True, description="score predictions with the dataset's metric")
 
 
+class TuneSpec(_Strict):
+    num_samples: int = Field(default=16, ge=1, description="distinct knob configurations the search may measure")
+    seed: int = Field(default=0, description="seed of the searcher's sampler")
+    searcher: Literal["tpe", "nsga2", "random"] = Field(
+        default="tpe", description="optuna sampler behind Ray Tune's OptunaSearch (multi-objective)")
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     experiment: str = Field(description="analysis family, e.g. quickstart, motivation_exp3, e2")
@@ -118,3 +125,7 @@ class SweepSpec(_Strict):
     order: Literal["grid", "interleave"] = Field(
         default="grid", description="interleave: alternate configs so clock drift does not follow one knob")
     seed: int = 0
+    search: Literal["grid", "tune"] = Field(
+        default="grid", description="grid: every knob combination; tune: an adaptive multi-objective search "
+                                    "over the knob grid (latency P50 min, mean score max) per dataset")
+    tune: Optional[TuneSpec] = Field(default=None, description="settings of search: tune")

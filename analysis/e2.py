@@ -1,0 +1,273 @@
+"""E2 knob coupling and Pareto structure, per workload (dataset).
+
+Files: e2_configs.json (one line per config: P50/P95 T_total in ms, mean score);
+e2_frontier.{json,png} (Pareto frontier of P50 and of P95 latency vs mean score, the configs
+on it); e2_coupling.{json,png} (per knob pair, the two-way table of mean P50 latency and mean
+score, averaged over the other knobs; the difference of differences between the extreme levels
+and the interaction share of the between-cell variance); e2_budget_cases.json (three budgets
+where the best config differs by workload); e2_hypervolume.{json,png} (hypervolume vs number
+of configs evaluated: grid order, random order, an adaptive searcher replayed on the measured
+grid, and the run's own tune trials when it was a search: tune run).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.pareto import pareto_mask
+from analysis.plots import save
+from analysis.registry import register_analysis
+
+KNOBS = ["max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens"]
+NUMERIC_KNOBS = ["max_crops", "top_k", "active_blocks"]
+LATENCIES = {"p50": "T_total_p50", "p95": "T_total_p95"}
+RANDOM_ORDERS = 20
+REPLAY_BUDGET = 48  # configs the replayed searcher may evaluate (its curve stops there)
+
+
+def hypervolume(latency: np.ndarray, quality: np.ndarray, *, ref_latency: float, ref_quality: float) -> float:
+    """Area of the (latency, quality) region dominated by the points and bounded by the
+    reference point: latency below ref_latency is better, quality above ref_quality is better.
+    Points not strictly better than the reference in both add nothing."""
+    lat, q = np.asarray(latency, float), np.asarray(quality, float)
+    keep = (lat < ref_latency) & (q > ref_quality)
+    lat, q = lat[keep], q[keep]
+    if lat.size == 0:
+        return 0.0
+    order = np.argsort(lat, kind="stable")
+    lat, best = lat[order], np.maximum.accumulate(q[order])
+    widths = np.diff(np.append(lat, ref_latency))
+    return float(np.sum(widths * (best - ref_quality)))
+
+
+def config_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per (dataset, knob config): P50/P95 T_total, mean score, row count."""
+    ok = rows[rows["status"] == "ok"].copy()
+    ok["block_policy"] = ok["block_policy"].fillna("prefix")
+    keys = ["dataset"] + [k for k in KNOBS if k in ok]
+    g = ok.groupby(keys, dropna=False, sort=True)
+    out = g["T_total"].median().rename("T_total_p50").to_frame()
+    out["T_total_p95"] = g["T_total"].quantile(0.95)
+    out["score"] = g["score"].mean() if ok["score"].notna().any() else 0.0
+    out["n"] = g.size()
+    out = out.reset_index()
+    out["config"] = out.apply(lambda r: " ".join(f"{k}={r[k]}" for k in KNOBS if k in r), axis=1)
+    return out
+
+
+def frontiers(table: pd.DataFrame) -> dict[str, dict[str, list[dict]]]:
+    """Per dataset and latency statistic, the Pareto-optimal configs sorted by latency."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for dataset, part in table.groupby("dataset", sort=True):
+        out[dataset] = {}
+        for stat, col in LATENCIES.items():
+            mask = pareto_mask(part[col].to_numpy(), part["score"].to_numpy())
+            front = part[mask].sort_values([col, "score"])
+            out[dataset][stat] = [{"config": r["config"], **{k: _py(r[k]) for k in KNOBS if k in r},
+                                   "latency_ms": float(r[col]), "score": float(r["score"])}
+                                  for _, r in front.iterrows()]
+    return out
+
+
+def _py(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if np.isnan(value) else float(value)
+    return value
+
+
+def two_way(table: pd.DataFrame, *, a: str, b: str, value: str) -> dict[str, Any]:
+    """Cell means of ``value`` over knob levels (a, b), averaged over everything else; the
+    difference of differences (effect of a from its lowest to highest level, at b's highest
+    minus at b's lowest level) and the interaction share: SS of the residual of the additive
+    model (cell - row mean - column mean + grand mean) over the between-cell SS."""
+    cells = table.groupby([a, b])[value].mean().unstack(b)
+    m = cells.to_numpy(float)
+    resid = m - np.nanmean(m, axis=1, keepdims=True) - np.nanmean(m, axis=0, keepdims=True) + np.nanmean(m)
+    between = np.nansum((m - np.nanmean(m)) ** 2)
+    dod = (m[-1, -1] - m[0, -1]) - (m[-1, 0] - m[0, 0])
+    return {"a": a, "b": b, "value": value, "a_levels": [_py(v) for v in cells.index],
+            "b_levels": [_py(v) for v in cells.columns], "cells": m.tolist(),
+            "effect_of_a_at_b_low": float(m[-1, 0] - m[0, 0]), "effect_of_a_at_b_high": float(m[-1, -1] - m[0, -1]),
+            "difference_of_differences": float(dod),
+            "interaction_share": float(np.nansum(resid ** 2) / between) if between > 0 else 0.0}
+
+
+def coupling(table: pd.DataFrame) -> dict[str, list[dict]]:
+    """two_way tables for every pair of numeric knobs with >1 level, per dataset."""
+    knobs = [k for k in NUMERIC_KNOBS if k in table and table[k].nunique() > 1]
+    out = {}
+    for dataset, part in table.groupby("dataset", sort=True):
+        out[dataset] = [two_way(part, a=a, b=b, value=v) for a, b in itertools.combinations(knobs, 2)
+                        for v in ("T_total_p50", "score")]
+    return out
+
+
+def budget_cases(table: pd.DataFrame, *, n: int = 3) -> list[dict[str, Any]]:
+    """Budgets (ms, P50) at which the best-scoring config that fits differs between workloads;
+    n of them spread over the candidates (every config's P50 latency is a candidate)."""
+    datasets = sorted(table["dataset"].unique())
+    differing = []
+    for budget in sorted(table["T_total_p50"].unique()):
+        picks = {}
+        for ds in datasets:
+            fits = table[(table["dataset"] == ds) & (table["T_total_p50"] <= budget)]
+            if fits.empty:
+                break
+            best = fits.sort_values(["score", "T_total_p50"], ascending=[False, True]).iloc[0]
+            picks[ds] = {"config": best["config"], "latency_ms": float(best["T_total_p50"]),
+                         "score": float(best["score"])}
+        if len(picks) == len(datasets) and len({p["config"] for p in picks.values()}) > 1:
+            differing.append({"budget_ms": float(budget), "best": picks})
+    if len(differing) <= n:
+        return differing
+    return [differing[int(i)] for i in np.linspace(0, len(differing) - 1, n).round()]
+
+
+def replay_search(part: pd.DataFrame, *, searcher: str, seed: int, budget: int) -> list[str]:
+    """The order in which an adaptive searcher (Ray Tune OptunaSearch, as in search: tune)
+    would measure the configs of a fully measured grid: each suggestion is answered with the
+    config's measured P50 and score. Returns the distinct configs in order of evaluation."""
+    from flexvlm_ray.run.tune_search import KNOBS as TUNE_KNOBS, config_key, full_config, make_searcher
+
+    space = {k: sorted(part[k].dropna().unique().tolist(), key=str) if part[k].notna().any() else [None]
+             for k in TUNE_KNOBS}
+    space = {k: [_py(v) for v in vals] for k, vals in space.items()}
+    lookup = {tuple(_py(r[k]) if pd.notna(r[k]) else None for k in TUNE_KNOBS):
+              {"latency": float(r["T_total_p50"]), "quality": float(r["score"]), "config": r["config"]}
+              for _, r in part.iterrows()}
+    opt = make_searcher(space=space, searcher=searcher, seed=seed)
+    order: list[str] = []
+    for i in range(20 * budget):
+        if len(order) >= budget:
+            break
+        trial = f"r{i}"
+        key = config_key(full_config(opt.suggest(trial), space))
+        result = lookup.get(key)
+        opt.on_trial_complete(trial, result={"latency": result["latency"], "quality": result["quality"]}
+                              if result else None, error=result is None)
+        if result and result["config"] not in order:
+            order.append(result["config"])
+    return order
+
+
+def hv_curve(part: pd.DataFrame, order: list[str], *, ref: tuple[float, float]) -> list[float]:
+    by = part.set_index("config")
+    return [hypervolume(by.loc[order[:i], "T_total_p50"].to_numpy(), by.loc[order[:i], "score"].to_numpy(),
+                        ref_latency=ref[0], ref_quality=ref[1]) for i in range(1, len(order) + 1)]
+
+
+def hypervolume_curves(table: pd.DataFrame, *, trials: Optional[list[dict]] = None,
+                       seed: int = 0) -> dict[str, Any]:
+    """Per dataset, hypervolume after each evaluated config for grid order, random order
+    (mean over RANDOM_ORDERS permutations), the replayed adaptive searcher (TPE) and the
+    run's tune trials. Reference point: 1.1 x the slowest P50, the lowest score."""
+    out = {}
+    rng = np.random.default_rng(seed)
+    for dataset, part in table.groupby("dataset", sort=True):
+        ref = (1.1 * float(part["T_total_p50"].max()), float(part["score"].min()))
+        grid = list(part["config"])
+        curves = {"grid_order": hv_curve(part, grid, ref=ref)}
+        randoms = [hv_curve(part, list(rng.permutation(grid)), ref=ref) for _ in range(RANDOM_ORDERS)]
+        curves["random_order"] = np.mean(randoms, axis=0).tolist()
+        if len(grid) > 1:
+            curves["adaptive_tpe_replayed"] = hv_curve(part, replay_search(part, searcher="tpe", seed=seed,
+                                                                           budget=min(len(grid), REPLAY_BUDGET)), ref=ref)
+        if trials:
+            done = [t for t in trials if t["dataset"] == dataset and t["new_config"] and t["latency"] is not None]
+            names = {tuple(_py(v) for v in row): c for row, c in
+                     zip(part[KNOBS].itertuples(index=False, name=None), part["config"])}
+            order = [names[k] for k in (tuple(t["config"][n] for n in KNOBS) for t in done) if k in names]
+            curves["adaptive_run"] = hv_curve(part, order, ref=ref)
+        out[dataset] = {"reference_point": {"latency_ms": ref[0], "score": ref[1]},
+                        "full_grid_hypervolume": curves["grid_order"][-1], "curves": curves}
+    return out
+
+
+@register_analysis("e2")
+def analyze(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = config_frame(rows)
+    if table.empty:
+        return []
+    written = [_write(out_dir / "e2_configs.json", table.to_dict(orient="records"))]
+    fronts = frontiers(table)
+    written += [_write(out_dir / "e2_frontier.json", fronts), _plot_frontier(table, fronts, out_dir)]
+    pairs = coupling(table)
+    written += [_write(out_dir / "e2_coupling.json", pairs), _plot_coupling(table, out_dir)]
+    cases = budget_cases(table)
+    written.append(_write(out_dir / "e2_budget_cases.json", cases))
+    for case in cases:
+        print(f"budget {case['budget_ms']:.1f} ms: " +
+              "; ".join(f"{ds}: {p['config']} (score {p['score']:.3f})" for ds, p in case["best"].items()))
+    trials_path = out_dir.parent / "tune_trials.json"
+    trials = json.loads(trials_path.read_text()) if trials_path.exists() else None
+    hv = hypervolume_curves(table, trials=trials)
+    written += [_write(out_dir / "e2_hypervolume.json", hv), _plot_hv(hv, out_dir)]
+    return written
+
+
+def _write(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=2, default=_py))
+    return path
+
+
+def _plot_frontier(table: pd.DataFrame, fronts: dict, out_dir: Path) -> Path:
+    datasets = sorted(fronts)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.8 * len(datasets)), squeeze=False)
+    for i, ds in enumerate(datasets):
+        part = table[table["dataset"] == ds]
+        for j, (stat, col) in enumerate(LATENCIES.items()):
+            ax = axes[i, j]
+            ax.scatter(part[col], part["score"], alpha=0.4, s=12, label="configs")
+            front = pd.DataFrame(fronts[ds][stat])
+            ax.step(front["latency_ms"], front["score"], where="post", color="C3", label="Pareto frontier")
+            for _, r in front.iterrows():
+                ax.annotate(r["config"].replace("block_policy=", "").replace("max_new_tokens=", "tok="),
+                            (r["latency_ms"], r["score"]), fontsize=4)
+            ax.set_xlabel(f"{stat.upper()} end-to-end latency T_total (ms)")
+            ax.set_ylabel("mean quality score")
+            ax.set_title(f"{ds}: {stat.upper()} latency vs quality")
+            ax.legend(fontsize=6)
+    return save(fig, out_dir / "e2_frontier.png")
+
+
+def _plot_coupling(table: pd.DataFrame, out_dir: Path) -> Path:
+    knobs = [k for k in NUMERIC_KNOBS if table[k].nunique() > 1]
+    pairs = list(itertools.permutations(knobs, 2))
+    datasets = sorted(table["dataset"].unique())
+    cols = max(len(pairs), 1)
+    fig, axes = plt.subplots(2 * len(datasets), cols, figsize=(3.3 * cols, 5.5 * len(datasets)), squeeze=False)
+    for i, ds in enumerate(datasets):
+        part = table[table["dataset"] == ds]
+        for j, (a, b) in enumerate(pairs):
+            for r, (value, label) in enumerate((("T_total_p50", "P50 latency (ms)"), ("score", "mean score"))):
+                ax = axes[2 * i + r, j]
+                cells = part.groupby([b, a])[value].mean()
+                for level in sorted(part[b].dropna().unique()):
+                    ax.plot(cells[level].index, cells[level].to_numpy(), marker="o", label=f"{b}={level}")
+                ax.set_xlabel(a)
+                ax.set_ylabel(label)
+                ax.set_title(f"{ds}: {a} effect by {b}", fontsize=8)
+                ax.legend(fontsize=5)
+    return save(fig, out_dir / "e2_coupling.png")
+
+
+def _plot_hv(hv: dict, out_dir: Path) -> Path:
+    fig, axes = plt.subplots(1, len(hv), figsize=(5 * len(hv), 3.8), squeeze=False)
+    for ax, (ds, result) in zip(axes[0], hv.items()):
+        for name, curve in result["curves"].items():
+            ax.plot(range(1, len(curve) + 1), curve, label=name)
+        ax.set_xlabel("configs evaluated")
+        ax.set_ylabel("hypervolume (ms x score)")
+        ax.set_title(ds)
+        ax.legend(fontsize=6)
+    return save(fig, out_dir / "e2_hypervolume.png")

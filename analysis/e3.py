@@ -1,0 +1,176 @@
+"""E3 stage-aware latency estimator: error vs calibration samples, cross-GPU transfer,
+budget enforcement. Works on one run (one GPU type, or several pinned in one run) or on
+several run folders (one per GPU type): ``python -m analysis.e3 RUN_A RUN_B --out DIR``.
+
+Files: e3_calibration.{json,png} (held-out MAPE and share within +-10% vs n rows fitted on,
+per GPU), e3_transfer.{json,png} (fit on GPU A, recalibrate on K rows of GPU B, K in
+0,1,2,5,10,20; both directions), e3_budget.{json,png} (per budget: the best-quality config
+the estimator says fits, measured violation rate and quality kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.budget import config_table, default_budgets, enforcement, summarize
+from analysis.plots import save
+from analysis.registry import register_analysis
+from flexvlm_ray.estimator import (TARGETS, StageEstimator, evaluate, gpu_label_series, sample_rows,
+                                   split_configs, transfer, usable_rows)
+
+CALIBRATION_SIZES = (3, 5, 10, 20, 40, 80, 160)
+TRANSFER_K = (0, 1, 2, 5, 10, 20)
+REPEATS = 5
+
+
+def label_runs(frames: Sequence[pd.DataFrame], names: Sequence[str]) -> pd.DataFrame:
+    """Concatenate runs with a ``gpu`` column: the GPU label, suffixed by the run folder's
+    name where two runs carry the same label (e.g. two CPU runs of the simulated family)."""
+    labels = [sorted(set(gpu_label_series(f))) if len(f) else ["none"] for f in frames]
+    flat = [lab for group in labels for lab in group]
+    out = []
+    for frame, group, name in zip(frames, labels, names):
+        frame = frame.copy()
+        base = gpu_label_series(frame)
+        clash = any(flat.count(lab) > 1 for lab in group)
+        frame["gpu"] = base + f"@{name}" if clash else base
+        out.append(frame)
+    return pd.concat(out, ignore_index=True)
+
+
+def _mean_errors(reports: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+    return {t: {"mape": float(np.nanmean([r[t]["mape"] for r in reports])),
+                "within10": float(np.nanmean([r[t]["within"] for r in reports]))} for t in TARGETS}
+
+
+def calibration_curve(rows: pd.DataFrame, *, holdout: float, seed: int) -> list[dict[str, Any]]:
+    """Held-out error of estimators fitted on n random rows of the training configs."""
+    train, test = split_configs(usable_rows(rows), holdout=holdout, seed=seed)
+    curve = []
+    for n in [n for n in CALIBRATION_SIZES if n <= len(train)] or [len(train)]:
+        reports = [evaluate(StageEstimator.fit(sample_rows(train, k=n, seed=seed + r)), test) for r in range(REPEATS)]
+        curve.append({"samples": n, **_mean_errors(reports)})
+    return curve
+
+
+def transfer_curve(*, source: pd.DataFrame, target: pd.DataFrame, holdout: float,
+                   seed: int) -> list[dict[str, Any]]:
+    return [{"k": k, **_mean_errors([transfer(source=source, target=target, k=k, seed=seed + r,
+                                              holdout=holdout)[1] for r in range(REPEATS)])}
+            for k in TRANSFER_K]
+
+
+def _plot_curves(curves: dict[str, list[dict]], *, x: str, xlabel: str, title: str, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, curve in curves.items():
+        xs = [c[x] for c in curve]
+        for target, style in (("T_total", "-"), ("T_LLM_prefill", "--"), ("T_LLM_decode", ":")):
+            axes[0].plot(xs, [c[target]["mape"] for c in curve], style, marker="o", label=f"{name} {target}")
+            axes[1].plot(xs, [100 * c[target]["within10"] for c in curve], style, marker="o",
+                         label=f"{name} {target}")
+    axes[0].set_ylabel("MAPE on held-out configs (%)")
+    axes[1].set_ylabel("predictions within +-10% (%)")
+    axes[1].axhline(95, color="grey", lw=0.5)
+    axes[1].axhline(90, color="grey", lw=0.5, ls="--")
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.legend(fontsize=5)
+    fig.suptitle(title)
+    return save(fig, path)
+
+
+def analyze_e3(*, rows: pd.DataFrame, out_dir: Path, holdout: float = 0.3, seed: int = 0) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = usable_rows(rows).copy()
+    if rows.empty:
+        return []
+    rows["gpu"] = gpu_label_series(rows)
+    gpus = sorted(rows["gpu"].unique())
+    written = []
+
+    calib = {g: calibration_curve(rows[rows["gpu"] == g], holdout=holdout, seed=seed) for g in gpus}
+    (out_dir / "e3_calibration.json").write_text(json.dumps(calib, indent=2))
+    written += [out_dir / "e3_calibration.json",
+                _plot_curves(calib, x="samples", xlabel="rows fitted on (same GPU)",
+                             title="E3: estimator error vs calibration samples", path=out_dir / "e3_calibration.png")]
+
+    if len(gpus) > 1:
+        curves = {f"{a}->{b}": transfer_curve(source=rows[rows["gpu"] == a], target=rows[rows["gpu"] == b],
+                                              holdout=holdout, seed=seed)
+                  for a in gpus for b in gpus if a != b}
+        (out_dir / "e3_transfer.json").write_text(json.dumps(curves, indent=2))
+        written += [out_dir / "e3_transfer.json",
+                    _plot_curves(curves, x="k", xlabel="recalibration rows K of the target GPU",
+                                 title="E3: cross-GPU transfer", path=out_dir / "e3_transfer.png")]
+
+    budget = {}
+    for g in gpus:
+        part = rows[rows["gpu"] == g]
+        train, _ = split_configs(part, holdout=holdout, seed=seed)
+        est = StageEstimator.fit(train)
+        table, source = config_table(part)
+        records = enforcement(table=table, rows=part, rule=est.predict(table)["T_total"],
+                              budgets=default_budgets(table))
+        budget[g] = {"quality_source": source, "fitted_on": "training configs (held-out configs unseen)",
+                     "summary": summarize(records), "budgets": records}
+    (out_dir / "e3_budget.json").write_text(json.dumps(budget, indent=2, default=str))
+    written += [out_dir / "e3_budget.json", _plot_budget(budget, out_dir / "e3_budget.png")]
+    return written
+
+
+def _plot_budget(budget: dict[str, dict], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for g, result in budget.items():
+        frame = pd.DataFrame(result["budgets"])
+        for dataset, part in frame.groupby("dataset"):
+            axes[0].plot(part["budget_ms"], 100 * part["request_violation"], marker="o", label=f"{g} {dataset}")
+            axes[1].plot(part["budget_ms"], part["quality_kept"].astype(float), marker="o", label=f"{g} {dataset}")
+    axes[0].set_ylabel("requests over budget (%)")
+    axes[1].set_ylabel("quality kept (chosen / best that fits)")
+    for ax in axes:
+        ax.set_xlabel("latency budget (ms)")
+        ax.legend(fontsize=6)
+    fig.suptitle("E3: budget enforcement with the estimator")
+    return save(fig, path)
+
+
+@register_analysis("e3")
+def analyze(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[Path]:
+    """The e3 files plus the m4 guardrail comparison for a single run folder."""
+    from analysis.m4 import analyze_m4
+
+    return analyze_e3(rows=rows, out_dir=out_dir) + analyze_m4(rows=rows, out_dir=out_dir)
+
+
+def analyze_runs(*, run_dirs: Sequence[str | Path], out_dir: str | Path, seed: int = 0,
+                 holdout: float = 0.3) -> list[Path]:
+    """e3 and m4 over several run folders (one per GPU type)."""
+    from analysis.m4 import analyze_m4
+    from flexvlm_ray.store.reader import load_frame
+
+    frames = [load_frame(d) for d in run_dirs]
+    rows = label_runs(frames, [Path(d).name for d in run_dirs])
+    return (analyze_e3(rows=rows, out_dir=Path(out_dir), holdout=holdout, seed=seed)
+            + analyze_m4(rows=rows, out_dir=Path(out_dir), holdout=holdout, seed=seed))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in analyze_runs(run_dirs=args.run_dirs, out_dir=args.out, seed=args.seed):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
