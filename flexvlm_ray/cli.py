@@ -184,9 +184,11 @@ def analyze(run_dir: str) -> None:
 
 
 def _register_plugin_commands() -> None:
+    from flexvlm_ray.estimator_cli import calibrate_command
     from flexvlm_ray.knobs.verify import verify_knobs_command
 
     main.add_command(verify_knobs_command, name="verify-knobs")
+    main.add_command(calibrate_command, name="calibrate")
 
 
 _register_plugin_commands()
