@@ -172,8 +172,36 @@ class FlexMoeAdapter(ModelAdapter):
         self._active: tuple[int, ...] = tuple(range(self.config.num_blocks))
         self._importance: Optional[list[float]] = None
         self.importance_computations = 0   # how often this adapter computed (not read) importance scores
+        self.backend = "hf"
+        self.fast: Optional[FastDecoder] = None
+        self._fast_decoders: dict[tuple, FastDecoder] = {}
+        if backend == "fast":
+            self.set_backend(backend="fast", options={k: v for k, v in options.items() if k in FAST_OPTIONS})
+
+    def set_backend(self, *, backend: str, options: Optional[dict[str, Any]] = None) -> None:
+        """Switch between 'hf' and 'fast' in place, on the same weights and knobs.
+
+        ``options``: for 'hf' only ``experts_implementation``; for 'fast' the fast options. A fast
+        decoder (with its static KV cache and captured graphs) is built once per option set and kept.
+        """
+        options = dict(options or {})
+        _check_options(options)
+        allowed = {"hf": {"experts_implementation"}, "fast": set(FAST_OPTIONS)}
+        if backend not in allowed:
+            raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+        if set(options) - allowed[backend]:
+            raise ValueError(f"options {sorted(set(options) - allowed[backend])} do not apply to backend '{backend}'")
+        if backend == "hf":
+            if "experts_implementation" in options:
+                self.model.decoder.set_experts_implementation(options["experts_implementation"])
+                self.experts_implementation = self.model.decoder.config._experts_implementation
+            self.fast = None
+        else:
+            key = tuple(sorted(options.items()))
+            if key not in self._fast_decoders:
+                self._fast_decoders[key] = self._build_fast(options)
+            self.fast = self._fast_decoders[key]
         self.backend = backend
-        self.fast: Optional[FastDecoder] = self._build_fast(options) if backend == "fast" else None
 
     def _build_fast(self, options: dict[str, Any]) -> FastDecoder:
         """The fast decoder on the hf model's own parameters (the static KV cache is its only allocation)."""
