@@ -78,7 +78,9 @@ class ModelAdapter(ABC):
 
     info: ModelInfo
     device: Any = "cpu"
-    backends: tuple[str, ...] = ("hf",)   # spec `model.backend` values this family implements
+    # spec `model.backend` values this family implements; a family that lists more than 'hf' takes
+    # a `backend` keyword in __init__ (ModelWorker passes it only when it is not 'hf')
+    backends: tuple[str, ...] = ("hf",)
 
     @classmethod
     @abstractmethod

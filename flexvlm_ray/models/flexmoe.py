@@ -5,10 +5,17 @@ Presets (``flexvlm_ray.models.flexmoe_config.PRESETS``): ``tiny`` (the default; 
 seed) and ``molmoe-1b`` (the seed model's shape, random weights built directly on the device).
 ``path`` loads a folder written by ``save_flexmoe`` instead of a preset.
 
+Backends (spec ``model.backend``): ``hf`` runs transformers' modules block by block; ``fast``
+runs the same weights through ``flexvlm_ray.models.fast_decoder`` (static KV cache, MoE cost that
+follows top_k, CUDA graphs for decode; see docs/FAST_RUNTIME.md). Knob semantics are shared.
+
 Options:
     experts_implementation: 'grouped_mm' (default where it runs, else 'eager') | 'batched_mm' | 'eager'
-        transformers' MoE experts kernel (``config._experts_implementation``).
+        transformers' MoE experts kernel (``config._experts_implementation``; the hf backend's MoE).
     attn_implementation: 'sdpa' (default) | 'eager'.
+    decode_moe (fast only): 'gather' (default) | 'grouped'   MoE of one decode token.
+    prefill_moe (fast only): 'grouped' (default where the grouped GEMM runs on CUDA) | 'loop'.
+    cuda_graphs (fast only): true (default) | false   decode steps as CUDA graphs (CUDA only).
 
 Stages: ``vision_encoder`` runs CLIP and concatenates two layers' patch features (CLS dropped);
 ``projector`` pools every 2x2 window and projects it; ``prefill`` embeds the prompt, splices the
@@ -30,6 +37,8 @@ from flexvlm_ray.knobs.blocks import cached_importance, select_blocks, validate_
 from flexvlm_ray.knobs.moe import set_top_k, validate_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
+from flexvlm_ray.models.fast_decoder import (DECODE_MOE, PREFILL_MOE, FastDecoder, grouped_mm_runs,
+                                             vision_features)
 from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
                                                build_tokenizer)
 from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
@@ -39,7 +48,9 @@ from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
 
 ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 DEFAULT_PRESET = "tiny"
-OPTIONS = ("experts_implementation", "attn_implementation")
+OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "cuda_graphs")
+FAST_OPTIONS = ("decode_moe", "prefill_moe", "cuda_graphs")
+BACKENDS = ("hf", "fast")
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 CALIBRATION_VERSION = 1
@@ -107,6 +118,11 @@ def _check_options(options: dict[str, Any]) -> None:
     attn = options.get("attn_implementation")
     if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation '{attn}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    for name, allowed in (("decode_moe", DECODE_MOE), ("prefill_moe", PREFILL_MOE)):
+        if options.get(name) is not None and options[name] not in allowed:
+            raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
+    if options.get("cuda_graphs") is not None and not isinstance(options["cuda_graphs"], bool):
+        raise ValueError(f"cuda_graphs must be true or false, got {options['cuda_graphs']!r}")
 
 
 def _file_sha256(path: Path) -> str:
@@ -119,6 +135,8 @@ def _file_sha256(path: Path) -> str:
 
 @register_model("flexmoe")
 class FlexMoeAdapter(ModelAdapter):
+    backends = BACKENDS
+
     @classmethod
     def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
         _check_options(options)
@@ -129,8 +147,12 @@ class FlexMoeAdapter(ModelAdapter):
                          hidden_size=config.hidden_size, vocab_size=config.vocab_size)
 
     def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
-                 seed: int, options: dict[str, Any]) -> None:
+                 seed: int, options: dict[str, Any], backend: str = "hf") -> None:
         self.info = self.describe(preset=preset, path=path, options=options)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+        if backend != "fast" and set(options) & set(FAST_OPTIONS):
+            raise ValueError(f"options {sorted(set(options) & set(FAST_OPTIONS))} need backend 'fast'")
         if dtype not in DTYPES:
             raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -150,6 +172,47 @@ class FlexMoeAdapter(ModelAdapter):
         self._active: tuple[int, ...] = tuple(range(self.config.num_blocks))
         self._importance: Optional[list[float]] = None
         self.importance_computations = 0   # how often this adapter computed (not read) importance scores
+        self.backend = "hf"
+        self.fast: Optional[FastDecoder] = None
+        self._fast_decoders: dict[tuple, FastDecoder] = {}
+        if backend == "fast":
+            self.set_backend(backend="fast", options={k: v for k, v in options.items() if k in FAST_OPTIONS})
+
+    def set_backend(self, *, backend: str, options: Optional[dict[str, Any]] = None) -> None:
+        """Switch between 'hf' and 'fast' in place, on the same weights and knobs.
+
+        ``options``: for 'hf' only ``experts_implementation``; for 'fast' the fast options. A fast
+        decoder (with its static KV cache and captured graphs) is built once per option set and kept.
+        """
+        options = dict(options or {})
+        _check_options(options)
+        allowed = {"hf": {"experts_implementation"}, "fast": set(FAST_OPTIONS)}
+        if backend not in allowed:
+            raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+        if set(options) - allowed[backend]:
+            raise ValueError(f"options {sorted(set(options) - allowed[backend])} do not apply to backend '{backend}'")
+        if backend == "hf":
+            if "experts_implementation" in options:
+                self.model.decoder.set_experts_implementation(options["experts_implementation"])
+                self.experts_implementation = self.model.decoder.config._experts_implementation
+            self.fast = None
+        else:
+            key = tuple(sorted(options.items()))
+            if key not in self._fast_decoders:
+                self._fast_decoders[key] = self._build_fast(options)
+            self.fast = self._fast_decoders[key]
+        self.backend = backend
+
+    def _build_fast(self, options: dict[str, Any]) -> FastDecoder:
+        """The fast decoder on the hf model's own parameters (the static KV cache is its only allocation)."""
+        grouped_ok = self.device.type == "cuda" and grouped_mm_runs(device=self.device, dtype=self.dtype)
+        prefill_moe = options.get("prefill_moe") or ("grouped" if grouped_ok else "loop")
+        decode_moe = options.get("decode_moe") or "gather"
+        if "grouped" in (prefill_moe, decode_moe) and not grouped_mm_runs(device=self.device, dtype=self.dtype):
+            raise RuntimeError(f"the grouped GEMM does not run on {self.device} in {self.dtype}; "
+                               f"use prefill_moe 'loop' and decode_moe 'gather'")
+        return FastDecoder(causal_lm=self.model.decoder, max_len=self.config.max_positions, decode_moe=decode_moe,
+                           prefill_moe=prefill_moe, cuda_graphs=options.get("cuda_graphs", True))
 
     def _load(self, *, attn: str, experts: str) -> tuple[FlexMoeModel, Any]:
         if self.weights_dir is not None:
@@ -199,7 +262,13 @@ class FlexMoeAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def vision_encoder(self, prepared: Prepared) -> torch.Tensor:
-        """(num_crops, patches, vit_hidden * 2): two ViT layers' patch features, CLS dropped."""
+        """(num_crops, patches, vit_hidden * 2): two ViT layers' patch features, CLS dropped.
+
+        Every crop goes through the ViT in one batch (SDPA attention). The fast backend stops at the
+        deepest feature layer instead of running every layer and recording all hidden states."""
+        if self.fast is not None:
+            return vision_features(vision=self.model.vision, pixel_values=prepared.inputs["pixel_values"],
+                                   layers=self.config.vit_feature_layers)
         out = self.model.vision(pixel_values=prepared.inputs["pixel_values"], output_hidden_states=True)
         hidden = out.hidden_states
         return torch.cat([hidden[layer][:, 1:] for layer in self.config.vit_feature_layers], dim=-1)
@@ -212,11 +281,21 @@ class FlexMoeAdapter(ModelAdapter):
         windows = features.view(n, p, 2, p, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(n * p * p, 4, dim)
         return self.model.projector(self.model.pool(windows))
 
-    @torch.inference_mode()
-    def prefill(self, prepared: Prepared, embeds: torch.Tensor) -> DecodeState:
+    def _embed_prompt(self, prepared: Prepared, embeds: torch.Tensor) -> torch.Tensor:
+        """(1, T, H): token embeddings with the image features spliced into the [IMG] positions."""
         inputs = prepared.inputs
         hidden = self.model.decoder.model.embed_tokens(inputs["input_ids"])
         hidden[0, inputs["image_positions"]] = embeds[inputs["feature_index"]].to(hidden.dtype)
+        return hidden
+
+    @torch.inference_mode()
+    def prefill(self, prepared: Prepared, embeds: torch.Tensor) -> DecodeState:
+        hidden = self._embed_prompt(prepared, embeds)
+        if self.fast is not None:
+            logits = self.fast.prefill(hidden=hidden, blocks=self._active)
+            token = int(torch.argmax(logits).item())
+            return DecodeState(next_token=token, tokens=[token], cache=self.fast.cache, position=hidden.shape[1],
+                               extras={"blocks": self._active, "logits": logits, "epoch": self.fast.cache.epoch})
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, start=0, cache=cache)
         token = int(torch.argmax(logits).item())
@@ -228,6 +307,8 @@ class FlexMoeAdapter(ModelAdapter):
         if state.extras.get("blocks") != self._active:
             raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
                                f"now {self._active}")
+        if self.fast is not None:
+            return self._fast_decode_step(state)
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.model.decoder.model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
@@ -235,6 +316,16 @@ class FlexMoeAdapter(ModelAdapter):
         state.tokens.append(token)
         state.next_token, state.position = token, state.position + 1
         state.extras["logits"] = logits
+        return token
+
+    def _fast_decode_step(self, state: DecodeState) -> int:
+        """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""
+        if state.extras.get("epoch") != self.fast.cache.epoch:
+            raise RuntimeError("this decode state's KV cache was overwritten by a later prefill")
+        token = self.fast.decode(token=state.next_token, position=state.position, blocks=self._active)
+        state.tokens.append(token)
+        state.next_token, state.position = token, state.position + 1
+        state.extras["logits"] = self.fast.logits
         return token
 
     def _forward(self, *, hidden: torch.Tensor, start: int, cache: Optional[BlockKVCache],
@@ -345,9 +436,14 @@ class FlexMoeAdapter(ModelAdapter):
 
     # -- introspection -------------------------------------------------------------------
     def decoder_blocks(self) -> Sequence[Any]:
+        """The modules that run: hf decoder layers, or the fast backend's ``FastBlock`` modules."""
+        if self.fast is not None:
+            return [self.fast.blocks[i] for i in self._active]
         return [self.model.blocks[i] for i in self._active]
 
     def block_parts(self, block: Any) -> dict[str, Any]:
+        if self.fast is not None:
+            return {"attention": block.attention, "ffn": block.ffn}
         return {"attention": block.self_attn, "ffn": block.mlp}
 
     def param_counts(self) -> dict[str, int]:

@@ -71,8 +71,11 @@ class ModelWorker:
         self.gpu = gpu_info() if self.device.startswith("cuda") else {"gpu_name": "cpu"}
         started = time.perf_counter()
         family = MODELS.get(model["family"])
+        # only families that list a backend other than 'hf' take the argument (the spec checks membership)
+        backend = model.get("backend", "hf")
+        extra = {} if backend == "hf" else {"backend": backend}
         self.adapter = family(preset=model["preset"], path=model["path"], dtype=self.dtype,
-                              device=self.device, seed=seed, options=dict(model["options"]))
+                              device=self.device, seed=seed, options=dict(model["options"]), **extra)
         self.adapter.synchronize()
         self.load_s = time.perf_counter() - started
         self._selections: dict[tuple, tuple[list, Any]] = {}

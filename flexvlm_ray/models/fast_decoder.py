@@ -1,0 +1,422 @@
+"""The ``fast`` backend of ``flexmoe``: an OLMoE decoder loop whose cost follows the knobs.
+
+It runs on the very parameters of the transformers model (``OlmoeForCausalLM``); nothing is
+copied, because OLMoE already stores its experts stacked (``gate_up_proj`` ``[E, 2I, H]``,
+``down_proj`` ``[E, H, I]``). What differs from the ``hf`` path is how the work is issued:
+
+* **Static KV cache.** ``StaticKVCache`` preallocates keys and values as
+  ``[num_blocks, kv_heads, max_len, head_dim]`` once; block ``b`` writes its own slice, skipped
+  blocks leave theirs untouched. Prefill writes positions ``0..T-1``; a decode step writes one
+  position taken from a device tensor (``index_copy_``) and attends (SDPA) over the first
+  ``bucket`` cache positions (``bucket``: the context length rounded up to ``kv_bucket``) with a
+  boolean mask ``arange(bucket) <= position`` built on the device, so one CUDA graph serves every
+  step whose context falls in that bucket.
+* **RoPE, norms, router** are computed exactly as OLMoE does (q/k RMSNorm over the full
+  projection width before the head split, float32 RMSNorm statistics, softmax over all router
+  logits in float32, ``topk``, no renormalization unless ``norm_topk_prob``).
+* **MoE decode** (one token): ``gather``: the ``k`` chosen experts' weights are selected
+  (``index_select`` on the stacked tensors) and multiplied with ``torch.bmm``, so the bytes read
+  grow with ``k``; ``grouped``: the same ``k`` rows go through the grouped GEMM of the prefill
+  path, which reads only the experts whose group is non-empty and copies no weights.
+* **MoE prefill**: token-expert pairs are sorted by expert; ``grouped`` runs two grouped GEMMs
+  (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``) with per-expert offsets computed
+  on the device; ``loop`` runs one matmul per expert that received tokens (host sync on the counts).
+* **CUDA graphs** (CUDA only): a decode step is captured lazily once per
+  ``(active blocks, top_k per block, kv bucket)`` after two warm-up runs on a side stream, into
+  one shared memory pool, and replayed; token and position enter through static device buffers,
+  logits and the argmax leave through static buffers. On the CPU the same body runs eagerly.
+
+``FastBlock`` and its ``attention`` / ``ffn`` parts are ``nn.Module`` objects called through
+``__call__`` in eager runs (prefill always), so the engine's forward hooks time them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DECODE_MOE = ("gather", "grouped")
+PREFILL_MOE = ("grouped", "loop")
+KV_BUCKET = 512
+GRAPH_WARMUP = 2
+
+
+def grouped_mm_function() -> Optional[Callable[..., torch.Tensor]]:
+    """``torch.nn.functional.grouped_mm`` (torch >= 2.10), else ``torch._grouped_mm``, else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_runs(*, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the grouped GEMM runs here for ``dtype`` (a two-expert product checked against a loop)."""
+    mm = grouped_mm_function()
+    if mm is None:
+        return False
+    try:
+        a = torch.randn(4, 32, device=device).to(dtype)
+        b = torch.randn(2, 64, 32, device=device).to(dtype)
+        offs = torch.tensor([1, 4], dtype=torch.int32, device=device)
+        out = mm(a, b.transpose(-2, -1), offs=offs)
+        ref = torch.cat([a[:1] @ b[0].T, a[1:] @ b[1].T])
+        return bool(torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """OLMoE's RMSNorm: statistics in float32, cast back, then the weight."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotary(*, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (T, head_dim) for integer ``positions`` (T,), as OLMoE computes them."""
+    freqs = positions[:, None].float() * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (heads, T, head_dim) rotated by (T, head_dim) cos/sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+# -- MoE -------------------------------------------------------------------------------------
+def route(*, x: torch.Tensor, weight: torch.Tensor, top_k: int,
+          norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLMoE's router on (T, H): (weights (T, k) in the logits' dtype, expert ids (T, k))."""
+    logits = F.linear(x, weight)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float)
+    top_w, top_i = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    return top_w.to(logits.dtype), top_i
+
+
+def experts_gather(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One token (1, H) through its ``k`` experts: weights of those experts only, batched matmuls.
+
+    ``gate_up.index_select(0, ids)`` is ``(k, 2I, H)`` and ``down.index_select(0, ids)`` is
+    ``(k, H, I)``; no other expert's weights are read.
+    """
+    k = ids.shape[-1]
+    ids, weights = ids.reshape(k), weights.reshape(k)
+    gu = gate_up.index_select(0, ids)                                  # (k, 2I, H)
+    h = torch.bmm(gu, x.reshape(1, -1, 1).expand(k, -1, 1)).squeeze(-1)  # (k, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    a = act(gate) * up                                                 # (k, I)
+    dn = down.index_select(0, ids)                                     # (k, H, I)
+    y = torch.bmm(dn, a.unsqueeze(-1)).squeeze(-1)                     # (k, H)
+    return (y * weights[:, None]).sum(dim=0, keepdim=True).to(x.dtype)
+
+
+def _sort_pairs(*, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-expert pairs sorted by expert: (sorted expert ids (S,), permutation (S,))."""
+    return torch.sort(ids.reshape(-1))
+
+
+def _unsort_and_combine(*, y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor, num_tokens: int,
+                        top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weight each sorted pair's output, put it back in (token, slot) order, sum over the slots."""
+    y = y * weights.reshape(-1)[perm, None]
+    out = torch.empty_like(y)
+    out[perm] = y
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+
+
+def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor],
+                    mm: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """(T, H) through the experts with two grouped GEMMs; offsets stay on the device (no host sync)."""
+    num_tokens, top_k = ids.shape
+    num_experts = gate_up.shape[0]
+    sorted_ids, perm = _sort_pairs(ids=ids)
+    xs = x[perm // top_k]
+    counts_in = sorted_ids.int() if x.device.type == "cuda" else sorted_ids.float()
+    counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    h = mm(xs, gate_up.transpose(-2, -1), offs=offsets)               # (S, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    a = act(gate) * up
+    y = mm(a, down.transpose(-2, -1), offs=offsets)                   # (S, H)
+    return _unsort_and_combine(y=y, perm=perm, weights=weights, num_tokens=num_tokens, top_k=top_k,
+                               dtype=x.dtype)
+
+
+def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(T, H) through the experts, one matmul pair per expert that received tokens (reads the counts)."""
+    num_tokens, top_k = ids.shape
+    sorted_ids, perm = _sort_pairs(ids=ids)
+    xs = x[perm // top_k]
+    counts = torch.bincount(sorted_ids, minlength=gate_up.shape[0]).tolist()
+    y = torch.empty(xs.shape[0], down.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        seg = slice(start, start + n)
+        gate, up = F.linear(xs[seg], gate_up[expert]).chunk(2, dim=-1)
+        y[seg] = F.linear(act(gate) * up, down[expert])
+        start += n
+    return _unsort_and_combine(y=y, perm=perm, weights=weights, num_tokens=num_tokens, top_k=top_k,
+                               dtype=x.dtype)
+
+
+# -- modules -----------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """What every block needs for one pass: phase, rotary tables, and for decode the device position."""
+
+    phase: str                                  # 'prefill' (positions 0..T-1) or 'decode' (one token)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position: Optional[torch.Tensor] = None     # decode: (1,) long, the new token's position
+    bucket: int = 0                             # decode: cache positions attended (masked beyond position)
+    mask: Optional[torch.Tensor] = None         # decode: (1, 1, 1, bucket) bool
+
+
+class StaticKVCache:
+    """Keys and values of every decoder block, ``[num_blocks, kv_heads, max_len, head_dim]``.
+
+    ``epoch`` grows with every prefill; a decode state remembers the epoch it was made in, so a
+    stale state (another prefill ran since) is refused instead of reading someone else's cache.
+    """
+
+    def __init__(self, *, num_blocks: int, kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (num_blocks, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.epoch = 0
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class FastAttention(nn.Module):
+    """OLMoE self-attention of one block on the static cache (weights are the hf module's)."""
+
+    def __init__(self, *, attn: nn.Module, index: int, cache: StaticKVCache) -> None:
+        super().__init__()
+        self.attn = attn
+        self.index = index
+        self.cache = cache
+        self.head_dim = attn.head_dim
+        self.heads = attn.config.num_attention_heads
+        self.kv_heads = attn.config.num_key_value_heads
+        self.clip = attn.config.clip_qkv
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        a, t = self.attn, x.shape[0]
+        q = rms_norm(a.q_proj(x), a.q_norm.weight, a.q_norm.variance_epsilon)
+        k = rms_norm(a.k_proj(x), a.k_norm.weight, a.k_norm.variance_epsilon)
+        v = a.v_proj(x)
+        if self.clip is not None:
+            q, k, v = (z.clamp(min=-self.clip, max=self.clip) for z in (q, k, v))
+        q = apply_rotary(q.view(t, self.heads, self.head_dim).transpose(0, 1), step.cos, step.sin)
+        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim).transpose(0, 1), step.cos, step.sin)
+        v = v.view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        keys, values = self.cache.keys[self.index], self.cache.values[self.index]
+        gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}
+        if step.phase == "prefill":
+            keys[:, :t].copy_(k)
+            values[:, :t].copy_(v)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, **gqa)
+        else:
+            keys.index_copy_(1, step.position, k)
+            values.index_copy_(1, step.position, v)
+            out = F.scaled_dot_product_attention(q[None], keys[None, :, :step.bucket], values[None, :, :step.bucket],
+                                                 attn_mask=step.mask, **gqa)
+        return a.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
+
+
+class FastMoe(nn.Module):
+    """OLMoE's sparse MoE block (router + experts of the hf module) with knob-proportional cost."""
+
+    def __init__(self, *, moe: nn.Module, decode_impl: str, prefill_impl: str) -> None:
+        super().__init__()
+        if decode_impl not in DECODE_MOE or prefill_impl not in PREFILL_MOE:
+            raise ValueError(f"decode_moe {decode_impl!r} / prefill_moe {prefill_impl!r} not in {DECODE_MOE} / {PREFILL_MOE}")
+        self.moe = moe
+        self.decode_impl, self.prefill_impl = decode_impl, prefill_impl
+
+    @property
+    def top_k(self) -> int:
+        """The router's current ``top_k`` (the knob sets it on the hf router)."""
+        return int(self.moe.gate.top_k)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        gate, experts = self.moe.gate, self.moe.experts
+        weights, ids = route(x=x, weight=gate.weight, top_k=self.top_k, norm_topk_prob=gate.norm_topk_prob)
+        args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj,
+                    act=experts.act_fn)
+        impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
+        if impl == "gather":        # decode only: one token
+            return experts_gather(**args)
+        if impl == "loop":
+            return experts_loop(**args)
+        return experts_grouped(**args, mm=grouped_mm_function())
+
+
+class FastBlock(nn.Module):
+    """One OLMoE decoder block: pre-norm attention and pre-norm MoE, each with a residual."""
+
+    def __init__(self, *, layer: nn.Module, index: int, cache: StaticKVCache, decode_impl: str,
+                 prefill_impl: str) -> None:
+        super().__init__()
+        self.index = index
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.attention = FastAttention(attn=layer.self_attn, index=index, cache=cache)
+        self.ffn = FastMoe(moe=layer.mlp, decode_impl=decode_impl, prefill_impl=prefill_impl)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        n1, n2 = self.input_norm, self.post_norm
+        x = x + self.attention(rms_norm(x, n1.weight, n1.variance_epsilon), step)
+        return x + self.ffn(rms_norm(x, n2.weight, n2.variance_epsilon), step)
+
+
+class FastDecoder:
+    """Prefill and greedy decode steps of an ``OlmoeForCausalLM`` over a chosen set of blocks.
+
+    ``prefill(hidden, blocks)`` takes the embedded prompt (1, T, H) and returns the last
+    position's logits; ``decode(token, position, blocks)`` feeds one token at ``position`` and
+    returns the argmax token (its logits stay in ``self.logits`` until the next step).
+    """
+
+    def __init__(self, *, causal_lm: nn.Module, max_len: int, decode_moe: str = "gather",
+                 prefill_moe: str = "loop", cuda_graphs: bool = True, kv_bucket: int = KV_BUCKET) -> None:
+        model = causal_lm.model
+        config = causal_lm.config
+        self.embed = model.embed_tokens.weight
+        self.norm = model.norm
+        self.lm_head = causal_lm.lm_head.weight
+        self.inv_freq = model.rotary_emb.inv_freq
+        self.rope_scaling = float(model.rotary_emb.attention_scaling)
+        self.device, self.dtype = self.embed.device, self.embed.dtype
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = StaticKVCache(num_blocks=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
+                                   max_len=max_len, head_dim=head_dim, device=self.device, dtype=self.dtype)
+        self.blocks = [FastBlock(layer=layer, index=i, cache=self.cache, decode_impl=decode_moe,
+                                 prefill_impl=prefill_moe) for i, layer in enumerate(model.layers)]
+        self.kv_bucket = int(kv_bucket)
+        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self.decode_moe, self.prefill_moe = decode_moe, prefill_moe
+        dev = self.device
+        self.token_in = torch.zeros(1, dtype=torch.long, device=dev)
+        self.position_in = torch.zeros(1, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
+        self.token_out = torch.zeros(1, dtype=torch.long, device=dev)
+        self.arange = torch.arange(max_len, device=dev)
+        self.graphs: dict[tuple, Any] = {}
+        self._pool: Any = None
+
+    # -- prefill ---------------------------------------------------------------------------
+    def prefill(self, *, hidden: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
+        """Run ``blocks`` over the embedded prompt (1, T, H) from position 0; logits (V,) of position T-1."""
+        length = hidden.shape[1]
+        if length > self.cache.max_len:
+            raise ValueError(f"prompt of {length} tokens exceeds the static cache of {self.cache.max_len}")
+        positions = torch.arange(length, device=self.device)
+        cos, sin = rotary(positions=positions, inv_freq=self.inv_freq, scaling=self.rope_scaling, dtype=hidden.dtype)
+        step = Step(phase="prefill", cos=cos, sin=sin)
+        x = hidden[0]
+        for index in blocks:
+            x = self.blocks[index](x, step)
+        self.cache.epoch += 1
+        return self._head(x[-1:])[0]
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.norm.weight, self.norm.variance_epsilon), self.lm_head)
+
+    # -- decode ----------------------------------------------------------------------------
+    def bucket(self, position: int) -> int:
+        """Cache positions a step at ``position`` attends over: position + 1 rounded up to ``kv_bucket``."""
+        return min(self.cache.max_len, math.ceil((position + 1) / self.kv_bucket) * self.kv_bucket)
+
+    def graph_key(self, *, blocks: Sequence[int], position: int) -> tuple:
+        """What fixes a decode step's shapes and control flow: blocks, top_k per block, kv bucket."""
+        blocks = tuple(blocks)
+        return blocks, tuple(self.blocks[i].ffn.top_k for i in blocks), self.bucket(position)
+
+    def decode(self, *, token: int, position: int, blocks: Sequence[int]) -> int:
+        """Feed ``token`` at ``position``; the greedy next token (logits in ``self.logits``)."""
+        if not 0 <= position < self.cache.max_len:
+            raise ValueError(f"decode position {position} is outside the static cache of {self.cache.max_len}")
+        self.token_in.fill_(int(token))
+        self.position_in.fill_(int(position))
+        key = self.graph_key(blocks=blocks, position=position)
+        if not self.use_graphs:
+            self._decode_body(blocks=key[0], bucket=key[2])
+        else:
+            graph = self.graphs.get(key)
+            if graph is None:
+                graph = self.graphs[key] = self._capture(blocks=key[0], bucket=key[2])
+            graph.replay()
+        return int(self.token_out.item())
+
+    def _decode_body(self, *, blocks: Sequence[int], bucket: int) -> None:
+        """One step from the static input buffers to the static output buffers (what a graph records)."""
+        x = F.embedding(self.token_in, self.embed)                                    # (1, H)
+        cos, sin = rotary(positions=self.position_in, inv_freq=self.inv_freq, scaling=self.rope_scaling,
+                          dtype=self.dtype)
+        mask = (self.arange[:bucket] <= self.position_in).view(1, 1, 1, bucket)
+        step = Step(phase="decode", cos=cos, sin=sin, position=self.position_in, bucket=bucket, mask=mask)
+        for index in blocks:
+            x = self.blocks[index](x, step)
+        logits = self._head(x)[0]
+        self.logits.copy_(logits)
+        self.token_out.copy_(torch.argmax(logits).view(1))
+
+    def _capture(self, *, blocks: Sequence[int], bucket: int) -> Any:
+        """Warm up on a side stream, then capture one decode step into the shared graph pool.
+
+        Warm-up runs execute the step for the buffers' current token and position, writing the
+        same keys and values the replay writes, so they leave the cache as the step would.
+        """
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):
+                self._decode_body(blocks=blocks, bucket=bucket)
+        current.wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_body(blocks=blocks, bucket=bucket)
+        return graph
+
+    def clear_graphs(self) -> None:
+        """Drop every captured graph (their memory returns to the pool)."""
+        self.graphs.clear()
+
+
+# -- vision --------------------------------------------------------------------------------------
+def vision_features(*, vision: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """CLIP hidden states ``layers`` (indices into ``hidden_states``) of every crop in one batch, CLS
+    dropped, concatenated on the feature axis; layers past the deepest one asked for are not run."""
+    encoder_layers = vision.encoder.layers
+    count = len(encoder_layers) + 1
+    wanted = [layer % count for layer in layers]
+    h = vision.pre_layrnorm(vision.embeddings(pixel_values))
+    states = {0: h}
+    for i in range(max(wanted)):
+        h = encoder_layers[i](h, None)
+        h = h[0] if isinstance(h, tuple) else h
+        states[i + 1] = h
+    return torch.cat([states[w][:, 1:] for w in wanted], dim=-1)
