@@ -14,6 +14,7 @@ for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest $(ls tests/test_*gpu*.py) -q -m gpu -p no:cacheprovider 2>&1 | tail -25 ;;
     knobs) cli verify-knobs --model flexmoe:molmoe-1b --device cuda --dtype bfloat16 2>&1 | tail -40 ;;
+    runtime) python3 benchmarks/runtime_bench.py --out "$OUT/runtime_bench.json" 2>&1 | grep -v Warning ;;
     stages) python3 benchmarks/engine_stages.py --preset molmoe-1b --device cuda --out "$OUT/stages.json" 2>&1 | grep -v Warning ;;
     quickstart) cli launch sweeps/quickstart.yaml --output /tmp/runs --run-id gpu --no-progress \
         --set model.preset=molmoe-1b --set model.dtype=bfloat16 \
