@@ -11,6 +11,7 @@ n's over the series. Stages whose mean is 0 in a series (no decode) are left out
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,12 +43,18 @@ def n_observed(x: np.ndarray) -> Optional[int]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _t_over_sqrt_n() -> np.ndarray:
+    """t(0.975, n-1) / sqrt(n) for n = 2 .. MAX_ESTIMATE (index 0 is n = 2); decreasing in n."""
+    n = np.arange(2, MAX_ESTIMATE + 1)
+    return st.t.ppf(0.5 + CONFIDENCE / 2, n - 1) / np.sqrt(n)
+
+
 def n_estimated(x: np.ndarray) -> int:
+    """Smallest n with t(0.975, n-1) * CoV / sqrt(n) <= 2% (MAX_ESTIMATE where none is)."""
     cov = x.std(ddof=1) / x.mean()
-    for n in range(2, MAX_ESTIMATE + 1):
-        if st.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * cov / np.sqrt(n) <= TARGET:
-            return n
-    return MAX_ESTIMATE
+    hits = np.nonzero(_t_over_sqrt_n() * cov <= TARGET)[0]
+    return int(hits[0]) + 2 if hits.size else MAX_ESTIMATE
 
 
 def series(ok: pd.DataFrame) -> list[tuple[dict[str, Any], pd.DataFrame]]:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 # Per-sample lists that the report counts instead of printing.
 BULKY_KEYS = ("results", "all_samples")
 MAX_JSON_CHARS = 20_000
+MAX_TABLE_ROWS = 60
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -24,7 +25,7 @@ h1{font-size:1.6em} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-to
 table{border-collapse:collapse;font-size:12px;margin:8px 0} th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f3f3f3} pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:11px;max-height:480px}
 figure{margin:12px 0} img{max-width:100%;height:auto;border:1px solid #eee} figcaption{font-size:12px;color:#555}
-.meta{color:#555;font-size:13px}
+.meta{color:#555;font-size:13px} .scroll{overflow-x:auto} td{text-align:left}
 """
 
 
@@ -45,18 +46,59 @@ def key_numbers(obj: Any) -> tuple[Any, dict[str, int]]:
     return {k: v for k, v in obj.items() if k not in removed}, removed
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return "" if value is None else str(value)
+
+
+def _records_table(records: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for r in records[:MAX_TABLE_ROWS] for k in r))
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
+                   for r in records[:MAX_TABLE_ROWS])
+    more = f"<p class='meta'>{len(records) - MAX_TABLE_ROWS} more rows in the file</p>" if len(records) > MAX_TABLE_ROWS else ""
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>{more}"
+
+
+def key_tables(obj: Any, *, title: str = "") -> list[str]:
+    """HTML tables of a JSON value: its scalar leaves as one key/value table (dotted keys), and
+    every list of objects as its own table."""
+    leaves: list[tuple[str, Any]] = []
+    tables: list[str] = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables.append(f"<h4>{esc(key or title)}</h4>{_records_table(value)}")
+        else:
+            leaves.append((key or title, value))
+
+    walk(obj, "")
+    out = []
+    if leaves:
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_cell(v))}</td></tr>" for k, v in leaves)
+        out.append(f"<div class='scroll'><table>{rows}</table></div>")
+    return out + tables
+
+
 def _json_section(path: Path, base: Path) -> str:
     try:
         obj = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return f"<p>{esc(path.name)}: unreadable ({esc(exc)})</p>"
     kept, removed = key_numbers(obj)
+    note = "".join(f" {esc(k)}: {n} entries (in the file)." for k, n in removed.items())
     text = json.dumps(kept, indent=2)
     if len(text) > MAX_JSON_CHARS:
         text = text[:MAX_JSON_CHARS] + f"\n... ({len(text) - MAX_JSON_CHARS} more characters in the file)"
-    note = "".join(f" {esc(k)}: {n} entries (in the file)." for k, n in removed.items())
-    return (f"<details><summary>{esc(path.relative_to(base))}{note}</summary>"
-            f"<pre>{esc(text)}</pre></details>")
+    return (f"<h4>{esc(path.relative_to(base))}</h4><p class='meta'>{note}</p>" + "".join(key_tables(kept))
+            + f"<details><summary>JSON without per-sample lists</summary><pre>{esc(text)}</pre></details>")
 
 
 def _summary_table(run_dir: Path) -> str:
@@ -69,7 +111,8 @@ def _summary_table(run_dir: Path) -> str:
     head = f"<p class='meta'>{len(rows)} rows, {failed} failed.</p>"
     if table.empty:
         return head + "<p>no successful rows</p>"
-    return head + table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="")
+    return head + "<div class='scroll'>" + table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0,
+                                                         na_rep="") + "</div>"
 
 
 def folder_section(folder: Path, *, index: int) -> str:

@@ -108,7 +108,8 @@ def test_m2_repeatability(case, cpu_runs, tmp_path):
     estimated = []
     for s in series:
         cov = s.std(ddof=1) / s.mean()
-        estimated.append(next(n for n in range(2, 100_001) if st.t.ppf(0.975, n - 1) * cov / np.sqrt(n) <= 0.02))
+        n = np.arange(2, 100_001)
+        estimated.append(int(n[st.t.ppf(0.975, n - 1) * cov / np.sqrt(n) <= 0.02][0]))
     assert total["n_estimated_max"] == max(estimated)
     observed = [next((n for n in range(2, s.size + 1) if _half_width(s[:n]) <= 0.02), None) for s in series]
     assert total["series_reaching_target"] == sum(n is not None for n in observed)

@@ -170,3 +170,11 @@ def test_exp5_needs_one_run_of_each_input(cpu_runs, tmp_path):
     result = CliRunner().invoke(main, ["analyze", str(cpu_runs["motivation_exp1"]), run, "--combine",
                                        "motivation_exp5", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "not an input of motivation_exp5" in result.output
+
+
+def test_analyze_writes_each_runs_analysis(cpu_runs):
+    runs = [cpu_runs["motivation_exp1"], cpu_runs["motivation_exp4"]]
+    result = CliRunner().invoke(main, ["analyze", *map(str, runs)])
+    assert result.exit_code == 0, result.output
+    assert str(runs[0] / "analysis" / "exp1_latency_distribution.json") in result.output
+    assert (runs[1] / "analysis" / "figures" / "exp4_language_tokens_vs_latency.png").is_file()

@@ -6,6 +6,7 @@ by tests/tools/ensure_chromium.sh when missing; when that fails the test fails (
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -81,6 +82,9 @@ def test_report_is_self_contained(report_file, report_inputs):
     assert "Frozen spec" in page and "Environment (env.json)" in page
     assert (runs["m2"] / "spec.yaml").read_text().splitlines()[1] in page
     assert "results: " in page  # the per-sample list is counted, not printed
+    stats = json.loads((runs["motivation_exp1"] / "analysis" / "exp1_latency_distribution.json").read_text())
+    p99 = stats["statistics"]["T_total"]["p99"]
+    assert f"<th>statistics.T_total.p99</th><td>{p99:.4g}</td>" in page  # key numbers as a table
 
 
 def test_report_renders_in_headless_chromium(report_file, tmp_path):
