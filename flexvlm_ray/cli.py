@@ -168,19 +168,54 @@ def status(run_dir: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def analyze(run_dir: str) -> None:
-    """Write the run's analysis (JSON and 300-DPI figures) into RUN_DIR/analysis/."""
-    from analysis.registry import analyze_run
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--combine", default=None, metavar="NAME",
+              help="one analysis over all RUN_DIRS, e.g. motivation_exp5 (runs of motivation_exp3 and _exp4)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="folder for the --combine analysis (required with --combine)")
+def analyze(run_dirs: tuple[str, ...], combine: Optional[str], out_dir: Optional[str]) -> None:
+    """Write each run's analysis (JSON and 300-DPI figures) into RUN_DIR/analysis/, or with
+    --combine NAME --out DIR one analysis over several runs into DIR."""
+    from analysis.registry import analyze_combined, analyze_run, combined_names
 
+    if combine is None and out_dir is not None:
+        _fail("--out goes with --combine (a single run's analysis goes to RUN_DIR/analysis/)")
+    if combine is not None:
+        if out_dir is None:
+            _fail("--combine needs --out DIR")
+        if combine not in combined_names():
+            _fail(f"unknown combined analysis {combine!r}; allowed: {', '.join(combined_names())}")
+        try:
+            written = analyze_combined(combine, run_dirs=list(run_dirs), out_dir=out_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        for path in written:
+            click.echo(str(path))
+        return
+    for run_dir in run_dirs:
+        try:
+            written = analyze_run(run_dir)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+        for path in written:
+            click.echo(str(path))
+        if not written:
+            click.echo(f"{run_dir}: no analysis registered for this run's experiment", err=True)
+
+
+@main.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="HTML file (default: RUN_DIR/report.html for one folder, ./report.html for several)")
+def report(folders: tuple[str, ...], out_file: Optional[str]) -> None:
+    """One self-contained HTML page (figures embedded) over run folders and combined-analysis folders."""
+    from analysis.report import build_report
+
+    out = out_file or (str(Path(folders[0]) / "report.html") if len(folders) == 1 else "report.html")
     try:
-        written = analyze_run(run_dir)
-    except FileNotFoundError as exc:
+        click.echo(str(build_report(list(folders), out=out)))
+    except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    for path in written:
-        click.echo(str(path))
-    if not written:
-        click.echo("no analysis registered for this run's experiment", err=True)
 
 
 def _register_plugin_commands() -> None:

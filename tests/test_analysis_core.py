@@ -1,0 +1,127 @@
+"""E1, M1 and M2 analyses. E1 runs on the real flexmoe tiny model (hooks for attention vs FFN per
+block, analytic FLOPs); M1 and M2 on the simulated family. Every check also runs on each committed
+reference run of the experiment."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from analysis.pareto import pareto_mask
+from analysis_support import (SIMULATED, analyze_to, assert_png_300dpi, cpu_overrides, make_run, ok_frame,
+                              run_cases)
+
+STAGES = ("T_vision_encoder", "T_projector", "T_LLM_prefill", "T_LLM_decode")
+
+
+@pytest.fixture(scope="module")
+def cpu_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("core")
+    tiny_e1 = [*cpu_overrides("e1"), "datasets.0.num_samples=2", "datasets.0.shards=1", "knobs.max_crops=[1,4]",
+               "knobs.max_new_tokens=[2,6]"]
+    return {"e1": make_run(sweep="e1", overrides=tiny_e1, root=root),
+            "m1": make_run(sweep="m1", overrides=[*SIMULATED, "datasets.0.num_samples=4", "datasets.1.num_samples=4",
+                                                  "knobs.max_new_tokens=12"], root=root),
+            "m2": make_run(sweep="m2", overrides=[*SIMULATED, "datasets.0.num_samples=2",
+                                                  "measure.runs_per_sample=8"], root=root)}
+
+
+def _run(case, experiment, cpu_runs) -> Path:
+    return cpu_runs[experiment] if case == "cpu" else Path(case)
+
+
+@pytest.mark.parametrize("case", run_cases("e1"))
+def test_e1_stage_decomposition(case, cpu_runs, tmp_path):
+    run = _run(case, "e1", cpu_runs)
+    analyze_to(run, tmp_path)
+    rows = ok_frame(run)
+    data = json.loads((tmp_path / "e1_stage_decomposition.json").read_text())
+    assert data["experiment_name"] == "e1"
+    for entry in data["stage_shares"]:
+        assert sum(entry[f"{s}_share"] for s in STAGES) == pytest.approx(1.0, rel=1e-9)
+    assert sum(e["samples"] for e in data["stage_shares"]) == len(rows)
+    prefill = np.polyfit(rows["num_total_tokens"], rows["T_LLM_prefill"], 1)[0]
+    decode = np.polyfit(rows["num_output_tokens"], rows["T_LLM_decode"], 1)[0]
+    assert data["prefill_vs_input_tokens"]["T_LLM_prefill"]["slope"] == pytest.approx(prefill, rel=1e-9)
+    assert data["decode_vs_output_tokens"]["T_LLM_decode"]["slope"] == pytest.approx(decode, rel=1e-9)
+    assert len(data["decode_per_step_ms"]) == rows["max_new_tokens"].max() - 1
+    attention = np.mean(np.stack(rows["T_attention_per_block"].to_numpy()), axis=0)
+    ffn = np.mean(np.stack(rows["T_ffn_per_block"].to_numpy()), axis=0)
+    assert data["block_parts"]["attention_ms"] == pytest.approx(attention.tolist(), rel=1e-9)
+    assert data["block_parts"]["ffn_ms"] == pytest.approx(ffn.tolist(), rel=1e-9)
+    assert len(attention) == rows["active_blocks_effective"].iloc[0]
+    fit = data["flops_vs_latency"]["T_LLM_prefill"]
+    assert fit["flops_field"] == "flops_llm_prefill_analytic"
+    assert fit["pearson_r"] == pytest.approx(np.corrcoef(rows[fit["flops_field"]], rows["T_LLM_prefill"])[0, 1])
+    for name in ("e1_stage_shares", "e1_scaling_curves", "e1_flops_vs_latency", "e1_attention_vs_ffn"):
+        assert_png_300dpi(tmp_path / "figures" / f"{name}.png")
+
+
+@pytest.mark.parametrize("case", run_cases("m1"))
+def test_m1_workload_contrast(case, cpu_runs, tmp_path):
+    run = _run(case, "m1", cpu_runs)
+    analyze_to(run, tmp_path)
+    rows = ok_frame(run)
+    data = json.loads((tmp_path / "m1_workload_contrast.json").read_text())
+    assert set(data["workloads"]) == set(rows["dataset"]) == set(data["pareto"]) == set(data["sensitivity"])
+    for dataset, group in rows.groupby("dataset"):
+        w = data["workloads"][dataset]
+        means = {s: group[s].mean() for s in STAGES}
+        assert w["stage_mean_ms"] == pytest.approx(means, rel=1e-12)
+        assert w["dominant_stage"] == max(means, key=means.get)
+        assert w["T_total"]["p95"] == pytest.approx(np.quantile(group["T_total"], 0.95), rel=1e-12)
+        for knob, s in data["sensitivity"][dataset].items():
+            low = group.loc[group[knob] == group[knob].min(), "T_total"].mean()
+            high = group.loc[group[knob] == group[knob].max(), "T_total"].mean()
+            assert s["pct_change"] == pytest.approx(100 * (high - low) / low, rel=1e-9)
+        configs = [c for c in data["pareto"][dataset] if c["score"] is not None]
+        mask = pareto_mask(np.array([c["T_total_p50"] for c in configs]), np.array([c["score"] for c in configs]))
+        assert [c["pareto"] for c in configs] == mask.tolist()
+    assert set(data["sensitivity"][rows["dataset"].iloc[0]]) >= {"max_crops", "top_k", "active_blocks"}
+    for name in ("m1_stage_breakdown", "m1_latency_cdf", "m1_pareto_comparison", "m1_knob_sensitivity"):
+        assert_png_300dpi(tmp_path / "figures" / f"{name}.png")
+
+
+def _half_width(x: np.ndarray) -> float:
+    return st.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / (np.sqrt(x.size) * x.mean())
+
+
+@pytest.mark.parametrize("case", run_cases("m2"))
+def test_m2_repeatability(case, cpu_runs, tmp_path):
+    run = _run(case, "m2", cpu_runs)
+    analyze_to(run, tmp_path)
+    rows = ok_frame(run)
+    data = json.loads((tmp_path / "m2_repeatability.json").read_text())
+    assert data["experiment_name"] == "m2" and data["target_relative_half_width"] == 0.02
+    assert data["unit_repeats"] == rows["repeat"].nunique()
+    series = [g.sort_values(["repeat", "run_index"])["T_total"].to_numpy()
+              for _, g in rows.groupby(["max_crops", "dataset", "sample_id"])]
+    total = data["stages"]["T_total"]
+    assert total["series"] == len(series)
+    n_all = max(s.size for s in series)
+    last = total["cov_vs_repeats"][-1]
+    assert last["n"] == n_all
+    assert last["cov_mean"] == pytest.approx(np.mean([s.std(ddof=1) / s.mean() for s in series]), rel=1e-9)
+    estimated = []
+    for s in series:
+        cov = s.std(ddof=1) / s.mean()
+        n = np.arange(2, 100_001)
+        estimated.append(int(n[st.t.ppf(0.975, n - 1) * cov / np.sqrt(n) <= 0.02][0]))
+    assert total["n_estimated_max"] == max(estimated)
+    observed = [next((n for n in range(2, s.size + 1) if _half_width(s[:n]) <= 0.02), None) for s in series]
+    assert total["series_reaching_target"] == sum(n is not None for n in observed)
+    for name in ("m2_cov_vs_repeats", "m2_repeats_for_2pct_ci"):
+        assert_png_300dpi(tmp_path / "figures" / f"{name}.png")
+
+
+def test_m2_half_width_matches_the_t_interval():
+    from analysis.m2 import n_observed, relative_half_width
+
+    x = np.array([10.0, 10.4, 9.8, 10.1, 10.2, 9.9, 10.0, 10.05])
+    low, high = st.t.interval(0.95, x.size - 1, loc=x.mean(), scale=st.sem(x))
+    assert relative_half_width(x) == pytest.approx((high - low) / 2 / x.mean(), rel=1e-12)
+    assert n_observed(np.array([10.0, 10.0, 10.0])) == 2
+    assert n_observed(np.array([1.0, 10.0, 1.0, 10.0])) is None
