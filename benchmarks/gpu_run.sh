@@ -20,9 +20,15 @@ for step in "$@"; do
         --set model.preset=molmoe-1b --set model.dtype=bfloat16 \
         --set datasets.0.num_samples=4 --set datasets.1.num_samples=2 2>&1 | grep -v -i "warning" | tail -30
         (cd /tmp/runs && tar czf "$OUT/quickstart_run.tgz" quickstart) ;;
-    sweep:*) spec=${step#sweep:}; name=$(basename "$spec" .yaml)
-        cli launch "$spec" --output /tmp/runs --run-id ref --no-progress ${SWEEP_SET:-} 2>&1 | grep -v -i warning | tail -15 ;;
-    pack) (cd /tmp/runs && tar czf "$OUT/runs.tgz" .) ; ls -la "$OUT" ;;
+    profile) python3 benchmarks/profile_prefill.py 2>&1 | grep -v Warning ;;
+    refs:*) # each line of the list: SPEC RUN_ID [--set ...]; runs land in /tmp/runs/<sweep>/<run-id>
+        grep -v '^#' "${step#refs:}" | while read -r spec run_id overrides; do
+          [ -n "$spec" ] || continue
+          echo "--- $spec $run_id $overrides ($(date +%T))"
+          cli launch "$spec" --output /tmp/runs --run-id "$run_id" --no-progress $overrides < /dev/null 2>&1 \
+            | grep -v -i "warning" | tail -6
+        done ;;
+    pack) (cd /tmp/runs && tar czf "$OUT/runs.tgz" --exclude='*.png' .) ; ls -la "$OUT" ;;
     *) echo "unknown step $step" ;;
   esac
 done
