@@ -4,20 +4,21 @@ Each stage is a non-negative linear model of physically motivated features (ms):
 
     T_vision_encoder = c0 + c1 * crops
     T_projector      = c0 + c1 * crops
-    T_LLM_prefill    = c0 + c1 * T + c2 * T*b + c3 * T*b*k + c4 * T^2*b
+    T_LLM_prefill    = c0 + cb * b + c1 * T + c2 * T*b + c3 * T*b*k + c4 * T^2*b
     T_LLM_decode     = c0 + c1 * n + c2 * n*b + c3 * n*b*k + c4 * n*ctx*b
 
 with T the input tokens (vision + text), b the active decoder blocks, k the experts per
 token (top_k), n = output tokens - 1 (decode steps after the prefill's first token) and
 ctx = T + output tokens / 2 (the mean context a decode step attends to). The T*b term is
 attention/dense work per block, T*b*k the routed experts, T^2*b the attention score matrix,
-c1 the per-token work outside the blocks (embedding, LM head), c0 the fixed launch cost.
+c1 the per-token work outside the blocks (embedding, LM head), c0 the fixed launch cost and
+cb the per-block launch cost of prefill (dominant on a launch-bound runtime).
 Coefficients come from non-negative least squares on the relative error (each row weighted
 by 1 / its time), so small and large configurations count alike. ``T_total`` is the sum of
 the stages (the engine measures the stages on one timeline, so the rows' T_total is too).
 
 Recalibration to another GPU type keeps the feature shape and multiplies each stage by one
-factor: the geometric mean of measured / predicted over K rows of the new GPU (K=0: the raw
+factor: the median ratio of measured / predicted over K rows of the new GPU (K=0: the raw
 transfer, factors 1).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ TARGETS = STAGES + ("T_total",)
 FEATURES: dict[str, tuple[str, ...]] = {
     "T_vision_encoder": ("const", "crops"),
     "T_projector": ("const", "crops"),
-    "T_LLM_prefill": ("const", "tokens", "tokens_blocks", "tokens_blocks_topk", "tokens2_blocks"),
+    "T_LLM_prefill": ("const", "blocks", "tokens", "tokens_blocks", "tokens_blocks_topk", "tokens2_blocks"),
     "T_LLM_decode": ("const", "steps", "steps_blocks", "steps_blocks_topk", "steps_ctx_blocks"),
 }
 # the row columns the features are computed from
@@ -54,7 +55,7 @@ def feature_columns(data: Mapping[str, Any] | pd.DataFrame) -> dict[str, np.ndar
     blocks, topk = get("active_blocks_effective"), np.nan_to_num(get("top_k_effective"), nan=1.0)
     steps = np.maximum(out - 1.0, 0.0)
     ctx = tokens + out / 2.0
-    return {"const": np.ones_like(crops), "crops": crops, "tokens": tokens,
+    return {"const": np.ones_like(crops), "crops": crops, "blocks": blocks, "tokens": tokens,
             "tokens_blocks": tokens * blocks, "tokens_blocks_topk": tokens * blocks * topk,
             "tokens2_blocks": tokens * tokens * blocks, "steps": steps, "steps_blocks": steps * blocks,
             "steps_blocks_topk": steps * blocks * topk, "steps_ctx_blocks": steps * ctx * blocks}
@@ -114,7 +115,7 @@ class StageEstimator:
 
     # -- transfer ----------------------------------------------------------------------
     def recalibrate(self, rows: pd.DataFrame) -> "StageEstimator":
-        """A copy whose stages are scaled to the given rows of another GPU (geometric mean of
+        """A copy whose stages are scaled to the given rows of another GPU (median ratio of
         measured / predicted per stage, over rows where both are positive). No rows: a copy."""
         rows = usable_rows(rows)
         scales = dict(self.scales)
@@ -124,7 +125,7 @@ class StageEstimator:
                 y, p = rows[stage].to_numpy(float), predicted[stage]
                 ok = (y > 0) & (p > 0)
                 if ok.any():
-                    scales[stage] = self.scales.get(stage, 1.0) * float(np.exp(np.mean(np.log(y[ok] / p[ok]))))
+                    scales[stage] = self.scales.get(stage, 1.0) * float(np.exp(np.median(np.log(y[ok] / p[ok]))))
         meta = {**self.meta, "recalibrated_on": sorted(set(gpu_label_series(rows))) if len(rows) else [],
                 "recalibration_rows": int(len(rows))}
         return StageEstimator(coef=self.coef, scales=scales, meta=meta)

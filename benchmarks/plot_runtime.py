@@ -1,0 +1,50 @@
+"""Decode ms/token vs top_k per backend from runtime_bench.json files (one per GPU).
+
+    python benchmarks/plot_runtime.py results/reference/h100-2026-11-22/runtime_bench.json \
+        results/reference/h200-2026-11-22/runtime_bench.json --out docs/figures/decode_vs_topk.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from analysis.plots import plt, save
+
+
+def decode_rows(bench: dict) -> dict[str, list[tuple[int, float]]]:
+    """{backend: [(top_k, ms)]} for the 16-block decode rows."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in bench["rows"] if "rows" in bench else bench["results"]:
+        if row.get("stage") != "decode" or row.get("blocks", 16) != 16:
+            continue
+        out.setdefault(row["backend"], []).append((int(row["top_k"]), float(row["ms"])))
+    return {b: sorted(v) for b, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("benches", nargs="+")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    fig, axes = plt.subplots(1, len(args.benches), figsize=(5.5 * len(args.benches), 4), sharey=True, squeeze=False)
+    for ax, path in zip(axes[0], args.benches):
+        bench = json.load(open(path))
+        for backend, points in decode_rows(bench).items():
+            ax.plot([k for k, _ in points], [ms for _, ms in points], marker="o", label=backend)
+        roof = [(r["top_k"], r["roofline_ms"]) for r in bench.get("rows", bench.get("results", []))
+                if r.get("stage") == "decode" and r.get("blocks", 16) == 16 and r["backend"] == "fast"]
+        if roof:
+            ax.plot(*zip(*sorted(roof)), "k--", label="memory roofline (3.0 TB/s nominal)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("MoE top_k (experts per token)")
+        ax.set_title(path.split("/")[-2])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("decode latency (ms per token), 16 blocks")
+    axes[0][-1].legend(fontsize=7)
+    save(fig, args.out)
+
+
+if __name__ == "__main__":
+    main()
