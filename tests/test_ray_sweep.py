@@ -60,13 +60,15 @@ def test_failing_units_become_records_and_the_rest_complete(ray_local, write_spe
     assert (again.skipped, again.done, again.failed) == (8, 0, 4)
 
 
-def test_dead_worker_is_replaced_and_only_its_unit_fails(ray_local, write_spec, tmp_path):
+def test_dead_worker_is_replaced_and_only_the_crashing_units_fail(ray_local, write_spec, tmp_path):
     run_dir, summary = launch(spec_path=str(write_spec(spec_text(extra=", crash_when: {top_k: 2, active_blocks: 8}"))),
                               output=str(tmp_path / "out"), run_id="r", num_gpus=2, progress=False)
     failures = RunStore(run_dir).failure_records()
     assert {r["error_type"] for r in failures.values()} == {"WorkerDied"}
+    assert {(r["unit"]["knobs"]["top_k"], r["unit"]["knobs"]["active_blocks"]) for r in failures.values()} == {(2, 8)}
+    assert all(r["worker_deaths"] == 2 for r in failures.values())  # retried once on a fresh worker
     assert summary.failed == len(failures) == 2  # both shards of the crashing config
-    assert summary.done == 10
+    assert summary.done == 10 and len(load_frame(run_dir)) == 20
 
 
 def test_killed_driver_then_resume_stores_every_unit_exactly_once(ray_local, write_spec, tmp_path):

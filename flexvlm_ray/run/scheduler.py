@@ -3,8 +3,10 @@
 Units already stored in the run folder are skipped. Each worker holds at most ``1 + prefetch``
 units (one running, the next queued on the actor so it starts without a round trip). Results
 are written as they arrive, one atomic Parquet file per unit. A unit that raises becomes a
-failure record; a worker process that dies is replaced, the unit it was running is recorded
-as failed, and the units queued behind it go back to the queue.
+failure record. A worker process that dies is replaced; the unit it was running goes back to
+the queue once and becomes a WorkerDied failure if its worker dies again (an abrupt death can
+also lose the reply of the unit finished just before, so one death alone does not prove the
+unit guilty); the units queued behind it go back to the queue.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from flexvlm_ray.run.worker import ModelWorker, failure_record
 from flexvlm_ray.spec.expand import WorkUnit
 from flexvlm_ray.store.writer import RunStore
 
-MAX_RESTARTS_PER_SLOT = 3
+MAX_RESTARTS_PER_SLOT = 8
+UNIT_ATTEMPTS_ON_WORKER_DEATH = 2  # a unit whose worker died is retried once on a fresh worker
 
 
 @dataclass
@@ -59,6 +62,7 @@ class SweepDriver:
     def __init__(self, *, store: RunStore, run_id: str, model: dict[str, Any], seed: int,
                  prefetch: int = 1, progress: bool = True, metrics: Any = None) -> None:
         self.store, self.run_id, self.model, self.seed = store, run_id, model, seed
+        self.deaths: Counter = Counter()  # unit_id -> worker deaths while it ran
         self.prefetch, self.progress, self.metrics = prefetch, progress, metrics
 
     def run(self, *, units: list[WorkUnit], gpu_types: Optional[list[str]]) -> RunSummary:
@@ -134,6 +138,8 @@ class SweepDriver:
     def _fill(self, slot: _Slot) -> None:
         queue = self.queues[slot.gpu_type]
         while slot.actor is not None and queue and len(slot.held) < 1 + self.prefetch:
+            if slot.held and self.deaths[queue[0].unit_id]:
+                break  # a unit retried after a worker death runs with nothing ahead of it
             unit = queue.popleft()
             ref = slot.actor.run.remote(unit.to_dict(), self.run_id)
             slot.held.append((ref, unit))
@@ -176,23 +182,44 @@ class SweepDriver:
             self.metrics.unit_finished(ok=result["ok"], worker=result["worker"], table=table)
 
     def _worker_died(self, *, slot: _Slot, exc: BaseException) -> None:
-        """The oldest unit the worker held was running: it fails. Ray may report a queued
-        unit's error first, so every unit behind the oldest goes back to the queue."""
-        (_, unit), *queued = slot.held
-        for ref, _ in slot.held:
-            self.by_ref.pop(ref, None)
+        """An actor runs its units in order: the ones it held that finished are stored, the
+        first that errors was running when it died (a failure), the rest go back to the queue.
+        (Ray may report a queued unit's error before a finished unit's result is collected.)"""
+        import ray
+
+        held = list(slot.held)
         slot.held.clear()
+        for ref, _ in held:
+            self.by_ref.pop(ref, None)
+        unit, waiting = None, []
+        for ref, candidate in held:
+            if unit is not None:
+                waiting.append(candidate)
+                continue
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                unit, exc = candidate, error
+            else:
+                self._record(unit=candidate, result=result)
+                self.bar.update(1)
         queue = self.queues[slot.gpu_type]
-        for _, waiting in reversed(queued):
-            queue.appendleft(waiting)
-        self.store.write_failure(unit.unit_id, {"unit_id": unit.unit_id, "unit": unit.to_dict(),
-                                                **failure_record(exc, worker=slot.name),
-                                                "error_type": "WorkerDied"})
-        self.summary.failed += 1
-        self.bar.update(1)
-        if self.metrics is not None:
-            self.metrics.unit_finished(ok=False, worker=slot.name, table=None)
-        _say(f"unit {unit.unit_id}: {slot.name} died ({_root_cause(exc)[:200]})")
+        for queued in reversed(waiting):
+            queue.appendleft(queued)
+        self.deaths[unit.unit_id] += 1
+        if self.deaths[unit.unit_id] < UNIT_ATTEMPTS_ON_WORKER_DEATH:
+            queue.appendleft(unit)
+            _say(f"unit {unit.unit_id}: {slot.name} died ({_root_cause(exc)[:200]}); retrying the unit once")
+        else:
+            self.store.write_failure(unit.unit_id, {"unit_id": unit.unit_id, "unit": unit.to_dict(),
+                                                    **failure_record(exc, worker=slot.name),
+                                                    "error_type": "WorkerDied",
+                                                    "worker_deaths": self.deaths[unit.unit_id]})
+            self.summary.failed += 1
+            self.bar.update(1)
+            if self.metrics is not None:
+                self.metrics.unit_finished(ok=False, worker=slot.name, table=None)
+            _say(f"unit {unit.unit_id}: {slot.name} died again ({_root_cause(exc)[:200]}); recorded as failed")
         if slot.restarts >= MAX_RESTARTS_PER_SLOT:
             _say(f"{slot.name} died {slot.restarts + 1} times; not restarting it")
             slot.actor = None
