@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -151,9 +151,13 @@ PRESETS: dict[str, FlexMoeConfig] = {
 }
 
 
-def build_tokenizer(*, vocab_size: int) -> Tokenizer:
-    """Word-level tokenizer: specials, ``WORDS``, then ``[unusedN]`` fillers up to ``vocab_size``."""
+def build_tokenizer(*, vocab_size: int, extra_words: Sequence[str] = ()) -> Tokenizer:
+    """Word-level tokenizer: specials, ``WORDS``, the ``extra_words`` not already in ``WORDS`` (in
+    their order), then ``[unusedN]`` fillers up to ``vocab_size``."""
     tokens = list(SPECIAL_TOKENS) + list(WORDS)
+    tokens += [w for w in dict.fromkeys(extra_words) if w not in set(tokens)]
+    if len(tokens) > vocab_size:
+        raise ValueError(f"{len(tokens)} tokens do not fit vocab_size {vocab_size}")
     if len(set(tokens)) != len(tokens):
         raise ValueError("duplicate entries in the tokenizer word list")
     tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]

@@ -111,6 +111,24 @@ class FlexMoeModel(nn.Module):
     def connector_modules(self) -> list[nn.Module]:
         return [self.pool, self.projector]
 
+    def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_crops, patches, vit_hidden * 2): two ViT layers' patch features, CLS dropped."""
+        hidden = self.vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        return torch.cat([hidden[layer][:, 1:] for layer in self.config.vit_feature_layers], dim=-1)
+
+    def pool_and_project(self, features: torch.Tensor) -> torch.Tensor:
+        """(num_crops * tokens_per_crop, hidden): 2x2 attention pooling of every window, then the MLP."""
+        n, _, dim = features.shape
+        p = self.config.pooled_per_side
+        windows = features.view(n, p, 2, p, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(n * p * p, 4, dim)
+        return self.projector(self.pool(windows))
+
+
+def splice_image_embeds(*, hidden: torch.Tensor, row: int, embeds: torch.Tensor, positions: torch.Tensor,
+                        feature_index: torch.Tensor) -> None:
+    """Write the pooled image features (in sequence order) into the ``[IMG]`` positions of one row."""
+    hidden[row, positions] = embeds[feature_index].to(hidden.dtype)
+
 
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
