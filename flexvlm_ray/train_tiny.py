@@ -19,6 +19,10 @@ What it does:
   model's own ``encode_crops`` / ``pool_and_project`` and spliced with ``splice_image_embeds``,
   the functions the adapter's stages call; sequences are right-padded, so with causal attention the
   real tokens never see padding and get the same positions as at inference.
+* Vision side: the vision tower, pooling and projector stay frozen at their random init for the
+  first ``VISION_FREEZE`` of the steps (trained from the start, their outputs collapsed to one
+  vector for every token within 200 steps and the decoder learned only the question priors), then
+  train at ``VISION_LR_MULT`` times the decoder's rate.
 * Optimizer: AdamW (betas 0.9/0.98, weight decay 0.01), linear warm-up then cosine decay to 10% of
   the peak rate, gradient norm clipped at 1.0; float32 on the CPU.
 
@@ -58,6 +62,8 @@ POOL_SIZE = 6000          # train-split samples in the pool, split by MIX
 FULL_CROPS_P = 0.5        # probability of training an example at max_crops = 12
 CAPTION_REFERENCE = 1     # index of the caption reference used as the target
 AUX_COEF = 0.01
+VISION_LR_MULT = 1.0      # the vision tower, pooling and projector train at this multiple of the peak rate
+VISION_FREEZE = 0.4       # share of the steps that keep the vision tower, pooling and projector at their init
 TRAIN_SEED_OFFSET = 0     # the shapes train split is rendered with seed 0 (the default)
 
 
@@ -170,7 +176,9 @@ def save_trained(*, model: FlexMoeModel, tokenizer: Tokenizer, directory: Path, 
 
 def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: float = 2e-3,
           config: Optional[FlexMoeConfig] = None, pool_size: int = POOL_SIZE, threads: int = 1,
-          log_every: int = 25) -> dict[str, Any]:
+          log_every: int = 25, vision_lr_mult: float = VISION_LR_MULT,
+          checkpoint_every: int = 0, checkpoint_dir: Optional[Path] = None,
+          vision_freeze: float = VISION_FREEZE) -> dict[str, Any]:
     """Train from the seed's random weights, save to ``out``; the training report."""
     torch.set_num_threads(threads)
     config = config or PRESETS["tiny"]
@@ -180,11 +188,20 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     loaders = {name: DATASETS.get(name).load(split="train") for name, _ in MIX}
     pool = build_pool(size=pool_size, seed=seed)
     rng = np.random.default_rng(seed + 1)
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        image_side = not name.startswith("decoder.")          # vision tower, pooling, projector
+        decayed = param.ndim >= 2 and "norm" not in name
+        groups.setdefault((image_side, decayed), []).append(param)
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": 0.01 if decayed else 0.0,
+                                    "lr_mult": vision_lr_mult if image_side else 1.0}
+                                   for (image_side, decayed), params in groups.items()],
                                   lr=peak_lr, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
+    image_params = [p for n, p in model.named_parameters() if not n.startswith("decoder.")]
+    freeze_steps = int(round(vision_freeze * steps))
+    for param in image_params:
+        param.requires_grad_(freeze_steps == 0)
     history: list[dict[str, float]] = []
     running: list[tuple[float, float]] = []
     begin = time.perf_counter()
@@ -198,7 +215,10 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     pending = prefetch.submit(next_batch)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step=step, steps=steps, peak=peak_lr, warmup=warmup)
+            group["lr"] = group["lr_mult"] * learning_rate(step=step, steps=steps, peak=peak_lr, warmup=warmup)
+        if step == freeze_steps and freeze_steps:
+            for param in image_params:
+                param.requires_grad_(True)
         examples = pending.result()
         if step + 1 < steps:
             pending = prefetch.submit(next_batch)
@@ -215,11 +235,16 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
             history.append({"step": step + 1, "ce": round(ce_mean, 4), "aux": round(aux_mean, 4),
                             "seconds": round(elapsed, 1)})
             print(f"step {step + 1}/{steps} ce {ce_mean:.4f} aux {aux_mean:.4f} "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e} {elapsed:.0f}s", flush=True)
+                  f"lr {learning_rate(step=step, steps=steps, peak=peak_lr, warmup=warmup):.2e} {elapsed:.0f}s", flush=True)
             running.clear()
+        if checkpoint_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_trained(model=model, tokenizer=tokenizer, directory=Path(checkpoint_dir),
+                         report={"steps_done": step + 1, "history": history})
     prefetch.shutdown()
     wall = time.perf_counter() - begin
-    report = {"steps": steps, "seed": seed, "batch_size": batch_size, "peak_lr": peak_lr, "warmup_steps": warmup,
+    report = {"steps": steps, "seed": seed, "batch_size": batch_size, "peak_lr": peak_lr, "vision_lr_mult": vision_lr_mult,
+              "vision_freeze_steps": freeze_steps,
+              "warmup_steps": warmup,
               "schedule": "linear warm-up, cosine to 0.1 x peak", "optimizer": "AdamW(0.9, 0.98), wd 0.01, clip 1.0",
               "aux_coef": AUX_COEF, "mix": dict(MIX), "pool_size": pool_size, "full_crops_p": FULL_CROPS_P,
               "caption_reference": CAPTION_REFERENCE, "threads": threads, "wall_seconds": round(wall, 1),
@@ -237,11 +262,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--vision-lr-mult", type=float, default=VISION_LR_MULT,
+                        help="learning-rate multiple for the vision tower, pooling and projector")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 ran 3-7x faster than 2 on a busy 2-core machine)")
     parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--vision-freeze", type=float, default=VISION_FREEZE,
+                        help="share of the steps that keep the vision tower, pooling and projector frozen")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="save to --checkpoint-dir every N steps")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     report = train(out=args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, peak_lr=args.lr,
-                   threads=args.threads, log_every=args.log_every)
+                   threads=args.threads, log_every=args.log_every, vision_lr_mult=args.vision_lr_mult,
+                   checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir, vision_freeze=args.vision_freeze)
     print(f"trained {report['steps']} steps in {report['wall_seconds']:.0f}s -> {args.out}")
 
 

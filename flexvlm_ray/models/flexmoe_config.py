@@ -71,6 +71,7 @@ class FlexMoeConfig:
     pool_dim: int = 1024
     pool_heads: int = 16
     projector_hidden: int = 4096
+    projector_out_norm: bool = False   # RMSNorm on the projector output (scale starts at the embedding std)
     # decoder (transformers OlmoeForCausalLM)
     hidden_size: int = 2048
     num_blocks: int = 16
@@ -145,7 +146,7 @@ PRESETS: dict[str, FlexMoeConfig] = {
     "tiny": FlexMoeConfig(
         name="tiny", pool_margin=0, vit_patch_px=42, vit_hidden=64, vit_intermediate=256, vit_layers=3,
         vit_heads=4, vit_feature_layers=scaled_feature_layers(num_layers=3), pool_dim=64, pool_heads=4,
-        projector_hidden=256, hidden_size=128, num_blocks=4, num_heads=4, num_experts=8, top_k=2,
+        projector_hidden=256, projector_out_norm=True, hidden_size=128, num_blocks=4, num_heads=4, num_experts=8, top_k=2,
         expert_width=192, vocab_size=512, max_positions=4096),
     "molmoe-1b": FlexMoeConfig(name="molmoe-1b"),
 }
