@@ -191,7 +191,10 @@ def test_restore_gives_identical_logits(knobs):
 
 
 # -- importance cache -----------------------------------------------------------------------
-def test_importance_scores_are_cached_on_disk(tmp_path):
+def test_importance_scores_are_cached_on_disk(tmp_path, monkeypatch):
+    import flexvlm_ray.models.flexmoe as flexmoe_mod
+
+    monkeypatch.setattr(flexmoe_mod, "ASSETS_TINY", tmp_path / "no-shipped-weights")   # seed-dependent weights
     first = make_adapter()
     first.apply_knobs(Knobs(active_blocks=2, block_policy="importance"))
     assert first.importance_computations == 1

@@ -200,7 +200,10 @@ def test_missing_path_names_the_folder(tmp_path):
         make_adapter(preset=None, path=str(missing))
 
 
-def test_same_seed_same_weights_other_seed_differs():
+def test_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
+    import flexvlm_ray.models.flexmoe as flexmoe_mod
+
+    monkeypatch.setattr(flexmoe_mod, "ASSETS_TINY", tmp_path / "no-shipped-weights")   # random weights
     a, b, c = make_adapter(seed=3), make_adapter(seed=3), make_adapter(seed=4)
     wa, wb, wc = (m.model.decoder.lm_head.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)

@@ -43,7 +43,7 @@ from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, 
                                                build_tokenizer)
 from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
 from flexvlm_ray.models.flexmoe_model import (DTYPES, WEIGHTS_FILE, FlexMoeModel, build_flexmoe,
-                                              load_flexmoe, read_flexmoe_config)
+                                              load_flexmoe, read_flexmoe_config, splice_image_embeds)
 from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
 
 ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -271,23 +271,19 @@ class FlexMoeAdapter(ModelAdapter):
         if self.fast is not None:
             return vision_features(vision=self.model.vision, pixel_values=prepared.inputs["pixel_values"],
                                    layers=self.config.vit_feature_layers)
-        out = self.model.vision(pixel_values=prepared.inputs["pixel_values"], output_hidden_states=True)
-        hidden = out.hidden_states
-        return torch.cat([hidden[layer][:, 1:] for layer in self.config.vit_feature_layers], dim=-1)
+        return self.model.encode_crops(prepared.inputs["pixel_values"])
 
     @torch.inference_mode()
     def projector(self, prepared: Prepared, features: torch.Tensor) -> torch.Tensor:
         """(num_crops * tokens_per_crop, hidden): 2x2 attention pooling, then the MLP projector."""
-        n, _, dim = features.shape
-        g, p = self.config.patches_per_side, self.config.pooled_per_side
-        windows = features.view(n, p, 2, p, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(n * p * p, 4, dim)
-        return self.model.projector(self.model.pool(windows))
+        return self.model.pool_and_project(features)
 
     def _embed_prompt(self, prepared: Prepared, embeds: torch.Tensor) -> torch.Tensor:
         """(1, T, H): token embeddings with the image features spliced into the [IMG] positions."""
         inputs = prepared.inputs
         hidden = self.model.decoder.model.embed_tokens(inputs["input_ids"])
-        hidden[0, inputs["image_positions"]] = embeds[inputs["feature_index"]].to(hidden.dtype)
+        splice_image_embeds(hidden=hidden, row=0, embeds=embeds, positions=inputs["image_positions"],
+                            feature_index=inputs["feature_index"])
         return hidden
 
     @torch.inference_mode()
@@ -424,7 +420,8 @@ class FlexMoeAdapter(ModelAdapter):
                 prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
                 embeds = self.projector(prepared, self.vision_encoder(prepared))
                 hidden = self.model.decoder.model.embed_tokens(prepared.inputs["input_ids"])
-                hidden[0, prepared.inputs["image_positions"]] = embeds[prepared.inputs["feature_index"]].to(hidden.dtype)
+                splice_image_embeds(hidden=hidden, row=0, embeds=embeds, positions=prepared.inputs["image_positions"],
+                                    feature_index=prepared.inputs["feature_index"])
                 scores_now.clear()
                 self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.config.num_blocks))
                 sums += torch.tensor([scores_now[i] for i in range(self.config.num_blocks)], dtype=torch.float64)

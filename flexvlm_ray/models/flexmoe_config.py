@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -71,6 +71,7 @@ class FlexMoeConfig:
     pool_dim: int = 1024
     pool_heads: int = 16
     projector_hidden: int = 4096
+    projector_out_norm: bool = False   # RMSNorm on the projector output (scale starts at the embedding std)
     # decoder (transformers OlmoeForCausalLM)
     hidden_size: int = 2048
     num_blocks: int = 16
@@ -145,15 +146,19 @@ PRESETS: dict[str, FlexMoeConfig] = {
     "tiny": FlexMoeConfig(
         name="tiny", pool_margin=0, vit_patch_px=42, vit_hidden=64, vit_intermediate=256, vit_layers=3,
         vit_heads=4, vit_feature_layers=scaled_feature_layers(num_layers=3), pool_dim=64, pool_heads=4,
-        projector_hidden=256, hidden_size=128, num_blocks=4, num_heads=4, num_experts=8, top_k=2,
+        projector_hidden=256, projector_out_norm=True, hidden_size=128, num_blocks=4, num_heads=4, num_experts=8, top_k=2,
         expert_width=192, vocab_size=512, max_positions=4096),
     "molmoe-1b": FlexMoeConfig(name="molmoe-1b"),
 }
 
 
-def build_tokenizer(*, vocab_size: int) -> Tokenizer:
-    """Word-level tokenizer: specials, ``WORDS``, then ``[unusedN]`` fillers up to ``vocab_size``."""
+def build_tokenizer(*, vocab_size: int, extra_words: Sequence[str] = ()) -> Tokenizer:
+    """Word-level tokenizer: specials, ``WORDS``, the ``extra_words`` not already in ``WORDS`` (in
+    their order), then ``[unusedN]`` fillers up to ``vocab_size``."""
     tokens = list(SPECIAL_TOKENS) + list(WORDS)
+    tokens += [w for w in dict.fromkeys(extra_words) if w not in set(tokens)]
+    if len(tokens) > vocab_size:
+        raise ValueError(f"{len(tokens)} tokens do not fit vocab_size {vocab_size}")
     if len(set(tokens)) != len(tokens):
         raise ValueError("duplicate entries in the tokenizer word list")
     tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]

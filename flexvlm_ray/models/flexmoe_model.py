@@ -6,7 +6,9 @@ connector modules written here, following Molmo's vision backbone:
 * ``AttentionPool2x2`` ("attention-meanq"): every 2x2 window of ViT features (two ViT layers
   concatenated) is one attention query, the mean of the window, over its four features as keys
   and values; multi-head, with q/k/v/o projections (biases on).
-* ``ProjectorMLP``: ``w2(silu(w1 x) * w3 x)`` to the decoder hidden size (no biases).
+* ``ProjectorMLP``: ``w2(silu(w1 x) * w3 x)`` to the decoder hidden size (no biases); with
+  ``projector_out_norm`` (the ``tiny`` preset) an RMSNorm follows, its scale initialised to the
+  decoder's embedding init std, so image tokens enter the decoder at word-embedding scale.
 
 ``build_flexmoe`` creates the weights directly on the target device in the target dtype (under a
 ``torch.device`` context and a temporary default dtype), so the 7B model is never materialized on
@@ -60,14 +62,19 @@ class AttentionPool2x2(nn.Module):
 class ProjectorMLP(nn.Module):
     """SwiGLU MLP from pooled features to the decoder hidden size."""
 
-    def __init__(self, *, in_dim: int, hidden: int, out_dim: int) -> None:
+    def __init__(self, *, in_dim: int, hidden: int, out_dim: int, out_norm_scale: Optional[float] = None) -> None:
         super().__init__()
         self.w1 = nn.Linear(in_dim, hidden, bias=False)
         self.w3 = nn.Linear(in_dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, out_dim, bias=False)
+        self.out_norm: Optional[nn.RMSNorm] = None
+        if out_norm_scale is not None:
+            self.out_norm = nn.RMSNorm(out_dim, eps=1e-6)
+            nn.init.constant_(self.out_norm.weight, out_norm_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out if self.out_norm is None else self.out_norm(out)
 
 
 def clip_config(config: FlexMoeConfig, *, attn_implementation: str) -> CLIPVisionConfig:
@@ -100,9 +107,12 @@ class FlexMoeModel(nn.Module):
         self.vision = CLIPVisionModel(clip_config(c, attn_implementation=attn_implementation))
         self.pool = AttentionPool2x2(in_dim=c.vit_hidden * len(c.vit_feature_layers), dim=c.pool_dim,
                                      heads=c.pool_heads)
-        self.projector = ProjectorMLP(in_dim=c.pool_dim, hidden=c.projector_hidden, out_dim=c.hidden_size)
-        self.decoder = OlmoeForCausalLM(olmoe_config(c, attn_implementation=attn_implementation,
-                                                     experts_implementation=experts_implementation))
+        decoder_config = olmoe_config(c, attn_implementation=attn_implementation,
+                                      experts_implementation=experts_implementation)
+        self.projector = ProjectorMLP(in_dim=c.pool_dim, hidden=c.projector_hidden, out_dim=c.hidden_size,
+                                      out_norm_scale=decoder_config.initializer_range if c.projector_out_norm
+                                      else None)
+        self.decoder = OlmoeForCausalLM(decoder_config)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -110,6 +120,24 @@ class FlexMoeModel(nn.Module):
 
     def connector_modules(self) -> list[nn.Module]:
         return [self.pool, self.projector]
+
+    def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_crops, patches, vit_hidden * 2): two ViT layers' patch features, CLS dropped."""
+        hidden = self.vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        return torch.cat([hidden[layer][:, 1:] for layer in self.config.vit_feature_layers], dim=-1)
+
+    def pool_and_project(self, features: torch.Tensor) -> torch.Tensor:
+        """(num_crops * tokens_per_crop, hidden): 2x2 attention pooling of every window, then the MLP."""
+        n, _, dim = features.shape
+        p = self.config.pooled_per_side
+        windows = features.view(n, p, 2, p, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(n * p * p, 4, dim)
+        return self.projector(self.pool(windows))
+
+
+def splice_image_embeds(*, hidden: torch.Tensor, row: int, embeds: torch.Tensor, positions: torch.Tensor,
+                        feature_index: torch.Tensor) -> None:
+    """Write the pooled image features (in sequence order) into the ``[IMG]`` positions of one row."""
+    hidden[row, positions] = embeds[feature_index].to(hidden.dtype)
 
 
 @contextlib.contextmanager
