@@ -163,3 +163,31 @@ def test_verify_knobs_passes_on_tiny():
     rows = verify_knobs(family="qwen3_vl_moe", preset="tiny")
     assert {r["knob"] for r in rows} >= {"top_k", "active_blocks", "max_new_tokens", "restore"}
     assert [r for r in rows if not r["ok"]] == []
+
+
+# -- structural discovery ------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "flexmoe"])
+def test_discovery_finds_the_adapters_routers_blocks_and_vision(family):
+    from flexvlm_ray.models.discover import discover_structure
+
+    adapter = MODELS.get(family)(preset="tiny", path=None, dtype="float32", device="cpu", seed=0, options={})
+    found = discover_structure(adapter.model)
+    assert [id(m) for m in found.routers] == [id(m) for m in adapter.moe_routers()]
+    assert [id(b) for b in found.blocks] == [id(b) for b in adapter.decoder_blocks()]
+    assert found.vision_name in ("model.visual", "vision")
+
+
+def test_discovery_on_a_dense_model_ignores_the_larger_vision_list():
+    from torch import nn
+
+    from flexvlm_ray.models.discover import discover_structure
+
+    model = nn.Module()
+    model.vision_backbone = nn.Module()
+    model.vision_backbone.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(6)])
+    model.transformer = nn.Module()
+    model.transformer.blocks = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    found = discover_structure(model)
+    assert (found.vision_name, found.blocks_name, found.routers) == ("vision_backbone", "transformer.blocks", [])
+    with pytest.raises(ValueError, match="no nn.ModuleList of decoder blocks"):
+        discover_structure(nn.Linear(2, 2))
