@@ -143,6 +143,7 @@ class Qwen3VLMoeAdapter(ModelAdapter):
             raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
         self.device, self.dtype, self.seed = torch.device(device), DTYPES[dtype], int(seed)
         self.config, folder = _resolve_config(preset=preset, path=path)
+        self.folder = folder
         self.config._attn_implementation = "sdpa"
         if folder is None:
             torch.manual_seed(self.seed)
@@ -179,9 +180,11 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         return self.model.model.language_model
 
     def identity(self) -> dict[str, Any]:
-        """What determines the weights (for the importance cache): config, dtype, seed."""
+        """What determines the weights (for the importance cache): config, dtype, and the seed or the
+        checkpoint folder's resolved path."""
+        weights = f"random:seed={self.seed}" if self.folder is None else f"path:{self.folder.resolve()}"
         return {"family": FAMILY, "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "weights": f"random:seed={self.seed}"}
+                "weights": weights}
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
