@@ -1,0 +1,193 @@
+"""Native transformers VLM families on CPU (``qwen3_vl_moe:tiny``): stages through the engine,
+vision tokens from ``max_pixels``, top_k routing, active blocks with a consistent KV cache,
+restore, forced output length, spec validation and ``verify_knobs``."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.verify import verify_knobs
+from flexvlm_ray.measure.engine import measure_pass
+from flexvlm_ray.models import MODELS, Knobs
+from flexvlm_ray.models.qwen3_vl_moe import Qwen3VLMoeAdapter
+from flexvlm_ray.spec.expand import expand
+from flexvlm_ray.spec.load import SpecError, load_spec_text
+
+SPEC = """
+name: q
+experiment: quickstart
+model: {family: qwen3_vl_moe, preset: tiny}
+datasets: [{name: probe_grid, num_samples: 1}]
+knobs: {top_k: [1, 2], active_blocks: [2, 4], max_new_tokens: 5}
+"""
+
+
+def make(**options) -> Qwen3VLMoeAdapter:
+    return MODELS.get("qwen3_vl_moe")(preset="tiny", path=None, dtype="float32", device="cpu", seed=0,
+                                      options=options)
+
+
+def sample(width: int = 640, height: int = 480) -> Sample:
+    return Sample(sample_id="s", image=Image.new("RGB", (width, height), (90, 140, 30)),
+                  prompt="what color is the car ?")
+
+
+def run(adapter, smp: Sample, knobs: Knobs = Knobs()):
+    prepared = adapter.prepare(sample=smp, knobs=knobs)
+    return prepared, adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Qwen3VLMoeAdapter:
+    return make()
+
+
+def test_describe_without_building_and_bad_inputs(tmp_path):
+    info = Qwen3VLMoeAdapter.describe(preset="tiny", path=None, options={"max_pixels": 4096})
+    assert (info.family, info.num_blocks, info.num_experts, info.default_top_k, info.max_crops_limit,
+            info.hidden_size, info.vocab_size) == ("qwen3_vl_moe", 4, 8, 2, 0, 64, 512)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        Qwen3VLMoeAdapter.describe(preset=None, path=str(tmp_path / "missing"), options={})
+    with pytest.raises(ValueError, match="unknown options for family 'qwen3_vl_moe'"):
+        Qwen3VLMoeAdapter.describe(preset="tiny", path=None, options={"max_crops": 3})
+    with pytest.raises(ValueError, match="Unknown preset 'big'"):
+        Qwen3VLMoeAdapter.describe(preset="big", path=None, options={})
+
+
+def test_matches_the_models_own_forward_and_generate(tiny):
+    prepared, state = run(tiny, sample())
+    inputs = prepared.inputs
+    kwargs = dict(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                  image_grid_thw=inputs["image_grid_thw"],
+                  mm_token_type_ids=(inputs["input_ids"] == tiny.config.image_token_id).int())
+    with torch.inference_mode():
+        logits = tiny.model(**kwargs).logits[0, -1]
+        generated = tiny.model.generate(**kwargs, max_new_tokens=4, do_sample=False)
+    assert torch.allclose(logits, state.extras["logits"], atol=1e-5)
+    for _ in range(3):
+        tiny.decode_step(state)
+    assert state.tokens == generated[0, prepared.num_total_tokens:].tolist()
+
+
+def test_engine_pass_counts_and_forced_length(tiny):
+    unit = expand(load_spec_text(SPEC, source="x"))[0]
+    row = measure_pass(adapter=tiny, sample=sample(), unit=unit)
+    tiny.restore_knobs()
+    # 640x480 under 16384 pixels: smart_resize gives a 6x8 patch grid (96x128 px), 12 merged tokens
+    assert row["num_vision_tokens"] == 12 and row["num_output_tokens"] == 5
+    assert row["num_total_tokens"] == row["num_vision_tokens"] + row["num_language_tokens"]
+
+
+def test_max_pixels_sets_the_vision_token_count():
+    counts = {}
+    for pixels in (4096, 16384, 65536):
+        adapter = make(max_pixels=pixels)
+        prepared = adapter.prepare(sample=sample(), knobs=Knobs())
+        t, h, w = prepared.extras["image_grid_thw"]
+        assert prepared.num_vision_tokens == t * h * w // 4 == int((prepared.inputs["input_ids"] == 6).sum())
+        assert h * w * 16 * 16 <= pixels
+        counts[pixels] = prepared.num_vision_tokens
+    assert counts[4096] < counts[16384] < counts[65536]
+
+
+def test_top_k_sets_distinct_routed_experts_and_restore_is_exact(tiny):
+    tiny.restore_knobs()
+    _, fresh = run(tiny, sample())
+    for k in (1, 3, 8):
+        seen: Counter = Counter()
+
+        def hook(module, args, output):
+            seen.update((output[-1].sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1).add(1).tolist())
+
+        tiny.apply_knobs(Knobs(top_k=k))
+        handles = [r.register_forward_hook(hook) for r in tiny.moe_routers()]
+        try:
+            _, changed = run(tiny, sample())
+        finally:
+            for h in handles:
+                h.remove()
+        assert sorted(seen) == [k]
+        assert not torch.equal(changed.extras["logits"], fresh.extras["logits"])
+    tiny.restore_knobs()
+    _, restored = run(tiny, sample())
+    assert torch.equal(restored.extras["logits"], fresh.extras["logits"])
+
+
+@pytest.mark.parametrize("policy", ["prefix", "random"])
+def test_active_blocks_run_exactly_the_chosen_blocks_with_a_consistent_cache(tiny, policy):
+    layers = list(tiny.text_model.layers)
+    tiny.apply_knobs(Knobs(active_blocks=2, block_policy=policy))
+    chosen = tiny.active_block_indices()
+    calls: Counter = Counter()
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.update([i])) for i, b in enumerate(layers)]
+    try:
+        prepared, state = run(tiny, sample())
+        for _ in range(3):
+            tiny.decode_step(state)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(chosen) == 2 and dict(calls) == {i: 4 for i in chosen}
+    if policy == "prefix":
+        assert chosen == (0, 1)
+    # recompute the last step without a cache: prompt + generated tokens in one forward
+    inputs = prepared.inputs
+    with torch.inference_mode():
+        embeds = tiny.projector(prepared, tiny.vision_encoder(prepared))
+        ids = torch.cat([inputs["input_ids"], torch.tensor([state.tokens[:-1]])], dim=1)
+        hidden = tiny.text_model.embed_tokens(ids)
+        hidden[0, : prepared.num_total_tokens][inputs["image_mask"]] = embeds["image"]
+        n = len(state.tokens) - 1
+        extra = torch.arange(prepared.num_total_tokens, prepared.num_total_tokens + n) + inputs["rope_delta"]
+        positions = torch.cat([inputs["position_ids"], extra.view(1, 1, -1).expand(3, 1, -1)], dim=2)
+        mask = torch.cat([inputs["image_mask"], torch.zeros(n, dtype=torch.bool)])
+        logits = tiny._forward(hidden=hidden, position_ids=positions, cache=None,
+                               deepstack=(mask, embeds["deepstack"]))
+    tiny.restore_knobs()
+    assert torch.allclose(logits, state.extras["logits"], atol=1e-5)
+    assert int(torch.argmax(logits)) == state.tokens[-1]
+
+
+def test_spec_validation_rejects_max_crops():
+    with pytest.raises(SpecError, match="knobs.max_crops.*no crop knob"):
+        load_spec_text(SPEC.replace("max_new_tokens: 5", "max_new_tokens: 5, max_crops: [2]"), source="x")
+    with pytest.raises(SpecError, match="knobs.top_k.*above the model's 8 experts"):
+        load_spec_text(SPEC.replace("top_k: [1, 2]", "top_k: [9]"), source="x")
+
+
+def test_verify_knobs_passes_on_tiny():
+    rows = verify_knobs(family="qwen3_vl_moe", preset="tiny")
+    assert {r["knob"] for r in rows} >= {"top_k", "active_blocks", "max_new_tokens", "restore"}
+    assert [r for r in rows if not r["ok"]] == []
+
+
+# -- structural discovery ------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "flexmoe"])
+def test_discovery_finds_the_adapters_routers_blocks_and_vision(family):
+    from flexvlm_ray.models.discover import discover_structure
+
+    adapter = MODELS.get(family)(preset="tiny", path=None, dtype="float32", device="cpu", seed=0, options={})
+    found = discover_structure(adapter.model)
+    assert [id(m) for m in found.routers] == [id(m) for m in adapter.moe_routers()]
+    assert [id(b) for b in found.blocks] == [id(b) for b in adapter.decoder_blocks()]
+    assert found.vision_name in ("model.visual", "vision")
+
+
+def test_discovery_on_a_dense_model_ignores_the_larger_vision_list():
+    from torch import nn
+
+    from flexvlm_ray.models.discover import discover_structure
+
+    model = nn.Module()
+    model.vision_backbone = nn.Module()
+    model.vision_backbone.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(6)])
+    model.transformer = nn.Module()
+    model.transformer.blocks = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    found = discover_structure(model)
+    assert (found.vision_name, found.blocks_name, found.routers) == ("vision_backbone", "transformer.blocks", [])
+    with pytest.raises(ValueError, match="no nn.ModuleList of decoder blocks"):
+        discover_structure(nn.Linear(2, 2))
