@@ -118,3 +118,16 @@ def test_launch_refuses_an_existing_run_folder(ray_local, write_spec, tmp_path):
     launch(spec_path=path, output=str(tmp_path / "out"), run_id="same", num_gpus=2, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         launch(spec_path=path, output=str(tmp_path / "out"), run_id="same", num_gpus=2, progress=False)
+
+
+def test_live_metrics_count_rows_and_rate(ray_local, write_spec, tmp_path):
+    from flexvlm_ray.run.metrics import LiveMetrics
+
+    run_dir, _ = launch(spec_path=str(write_spec(spec_text())), output=str(tmp_path / "out"), run_id="m",
+                        num_gpus=2, progress=False)
+    table = load_frame(run_dir)
+    import pyarrow as pa
+    metrics = LiveMetrics(sweep="t")
+    metrics.unit_finished(ok=True, worker="worker-0", table=pa.Table.from_pandas(table, preserve_index=False))
+    metrics.unit_finished(ok=False, worker="worker-1", table=None)
+    assert metrics.total_rows == len(table) == 24
