@@ -76,16 +76,7 @@ class SweepDriver:
             _say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
         if not pending:
             return self.summary
-        self.slots = self._make_slots(pending, gpu_types)
-        self.cpu_threads = max(1, (os.cpu_count() or 1) // len(self.slots))
-        self.remote_cls = ray.remote(ModelWorker)
-        for slot in self.slots:
-            self._start(slot)
-        try:
-            self.summary.workers = ray.get([s.actor.env.remote() for s in self.slots])
-        except ray.exceptions.RayError as exc:
-            self._stop_all()
-            raise RuntimeError(f"a worker could not load the model: {_root_cause(exc)}") from None
+        self._start_workers(self._make_slots(pending, gpu_types))
         _say(f"{len(self.slots)} workers ready ({describe_slots([s.gpu_type for s in self.slots])}); "
              f"model load {max(w['load_s'] for w in self.summary.workers):.1f} s")
 
@@ -118,6 +109,21 @@ class SweepDriver:
             wanted = ", ".join(sorted(t or "any" for t in missing))
             raise RuntimeError(f"no GPU in the cluster for units pinned to {wanted}; the cluster offers {have}")
         return [s for s in slots if s.gpu_type in needed]
+
+    def _start_workers(self, slots: list[_Slot]) -> None:
+        """Start one actor per slot and wait until each has loaded the model."""
+        import ray
+
+        self.slots = slots
+        self.cpu_threads = max(1, (os.cpu_count() or 1) // len(slots))
+        self.remote_cls = ray.remote(ModelWorker)
+        for slot in slots:
+            self._start(slot)
+        try:
+            self.summary.workers = ray.get([s.actor.env.remote() for s in slots])
+        except ray.exceptions.RayError as exc:
+            self._stop_all()
+            raise RuntimeError(f"a worker could not load the model: {_root_cause(exc)}") from None
 
     def _start(self, slot: _Slot) -> None:
         options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0, "max_concurrency": 1,

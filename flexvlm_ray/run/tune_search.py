@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from collections import deque
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from flexvlm_ray.run.scheduler import RunSummary, SweepDriver, _progress, _root_cause, _say
-from flexvlm_ray.run.worker import ModelWorker
+from flexvlm_ray.run.scheduler import RunSummary, SweepDriver, _progress, _say
 from flexvlm_ray.spec.expand import WorkUnit, expand, knob_grid
 from flexvlm_ray.spec.schema import KnobGrid, SweepSpec, TuneSpec, grid_values
 from flexvlm_ray.store.writer import RunStore, atomic_write_bytes, atomic_write_json
@@ -142,16 +140,7 @@ class TuneDriver(SweepDriver):
         self.unit_index = len(self.store.manifest()["unit_ids"])
         self.summary = RunSummary(total=0, skipped=0)
         stubs = [SimpleNamespace(gpu_type=t) for t in (spec.gpu_types or [None])]
-        self.slots = self._make_slots(stubs, spec.gpu_types)
-        self.cpu_threads = max(1, (os.cpu_count() or 1) // len(self.slots))
-        self.remote_cls = ray.remote(ModelWorker)
-        for slot in self.slots:
-            self._start(slot)
-        try:
-            self.summary.workers = ray.get([s.actor.env.remote() for s in self.slots])
-        except ray.exceptions.RayError as exc:
-            self._stop_all()
-            raise RuntimeError(f"a worker could not load the model: {_root_cause(exc)}") from None
+        self._start_workers(self._make_slots(stubs, spec.gpu_types))
         self.queues = {s.gpu_type: deque() for s in self.slots}
         self.by_ref = {}
         self.bar = _progress(total=0, enabled=self.progress)
