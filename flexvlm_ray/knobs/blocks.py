@@ -15,7 +15,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from flexvlm_ray.models.base import BLOCK_POLICIES
 
@@ -74,3 +74,19 @@ def cached_importance(*, identity: dict, compute: Callable[[], list[float]]) -> 
     tmp.write_text(json.dumps({"identity": identity, "scores": scores}, indent=1, sort_keys=True))
     os.replace(tmp, path)
     return scores
+
+
+def apply_moe_block_knobs(*, knobs: Any, routers: Sequence[Any], num_experts: int, num_blocks: int,
+                          default_top_k: int, seed: int, scores: Any) -> tuple[int, ...]:
+    """Validate top_k, active blocks and output length, set top_k on every router, and return
+    the blocks to run (policy prefix / importance / random). Crops are the caller's to check."""
+    from flexvlm_ray.knobs.moe import set_top_k, validate_top_k
+
+    validate_top_k(top_k=knobs.top_k, num_experts=num_experts)
+    validate_active_blocks(active_blocks=knobs.active_blocks, num_blocks=num_blocks, policy=knobs.block_policy)
+    if knobs.max_new_tokens < 0:   # 0: prefill only (the first token still comes from prefill)
+        raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 0")
+    active = select_blocks(active_blocks=knobs.active_blocks, num_blocks=num_blocks,
+                           policy=knobs.block_policy, seed=seed, scores=scores)
+    set_top_k(routers=routers, top_k=default_top_k if knobs.top_k is None else knobs.top_k)
+    return active

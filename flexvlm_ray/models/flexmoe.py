@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flexvlm_ray.knobs.blocks import cached_importance, select_blocks, validate_active_blocks
-from flexvlm_ray.knobs.moe import set_top_k, validate_top_k
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.fast_decoder import (DECODE_MOE, PREFILL_MOE, FastDecoder, grouped_mm_runs,
@@ -365,16 +365,11 @@ class FlexMoeAdapter(ModelAdapter):
     # -- knobs -------------------------------------------------------------------------
     def apply_knobs(self, knobs: Knobs) -> None:
         c = self.config
-        validate_top_k(top_k=knobs.top_k, num_experts=c.num_experts)
-        validate_active_blocks(active_blocks=knobs.active_blocks, num_blocks=c.num_blocks, policy=knobs.block_policy)
         if knobs.max_crops is not None and not 1 <= knobs.max_crops <= c.max_crops:
             raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{c.max_crops}")
-        if knobs.max_new_tokens < 0:   # 0: prefill only (the first token still comes from prefill)
-            raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 0")
-        active = select_blocks(active_blocks=knobs.active_blocks, num_blocks=c.num_blocks,
-                               policy=knobs.block_policy, seed=self.seed, scores=self.block_importance)
-        set_top_k(routers=self.moe_routers(), top_k=c.top_k if knobs.top_k is None else knobs.top_k)
-        self._active = active
+        self._active = apply_moe_block_knobs(knobs=knobs, routers=self.moe_routers(), num_experts=c.num_experts,
+                                             num_blocks=c.num_blocks, default_top_k=c.top_k, seed=self.seed,
+                                             scores=self.block_importance)
         self.knobs = knobs
 
     def restore_knobs(self) -> None:

@@ -40,8 +40,8 @@ import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from flexvlm_ray.knobs.blocks import cached_importance, select_blocks, validate_active_blocks
-from flexvlm_ray.knobs.moe import set_top_k, validate_top_k
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.flexmoe import BlockKVCache, CALIBRATION_PROMPTS, calibration_images
@@ -126,7 +126,7 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
         _check_options(options)
         config, _ = _resolve_config(preset=preset, path=path)
-        text, vision = config.text_config, config.vision_config
+        text = config.text_config
         return ModelInfo(family=FAMILY, preset=preset or "tiny" if path is None else str(path),
                          num_blocks=text.num_hidden_layers, num_experts=text.num_experts,
                          default_top_k=text.num_experts_per_tok, max_crops_limit=0,
@@ -320,17 +320,12 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     # -- knobs -------------------------------------------------------------------------
     def apply_knobs(self, knobs: Knobs) -> None:
         info = self.info
-        validate_top_k(top_k=knobs.top_k, num_experts=info.num_experts)
-        validate_active_blocks(active_blocks=knobs.active_blocks, num_blocks=info.num_blocks, policy=knobs.block_policy)
         if knobs.max_crops is not None:
             raise ValueError(f"max_crops={knobs.max_crops}: family '{FAMILY}' has no crop knob "
                              f"(it sets vision tokens by the max_pixels option)")
-        if knobs.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 0")
-        active = select_blocks(active_blocks=knobs.active_blocks, num_blocks=info.num_blocks,
-                               policy=knobs.block_policy, seed=self.seed, scores=self.block_importance)
-        set_top_k(routers=self.moe_routers(), top_k=info.default_top_k if knobs.top_k is None else knobs.top_k)
-        self._active = active
+        self._active = apply_moe_block_knobs(knobs=knobs, routers=self.moe_routers(), num_experts=info.num_experts,
+                                             num_blocks=info.num_blocks, default_top_k=info.default_top_k,
+                                             seed=self.seed, scores=self.block_importance)
         self.knobs = knobs
 
     def restore_knobs(self) -> None:
