@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from flexvlm_ray.estimator import INPUT_COLUMNS, KNOB_COLUMNS, config_keys, usable_rows
+from flexvlm_ray.estimator import INPUT_COLUMNS, KNOB_COLUMNS, config_keys, gpu_label_series, usable_rows
 
 
 def with_keys(rows: pd.DataFrame) -> pd.DataFrame:
@@ -106,3 +106,11 @@ def default_budgets(table: pd.DataFrame, *, n: int = 9) -> dict[str, list[float]
     """Per dataset, n budgets at the 10th ... 90th percentiles of the configs' mean latency."""
     return {ds: [float(v) for v in np.quantile(part["lat_mean"], np.linspace(0.1, 0.9, n))]
             for ds, part in table.groupby("dataset", sort=True)}
+
+
+def rows_by_gpu(rows: pd.DataFrame) -> pd.DataFrame:
+    """The estimator-usable rows with a ``gpu`` label column (empty when none are usable)."""
+    rows = usable_rows(rows).copy()
+    if not rows.empty:
+        rows["gpu"] = gpu_label_series(rows)
+    return rows

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.budget import config_table, default_budgets, enforcement, summarize
+from analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
 from analysis.plots import save
 from analysis.registry import register_analysis
 from flexvlm_ray.estimator import (TARGETS, StageEstimator, evaluate, gpu_label_series, sample_rows,
@@ -89,10 +89,9 @@ def _plot_curves(curves: dict[str, list[dict]], *, x: str, xlabel: str, title: s
 def analyze_e3(*, rows: pd.DataFrame, out_dir: Path, holdout: float = 0.3, seed: int = 0) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = usable_rows(rows).copy()
+    rows = rows_by_gpu(rows)
     if rows.empty:
         return []
-    rows["gpu"] = gpu_label_series(rows)
     gpus = sorted(rows["gpu"].unique())
     written = []
 

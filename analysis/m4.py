@@ -19,10 +19,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.budget import config_table, default_budgets, enforcement, summarize
+from analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
 from analysis.plots import save
 from analysis.registry import register_analysis
-from flexvlm_ray.estimator import StageEstimator, gpu_label_series, sample_rows, split_configs, usable_rows
+from flexvlm_ray.estimator import StageEstimator, sample_rows, split_configs
 
 RECALIBRATION_K = 5
 
@@ -61,10 +61,9 @@ def rules_for(*, rows: pd.DataFrame, target: str, table: pd.DataFrame, holdout: 
 def analyze_m4(*, rows: pd.DataFrame, out_dir: Path, holdout: float = 0.3, seed: int = 0) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = usable_rows(rows).copy()
+    rows = rows_by_gpu(rows)
     if rows.empty:
         return []
-    rows["gpu"] = gpu_label_series(rows)
     result: dict[str, Any] = {}
     for target in sorted(rows["gpu"].unique()):
         part = rows[rows["gpu"] == target]
