@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.engine_stages import wide_image
+from benchmarks.runtime_bench import BACKENDS
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models.base import Knobs
 from flexvlm_ray.models.flexmoe import FlexMoeAdapter
@@ -20,12 +21,13 @@ from flexvlm_ray.models.flexmoe import FlexMoeAdapter
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiles", type=int, default=12)
-    parser.add_argument("--backends", nargs="+", default=["fast", "hf"])
+    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=["fast", "hf-grouped_mm"])
     args = parser.parse_args()
     adapter = FlexMoeAdapter(preset="molmoe-1b", path=None, dtype="bfloat16", device="cuda", seed=0, options={})
     sample = Sample(sample_id="p", image=wide_image(args.tiles), prompt="Describe this image.")
-    for backend in args.backends:
-        adapter.set_backend(backend=backend, options={})
+    for name in args.backends:
+        backend, options = BACKENDS[name]
+        adapter.set_backend(backend=backend, options=options)
         prepared = adapter.prepare(sample=sample, knobs=Knobs())
         embeds = adapter.projector(prepared, adapter.vision_encoder(prepared))
         for _ in range(3):
@@ -35,7 +37,7 @@ def main() -> None:
             adapter.prefill(prepared, embeds)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        print(f"\n==== backend {backend}: {prepared.num_total_tokens} tokens")
+        print(f"\n==== backend {name}: {prepared.num_total_tokens} tokens")
         print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         syncs = sum(e.count for e in events if "Synchronize" in e.key or "synchronize" in e.key

@@ -1,7 +1,10 @@
 """Per-stage latency of the flexmoe backends against their rooflines (one model, switched in place).
 
-Backends: ``hf-eager`` and ``hf-grouped_mm`` (transformers' experts kernels) and ``fast`` (the fast
-backend; decode also as ``fast-grouped`` with ``decode_moe: grouped``). Points:
+Backends (``--backends``): ``hf-eager`` and ``hf-grouped_mm`` (transformers' experts kernels), ``fast``
+(the fast backend's defaults: on CUDA the Triton kernels, the fused decode MoE, CUDA graphs for decode and
+for prefill), ``fast-torch`` (plain PyTorch ops and the grouped-GEMM decode MoE), ``fast-gather`` and
+``fast-eager`` (the defaults without CUDA graphs, as the engine's prefill runs when block hooks time it).
+Points:
 
 * decode ms/token at top_k 1/2/4/8/16/32 (all blocks) and at blocks 4/8/16 (default top_k), after a
   prompt of about 700 tokens; roofline = bytes read per token (attention, norms, router and top_k
@@ -184,10 +187,12 @@ BACKENDS = {
     "hf-eager": ("hf", {"experts_implementation": "eager"}),
     "hf-grouped_mm": ("hf", {"experts_implementation": "grouped_mm"}),
     "fast": ("fast", {}),
-    "fast-grouped": ("fast", {"decode_moe": "grouped"}),
+    "fast-torch": ("fast", {"kernels": "torch", "decode_moe": "grouped"}),
+    "fast-gather": ("fast", {"kernels": "torch", "decode_moe": "gather"}),
+    "fast-eager": ("fast", {"cuda_graphs": False}),
 }
-PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast")
-VISION_BACKENDS = ("hf-eager", "fast")     # the ViT does not depend on the experts kernel
+PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast", "fast-torch", "fast-eager")   # gather: decode only
+VISION_BACKENDS = ("hf-grouped_mm", "fast")     # the ViT does not depend on the experts kernel
 
 
 def bench_decode(*, adapter, name: str, knobs: Knobs, prepared: Prepared, embeds: torch.Tensor, args,
@@ -258,7 +263,8 @@ def run(args) -> dict[str, Any]:
         decode_prompt = image_prepared(adapter=adapter, width=width, height=height, max_crops=max_crops)
         decode_embeds = adapter.projector(decode_prompt, adapter.vision_encoder(decode_prompt))
         prefill_inputs = [prefill_input(adapter=adapter, target=t) for t in PREFILL_TOKENS]
-        for name, (backend, options) in BACKENDS.items():
+        for name in args.backends:
+            backend, options = BACKENDS[name]
             adapter.set_backend(backend=backend, options=options)
             for knobs in decode_knobs(adapter.config):
                 rows.append(bench_decode(adapter=adapter, name=name, knobs=knobs, prepared=decode_prompt,
@@ -330,6 +336,7 @@ def parse_args(argv: Optional[list[str]] = None):
     p.add_argument("--decode-repeats", type=int, default=30, help="timed decode steps per decode point")
     p.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy source")
     p.add_argument("--matmul-n", type=int, default=8192)
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     p.add_argument("--out", default="runtime_bench.json")
     return p.parse_args(argv)
 

@@ -1,10 +1,15 @@
 """Shared fixtures. Tests never reach a hub: Hugging Face libraries are put offline (with a
 throw-away cache) before anything imports them. GPU tests carry the ``gpu`` marker and are
-deselected by setup.cfg's addopts; run them on a GPU machine with ``pytest -m gpu``."""
+deselected by setup.cfg's addopts; run them on a GPU machine with ``pytest -m gpu``. Without CUDA,
+Triton kernels run in Triton's CPU interpreter (set before flexvlm_ray imports Triton)."""
 import os
 import tempfile
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"

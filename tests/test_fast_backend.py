@@ -299,7 +299,7 @@ def test_engine_hooks_time_the_fast_blocks(fast):
 def test_fast_options_need_the_fast_backend():
     with pytest.raises(ValueError, match=r"need backend 'fast'"):
         make(decode_moe="gather")
-    with pytest.raises(ValueError, match="decode_moe 'dense' is not one of gather, grouped"):
+    with pytest.raises(ValueError, match="decode_moe 'dense' is not one of fused, gather, grouped"):
         make(backend="fast", decode_moe="dense")
     with pytest.raises(ValueError, match="backend 'triton' is not one of hf, fast"):
         make(backend="triton")

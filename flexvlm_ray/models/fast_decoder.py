@@ -39,9 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECODE_MOE = ("gather", "grouped")
+from flexvlm_ray.models import fused_ops
+
+DECODE_MOE = ("fused", "gather", "grouped")
 PREFILL_MOE = ("grouped", "loop")
+KERNELS = ("triton", "torch")
 KV_BUCKET = 512
+PREFILL_BUCKET = 128
 GRAPH_WARMUP = 2
 
 
@@ -138,19 +142,28 @@ def _unsort_and_combine(*, y: torch.Tensor, perm: torch.Tensor, weights: torch.T
 
 def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor],
-                    mm: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """(T, H) through the experts with two grouped GEMMs; offsets stay on the device (no host sync)."""
+                    mm: Callable[..., torch.Tensor], fused: bool = False) -> torch.Tensor:
+    """(T, H) through the experts with two grouped GEMMs; offsets stay on the device (no host sync).
+
+    ``fused``: SiLU-and-multiply and the weighted sum over the slots as Triton kernels (act must be SiLU).
+    The pairs are sorted on 32-bit keys (half the radix passes of the router's int64 ids).
+    """
     num_tokens, top_k = ids.shape
     num_experts = gate_up.shape[0]
-    sorted_ids, perm = _sort_pairs(ids=ids)
+    sorted_ids, perm = _sort_pairs(ids=ids.to(torch.int32))
     xs = x[perm // top_k]
-    counts_in = sorted_ids.int() if x.device.type == "cuda" else sorted_ids.float()
+    counts_in = sorted_ids if x.device.type == "cuda" else sorted_ids.float()
     counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     h = mm(xs, gate_up.transpose(-2, -1), offs=offsets)               # (S, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    a = act(gate) * up
+    if fused:
+        a = fused_ops.silu_mul(h)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        a = act(gate) * up
     y = mm(a, down.transpose(-2, -1), offs=offsets)                   # (S, H)
+    if fused:
+        return fused_ops.moe_combine(y=y, perm=perm, weights=weights)
     return _unsort_and_combine(y=y, perm=perm, weights=weights, num_tokens=num_tokens, top_k=top_k,
                                dtype=x.dtype)
 
@@ -175,6 +188,20 @@ def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
                                dtype=x.dtype)
 
 
+def check_kernels(*, kernels: str, decode_moe: str, device: torch.device, act: Callable[..., Any]) -> None:
+    """Refuse a Triton path that cannot run here, or whose kernels would compute something else."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
+    if kernels != "triton" and decode_moe != "fused":
+        return
+    if not fused_ops.runs_on(device):
+        why = "Triton is not installed" if fused_ops.triton is None else f"Triton does not run on {device}"
+        raise ValueError(f"kernels 'triton' and decode_moe 'fused' need Triton on CUDA ({why}); "
+                         f"use kernels 'torch' with decode_moe 'grouped' or 'gather'")
+    if type(act).__name__ not in ("SiLU", "SiLUActivation"):
+        raise ValueError(f"the Triton experts kernels compute SiLU; this model's activation is {type(act).__name__}")
+
+
 # -- modules -----------------------------------------------------------------------------------
 @dataclass
 class Step:
@@ -183,7 +210,8 @@ class Step:
     phase: str                                  # 'prefill' (positions 0..T-1) or 'decode' (one token)
     cos: torch.Tensor
     sin: torch.Tensor
-    position: Optional[torch.Tensor] = None     # decode: (1,) long, the new token's position
+    position: torch.Tensor                      # (1,) long on the device: the first new token's position
+    zero: torch.Tensor                          # (1,) long zero on the device (where q rows start)
     bucket: int = 0                             # decode: cache positions attended (masked beyond position)
     mask: Optional[torch.Tensor] = None         # decode: (1, 1, 1, bucket) bool
 
@@ -210,7 +238,7 @@ class StaticKVCache:
 class FastAttention(nn.Module):
     """OLMoE self-attention of one block on the static cache (weights are the hf module's)."""
 
-    def __init__(self, *, attn: nn.Module, index: int, cache: StaticKVCache) -> None:
+    def __init__(self, *, attn: nn.Module, index: int, cache: StaticKVCache, fused: bool) -> None:
         super().__init__()
         self.attn = attn
         self.index = index
@@ -219,8 +247,12 @@ class FastAttention(nn.Module):
         self.heads = attn.config.num_attention_heads
         self.kv_heads = attn.config.num_key_value_heads
         self.clip = attn.config.clip_qkv
+        self.fused = fused and self.clip is None
+        self.qkv_weight: Optional[torch.Tensor] = None     # fused path: [q; k; v] weights, made on first use
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.fused:
+            return self._forward_fused(x, step)
         a, t = self.attn, x.shape[0]
         q = rms_norm(a.q_proj(x), a.q_norm.weight, a.q_norm.variance_epsilon)
         k = rms_norm(a.k_proj(x), a.k_norm.weight, a.k_norm.variance_epsilon)
@@ -243,16 +275,43 @@ class FastAttention(nn.Module):
                                                  attn_mask=step.mask, **gqa)
         return a.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
 
+    def _forward_fused(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """Same computation: one GEMM for q, k and v (their weights concatenated once, the only copy the
+        fast backend makes), q/k norm + RoPE in one kernel each, ``k`` written into the cache by it."""
+        a, t = self.attn, x.shape[0]
+        if self.qkv_weight is None:
+            self.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        keys, values = self.cache.keys[self.index], self.cache.values[self.index]
+        width_q, width_kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qkv = F.linear(x, self.qkv_weight)
+        q = torch.empty(self.heads, t, self.head_dim, dtype=x.dtype, device=x.device)
+        fused_ops.qk_norm_rope(qkv[:, :width_q], weight=a.q_norm.weight, eps=a.q_norm.variance_epsilon, cos=step.cos,
+                               sin=step.sin, heads=self.heads, out=q, position=step.zero)
+        fused_ops.qk_norm_rope(qkv[:, width_q:width_q + width_kv], weight=a.k_norm.weight, eps=a.k_norm.variance_epsilon,
+                               cos=step.cos, sin=step.sin, heads=self.kv_heads, out=keys, position=step.position)
+        v = qkv[:, width_q + width_kv:].view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}
+        if step.phase == "prefill":
+            values[:, :t].copy_(v)
+            out = F.scaled_dot_product_attention(q[None], keys[None, :, :t], values[None, :, :t], is_causal=True,
+                                                 **gqa)
+        else:
+            values.index_copy_(1, step.position, v)
+            out = F.scaled_dot_product_attention(q[None], keys[None, :, :step.bucket], values[None, :, :step.bucket],
+                                                 attn_mask=step.mask, **gqa)
+        return a.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
+
 
 class FastMoe(nn.Module):
     """OLMoE's sparse MoE block (router + experts of the hf module) with knob-proportional cost."""
 
-    def __init__(self, *, moe: nn.Module, decode_impl: str, prefill_impl: str) -> None:
+    def __init__(self, *, moe: nn.Module, decode_impl: str, prefill_impl: str, fused: bool) -> None:
         super().__init__()
         if decode_impl not in DECODE_MOE or prefill_impl not in PREFILL_MOE:
             raise ValueError(f"decode_moe {decode_impl!r} / prefill_moe {prefill_impl!r} not in {DECODE_MOE} / {PREFILL_MOE}")
         self.moe = moe
         self.decode_impl, self.prefill_impl = decode_impl, prefill_impl
+        self.fused = fused
 
     @property
     def top_k(self) -> int:
@@ -265,26 +324,33 @@ class FastMoe(nn.Module):
         args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj,
                     act=experts.act_fn)
         impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
+        if impl == "fused":         # decode only: one token
+            return fused_ops.moe_decode(x=x, ids=ids, weights=weights, gate_up=args["gate_up"], down=args["down"])
         if impl == "gather":        # decode only: one token
             return experts_gather(**args)
         if impl == "loop":
             return experts_loop(**args)
-        return experts_grouped(**args, mm=grouped_mm_function())
+        return experts_grouped(**args, mm=grouped_mm_function(), fused=self.fused)
 
 
 class FastBlock(nn.Module):
     """One OLMoE decoder block: pre-norm attention and pre-norm MoE, each with a residual."""
 
     def __init__(self, *, layer: nn.Module, index: int, cache: StaticKVCache, decode_impl: str,
-                 prefill_impl: str) -> None:
+                 prefill_impl: str, fused: bool) -> None:
         super().__init__()
         self.index = index
+        self.fused = fused
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.attention = FastAttention(attn=layer.self_attn, index=index, cache=cache)
-        self.ffn = FastMoe(moe=layer.mlp, decode_impl=decode_impl, prefill_impl=prefill_impl)
+        self.attention = FastAttention(attn=layer.self_attn, index=index, cache=cache, fused=fused)
+        self.ffn = FastMoe(moe=layer.mlp, decode_impl=decode_impl, prefill_impl=prefill_impl, fused=fused)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         n1, n2 = self.input_norm, self.post_norm
+        if self.fused:   # the post-attention residual add rides in the second norm's kernel
+            h = self.attention(fused_ops.rms_norm(x, n1.weight, n1.variance_epsilon)[0], step)
+            normed, x = fused_ops.rms_norm(h, n2.weight, n2.variance_epsilon, residual=x)
+            return x + self.ffn(normed, step)
         x = x + self.attention(rms_norm(x, n1.weight, n1.variance_epsilon), step)
         return x + self.ffn(rms_norm(x, n2.weight, n2.variance_epsilon), step)
 
@@ -298,7 +364,8 @@ class FastDecoder:
     """
 
     def __init__(self, *, causal_lm: nn.Module, max_len: int, decode_moe: str = "gather",
-                 prefill_moe: str = "loop", cuda_graphs: bool = True, kv_bucket: int = KV_BUCKET) -> None:
+                 prefill_moe: str = "loop", cuda_graphs: bool = True, kv_bucket: int = KV_BUCKET,
+                 kernels: str = "torch") -> None:
         model = causal_lm.model
         config = causal_lm.config
         self.embed = model.embed_tokens.weight
@@ -308,36 +375,80 @@ class FastDecoder:
         self.rope_scaling = float(model.rotary_emb.attention_scaling)
         self.device, self.dtype = self.embed.device, self.embed.dtype
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        check_kernels(kernels=kernels, decode_moe=decode_moe, device=self.device,
+                      act=model.layers[0].mlp.experts.act_fn)
+        self.kernels = kernels
         self.cache = StaticKVCache(num_blocks=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
                                    max_len=max_len, head_dim=head_dim, device=self.device, dtype=self.dtype)
         self.blocks = [FastBlock(layer=layer, index=i, cache=self.cache, decode_impl=decode_moe,
-                                 prefill_impl=prefill_moe) for i, layer in enumerate(model.layers)]
+                                 prefill_impl=prefill_moe, fused=kernels == "triton")
+                       for i, layer in enumerate(model.layers)]
         self.kv_bucket = int(kv_bucket)
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.decode_moe, self.prefill_moe = decode_moe, prefill_moe
         dev = self.device
         self.token_in = torch.zeros(1, dtype=torch.long, device=dev)
         self.position_in = torch.zeros(1, dtype=torch.long, device=dev)
+        self.zero = torch.zeros(1, dtype=torch.long, device=dev)
         self.logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
         self.token_out = torch.zeros(1, dtype=torch.long, device=dev)
+        self.prefill_in: Optional[torch.Tensor] = None       # (max_len, H) graphed prefill input, made on first use
+        self.prefill_last = torch.zeros(1, dtype=torch.long, device=dev)
+        self.prefill_logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
         self.arange = torch.arange(max_len, device=dev)
         self.graphs: dict[tuple, Any] = {}
         self._pool: Any = None
 
     # -- prefill ---------------------------------------------------------------------------
     def prefill(self, *, hidden: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
-        """Run ``blocks`` over the embedded prompt (1, T, H) from position 0; logits (V,) of position T-1."""
+        """Run ``blocks`` over the embedded prompt (1, T, H) from position 0; logits (V,) of position T-1.
+
+        With CUDA graphs on and no forward hooks on the blocks (hook timing needs Python between the
+        blocks), the prompt is padded with zero rows to a multiple of ``PREFILL_BUCKET`` and the pass
+        runs as one graph per (blocks, top_k per block, padded length); the padded rows come after
+        every real one, so causal attention and the per-token MoE leave the real rows' results
+        unchanged, and the cache rows they write lie beyond the prompt, where decode overwrites them
+        before attending to them. The logits then live in a static buffer until the next prefill.
+        """
         length = hidden.shape[1]
         if length > self.cache.max_len:
             raise ValueError(f"prompt of {length} tokens exceeds the static cache of {self.cache.max_len}")
-        positions = torch.arange(length, device=self.device)
-        cos, sin = rotary(positions=positions, inv_freq=self.inv_freq, scaling=self.rope_scaling, dtype=hidden.dtype)
-        step = Step(phase="prefill", cos=cos, sin=sin)
-        x = hidden[0]
+        if self.use_graphs and not self._hooked(blocks):
+            logits = self._prefill_graphed(hidden=hidden[0], blocks=tuple(blocks))
+        else:
+            logits = self._prefill_rows(x=hidden[0], blocks=blocks, last=None)
+        self.cache.epoch += 1
+        return logits
+
+    def _prefill_rows(self, *, x: torch.Tensor, blocks: Sequence[int], last: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits (V,) of row ``last`` (a device index; None: the last row) after ``blocks`` over rows ``x``."""
+        positions = torch.arange(x.shape[0], device=self.device)
+        cos, sin = rotary(positions=positions, inv_freq=self.inv_freq, scaling=self.rope_scaling, dtype=x.dtype)
+        step = Step(phase="prefill", cos=cos, sin=sin, position=self.zero, zero=self.zero)
         for index in blocks:
             x = self.blocks[index](x, step)
-        self.cache.epoch += 1
-        return self._head(x[-1:])[0]
+        return self._head(x[-1:] if last is None else x.index_select(0, last))[0]
+
+    def _hooked(self, blocks: Sequence[int]) -> bool:
+        """Whether a forward hook is registered on a block or a block part that would run."""
+        return any(m._forward_hooks or m._forward_pre_hooks
+                   for i in blocks for m in (self.blocks[i], self.blocks[i].attention, self.blocks[i].ffn))
+
+    def _prefill_graphed(self, *, hidden: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+        length = hidden.shape[0]
+        padded = min(self.cache.max_len, math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET)
+        if self.prefill_in is None:
+            self.prefill_in = torch.zeros(self.cache.max_len, hidden.shape[1], dtype=self.dtype, device=self.device)
+        self.prefill_in[:length].copy_(hidden)
+        self.prefill_in[length:padded].zero_()
+        self.prefill_last.fill_(length - 1)
+        key = ("prefill", blocks, tuple(self.blocks[i].ffn.top_k for i in blocks), padded)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(lambda: self.prefill_logits.copy_(
+                self._prefill_rows(x=self.prefill_in[:padded], blocks=blocks, last=self.prefill_last)))
+        graph.replay()
+        return self.prefill_logits
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm.weight, self.norm.variance_epsilon), self.lm_head)
@@ -364,7 +475,7 @@ class FastDecoder:
         else:
             graph = self.graphs.get(key)
             if graph is None:
-                graph = self.graphs[key] = self._capture(blocks=key[0], bucket=key[2])
+                graph = self.graphs[key] = self._capture(lambda: self._decode_body(blocks=key[0], bucket=key[2]))
             graph.replay()
         return int(self.token_out.item())
 
@@ -374,31 +485,34 @@ class FastDecoder:
         cos, sin = rotary(positions=self.position_in, inv_freq=self.inv_freq, scaling=self.rope_scaling,
                           dtype=self.dtype)
         mask = (self.arange[:bucket] <= self.position_in).view(1, 1, 1, bucket)
-        step = Step(phase="decode", cos=cos, sin=sin, position=self.position_in, bucket=bucket, mask=mask)
+        step = Step(phase="decode", cos=cos, sin=sin, position=self.position_in, zero=self.zero, bucket=bucket,
+                    mask=mask)
         for index in blocks:
             x = self.blocks[index](x, step)
         logits = self._head(x)[0]
         self.logits.copy_(logits)
         self.token_out.copy_(torch.argmax(logits).view(1))
 
-    def _capture(self, *, blocks: Sequence[int], bucket: int) -> Any:
-        """Warm up on a side stream, then capture one decode step into the shared graph pool.
+    def _capture(self, body: Callable[[], Any]) -> Any:
+        """Warm up on a side stream, then capture ``body`` (a decode step or a prefill) into the shared pool.
 
-        Warm-up runs execute the step for the buffers' current token and position, writing the
-        same keys and values the replay writes, so they leave the cache as the step would.
+        Warm-up runs execute ``body`` on the static buffers' current contents, writing the same keys,
+        values and outputs the replay writes, so they leave the cache as the replay will. Every graph
+        reads and writes only static buffers and the cache, and graphs replay one at a time on one
+        stream, so sharing one memory pool between them is safe.
         """
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(GRAPH_WARMUP):
-                self._decode_body(blocks=blocks, bucket=bucket)
+                body()
         current.wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_body(blocks=blocks, bucket=bucket)
+            body()
         return graph
 
     def clear_graphs(self) -> None:

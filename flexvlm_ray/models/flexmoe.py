@@ -13,8 +13,11 @@ Options:
     experts_implementation: 'grouped_mm' (default where it runs, else 'eager') | 'batched_mm' | 'eager'
         transformers' MoE experts kernel (``config._experts_implementation``; the hf backend's MoE).
     attn_implementation: 'sdpa' (default) | 'eager'.
-    decode_moe (fast only): 'grouped' (default on CUDA) | 'gather' (default elsewhere)   MoE of one decode token.
+    decode_moe (fast only): 'fused' (default on CUDA with Triton: two GEMV kernels over the chosen experts)
+        | 'grouped' (default on CUDA without Triton) | 'gather' (default elsewhere)   MoE of one decode token.
     prefill_moe (fast only): 'grouped' (default where the grouped GEMM runs on CUDA) | 'loop'.
+    kernels (fast only): 'triton' (default on CUDA with Triton: fused norms, q/k norm + RoPE, SiLU-mul,
+        MoE combine) | 'torch' (default elsewhere: the same math as chains of PyTorch ops).
     cuda_graphs (fast only): true (default) | false   decode steps as CUDA graphs (CUDA only).
 
 Stages: ``vision_encoder`` runs CLIP and concatenates two layers' patch features (CLS dropped);
@@ -37,7 +40,8 @@ from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
 from flexvlm_ray.knobs.moe import set_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models.fast_decoder import (DECODE_MOE, PREFILL_MOE, FastDecoder, grouped_mm_runs,
+from flexvlm_ray.models import fused_ops
+from flexvlm_ray.models.fast_decoder import (DECODE_MOE, KERNELS, PREFILL_MOE, FastDecoder, grouped_mm_runs,
                                              vision_features)
 from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
                                                build_tokenizer)
@@ -48,8 +52,8 @@ from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
 
 ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 DEFAULT_PRESET = "tiny"
-OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "cuda_graphs")
-FAST_OPTIONS = ("decode_moe", "prefill_moe", "cuda_graphs")
+OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs")
+FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs")
 BACKENDS = ("hf", "fast")
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -118,7 +122,7 @@ def _check_options(options: dict[str, Any]) -> None:
     attn = options.get("attn_implementation")
     if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation '{attn}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    for name, allowed in (("decode_moe", DECODE_MOE), ("prefill_moe", PREFILL_MOE)):
+    for name, allowed in (("decode_moe", DECODE_MOE), ("prefill_moe", PREFILL_MOE), ("kernels", KERNELS)):
         if options.get(name) is not None and options[name] not in allowed:
             raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
     if options.get("cuda_graphs") is not None and not isinstance(options["cuda_graphs"], bool):
@@ -206,15 +210,17 @@ class FlexMoeAdapter(ModelAdapter):
     def _build_fast(self, options: dict[str, Any]) -> FastDecoder:
         """The fast decoder on the hf model's own parameters (the static KV cache is its only allocation)."""
         grouped_ok = self.device.type == "cuda" and grouped_mm_runs(device=self.device, dtype=self.dtype)
+        triton_ok = self.device.type == "cuda" and fused_ops.runs_on(self.device)
         prefill_moe = options.get("prefill_moe") or ("grouped" if grouped_ok else "loop")
         # grouped decode measured faster than gather on an H100 (4.2 vs 6.6 ms/token at top_k 8,
-        # results/reference/h100-2026-11-22/runtime_bench.txt), so it is the CUDA default too
-        decode_moe = options.get("decode_moe") or ("grouped" if grouped_ok else "gather")
+        # results/reference/h100-2026-11-22/runtime_bench.txt); the fused Triton GEMVs beat both (docs/FAST_RUNTIME.md)
+        decode_moe = options.get("decode_moe") or ("fused" if triton_ok else "grouped" if grouped_ok else "gather")
+        kernels = options.get("kernels") or ("triton" if triton_ok else "torch")
         if "grouped" in (prefill_moe, decode_moe) and not grouped_mm_runs(device=self.device, dtype=self.dtype):
             raise RuntimeError(f"the grouped GEMM does not run on {self.device} in {self.dtype}; "
                                f"use prefill_moe 'loop' and decode_moe 'gather'")
         return FastDecoder(causal_lm=self.model.decoder, max_len=self.config.max_positions, decode_moe=decode_moe,
-                           prefill_moe=prefill_moe, cuda_graphs=options.get("cuda_graphs", True))
+                           prefill_moe=prefill_moe, cuda_graphs=options.get("cuda_graphs", True), kernels=kernels)
 
     def _load(self, *, attn: str, experts: str) -> tuple[FlexMoeModel, Any]:
         if self.weights_dir is not None:
