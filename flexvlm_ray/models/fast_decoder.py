@@ -403,8 +403,8 @@ class FastDecoder:
     def prefill(self, *, hidden: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
         """Run ``blocks`` over the embedded prompt (1, T, H) from position 0; logits (V,) of position T-1.
 
-        With CUDA graphs on and no forward hooks on the blocks (hook timing needs Python between the
-        blocks), the prompt is padded with zero rows to a multiple of ``PREFILL_BUCKET`` and the pass
+        With CUDA graphs on, a prefill MoE that never syncs with the host (not ``loop``) and no forward
+        hooks on the blocks (hook timing needs Python between the blocks), the prompt is padded with zero rows to a multiple of ``PREFILL_BUCKET`` and the pass
         runs as one graph per (blocks, top_k per block, padded length); the padded rows come after
         every real one, so causal attention and the per-token MoE leave the real rows' results
         unchanged, and the cache rows they write lie beyond the prompt, where decode overwrites them
@@ -413,7 +413,7 @@ class FastDecoder:
         length = hidden.shape[1]
         if length > self.cache.max_len:
             raise ValueError(f"prompt of {length} tokens exceeds the static cache of {self.cache.max_len}")
-        if self.use_graphs and not self._hooked(blocks):
+        if self.use_graphs and self.prefill_moe != "loop" and not self._hooked(blocks):   # loop reads counts
             logits = self._prefill_graphed(hidden=hidden[0], blocks=tuple(blocks))
         else:
             logits = self._prefill_rows(x=hidden[0], blocks=blocks, last=None)
