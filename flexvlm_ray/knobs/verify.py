@@ -5,7 +5,8 @@
 * top_k: a forward hook on every MoE router sees exactly ``top_k`` distinct experts per token;
 * active_blocks: forward hooks on every decoder block count calls; exactly the chosen blocks run,
   for each block policy;
-* max_crops: ``num_crops`` follows Molmo's tiling and ``num_vision_tokens`` grows with the crops;
+* max_crops: ``num_crops`` follows Molmo's tiling and ``num_vision_tokens`` grows with the crops
+  (crop geometry from the adapter's ``crop_geometry()`` when it has one, else MolmoE's 336 px crops);
 * output length: prefill plus ``N - 1`` decode steps give exactly ``N`` tokens (EOS ignored);
 * restore: after applying non-default knobs and restoring, the prefill logits are bit-identical
   (``torch.equal``) to those of the freshly loaded model.
@@ -103,9 +104,10 @@ def _check_crops(adapter: ModelAdapter, sample: Sample) -> list[dict[str, Any]]:
         return []
     rows, tokens = [], []
     width, height = sample.image.size
+    geometry = getattr(adapter, "crop_geometry", dict)()
     for max_crops in sorted({1, 2, min(3, limit), limit}):
         prepared = adapter.prepare(sample=sample, knobs=Knobs(max_crops=max_crops))
-        rows_cols = crop_grid(height=height, width=width, max_crops=max_crops)
+        rows_cols = crop_grid(height=height, width=width, max_crops=max_crops, **geometry)
         rows.append(_row("max_crops", max_crops, rows_cols[0] * rows_cols[1] + 1, prepared.num_crops))
         tokens.append((prepared.num_crops, prepared.num_vision_tokens))
     distinct = sorted(set(tokens))
