@@ -197,3 +197,17 @@ def test_verify_knobs_passes_on_tiny(tmp_path, monkeypatch):
                                          "restore"}
     assert "top_k" not in {r["knob"] for r in rows}
     assert [r for r in rows if not r["ok"]] == []
+
+
+def test_verify_knobs_cli_on_molmo2_tiny(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from flexvlm_ray.cli import main
+
+    monkeypatch.setenv("FLEXVLM_CACHE", str(tmp_path))
+    result = CliRunner().invoke(main, ["verify-knobs", "--model", "molmo2:tiny"])
+    assert result.exit_code == 0, result.output
+    passed, total = result.output.splitlines()[-1].split()[0].split("/")
+    assert passed == total and int(total) > 20
+    bad = CliRunner().invoke(main, ["verify-knobs", "--model", "molmo2:big"])
+    assert bad.exit_code == 2 and "Unknown preset 'big' for family 'molmo2'" in bad.output
