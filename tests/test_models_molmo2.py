@@ -211,3 +211,40 @@ def test_verify_knobs_cli_on_molmo2_tiny(tmp_path, monkeypatch):
     assert passed == total and int(total) > 20
     bad = CliRunner().invoke(main, ["verify-knobs", "--model", "molmo2:big"])
     assert bad.exit_code == 2 and "Unknown preset 'big' for family 'molmo2'" in bad.output
+
+
+def _library_helpers() -> dict:
+    """The module-level helpers of transformers' image_processing_molmo2 (the file cannot be imported
+    without torchvision; its functions before the processor class need only torch)."""
+    import os
+
+    import transformers.models.molmo2 as package
+
+    file = os.path.join(os.path.dirname(package.__file__), "image_processing_molmo2.py")
+    source = open(file).read()
+    prefix = source[: source.index("@auto_docstring\nclass Molmo2ImageProcessor")]
+    namespace = {"__name__": "transformers.models.molmo2._helpers", "__package__": "transformers.models.molmo2"}
+    exec(compile(prefix, file, "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("height, width", [(480, 640), (336, 1008), (1000, 300), (90, 120), (378, 378), (2000, 1500)])
+@pytest.mark.parametrize("max_crops", [1, 2, 5, 8, 12])
+def test_port_agrees_with_the_librarys_geometry_and_pooling(height, width, max_crops):
+    from flexvlm_ray.models.molmo2_preprocess import Molmo2ImageSettings, crop_geometry, pooling_windows
+
+    lib = _library_helpers()
+    settings = Molmo2ImageSettings()   # the released defaults: 378 px crops, 14 px patches, margins 4+4
+    ours = crop_geometry(height=height, width=width, settings=settings, max_crops=max_crops)
+    assert ours == lib["compute_crop_geometry"](height, width, max_crops, [4, 4], 378, 14)
+    grid = torch.arange(ours[2] // 14 * (ours[3] // 14)).reshape(ours[2] // 14, ours[3] // 14)
+    windows, rows, cols = pooling_windows(index_grid=grid, pool_h=2, pool_w=2)
+    expected, exp_rows, exp_cols = lib["arange_for_pooling"](grid, 2, 2)
+    assert (rows, cols) == (exp_rows, exp_cols) and torch.equal(windows, expected)
+
+
+def test_port_patches_like_the_library():
+    from flexvlm_ray.models.molmo2_preprocess import _to_patches
+
+    crops = torch.randn(3, 28, 42, 3)
+    assert torch.equal(_to_patches(crops, 14), _library_helpers()["batch_pixels_to_patches"](crops, 14))
