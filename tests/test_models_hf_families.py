@@ -166,7 +166,7 @@ def test_verify_knobs_passes_on_tiny():
 
 
 # -- structural discovery ------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["qwen3_vl_moe", "flexmoe"])
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "flexmoe", "molmo2"])
 def test_discovery_finds_the_adapters_routers_blocks_and_vision(family):
     from flexvlm_ray.models.discover import discover_structure
 
@@ -174,7 +174,7 @@ def test_discovery_finds_the_adapters_routers_blocks_and_vision(family):
     found = discover_structure(adapter.model)
     assert [id(m) for m in found.routers] == [id(m) for m in adapter.moe_routers()]
     assert [id(b) for b in found.blocks] == [id(b) for b in adapter.decoder_blocks()]
-    assert found.vision_name in ("model.visual", "vision")
+    assert found.vision_name in ("model.visual", "vision", "model.vision_tower")
 
 
 def test_discovery_on_a_dense_model_ignores_the_larger_vision_list():

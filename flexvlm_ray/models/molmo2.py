@@ -9,7 +9,11 @@ Presets: ``tiny`` (the default): a random CPU-sized config built from the seed (
 tokens (``<im_start>``, ``<im_patch>``, ``<im_col>`` ...) sit at the config's ids. ``path`` loads a
 local checkpoint folder (``from_pretrained`` with ``local_files_only``; tokenizer and
 ``preprocessor_config.json`` from the same folder); a missing folder raises ``FileNotFoundError``.
-``Molmo2Adapter.save_pretrained`` writes such a folder (model, tokenizer, image settings).
+``Molmo2Adapter.save_pretrained`` writes such a folder (model, tokenizer, image settings). Of a
+checkpoint's ``preprocessor_config.json`` the transformers-format keys are read (``size``,
+``patch_size``, ``max_crops``, ``overlap_margins``, ``pooling_size``, ``image_mean``, ``image_std``,
+``rescale_factor``; absent keys: ``Molmo2ImageProcessor``'s defaults); ``processor_config.json`` is
+not read: column tokens and the low-resolution start token follow ``Molmo2Processor``'s defaults.
 
 Vision tokens: the ``max_crops`` knob (default: the image processor's ``max_crops``, 8). Images go
 through ``molmo2_preprocess`` (a port of ``Molmo2ImageProcessor``, which needs torchvision): overlapping

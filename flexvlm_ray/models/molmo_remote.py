@@ -252,8 +252,7 @@ class MolmoRemoteAdapter(ModelAdapter):
                  blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Run the chosen blocks on positions ``start ..`` with Molmo's call convention; last-position logits."""
         total = start + hidden.shape[1]
-        bias = torch.triu(torch.full((total, total), torch.finfo(torch.float32).min, device=hidden.device),
-                          diagonal=1)[None, None]
+        bias = self._causal_bias(total, hidden.device)
         positions = torch.arange(start, total, device=hidden.device)[None]
         for index in (self._active if blocks is None else blocks):
             hidden, present = self.structure.blocks[index](
@@ -263,6 +262,17 @@ class MolmoRemoteAdapter(ModelAdapter):
                 cache[index] = present
         logits = self.transformer.ff_out(self.transformer.ln_f(hidden[:, -1]))[0]
         return logits[: self.info.vocab_size] if self.info.vocab_size else logits
+
+    def _causal_bias(self, total: int, device: torch.device) -> torch.Tensor:
+        """(1, 1, L, L) additive causal bias with L >= total, kept between calls (as Molmo's own
+        ``get_causal_attention_bias`` keeps it), so decode steps do not rebuild an L x L tensor."""
+        cached = getattr(self, "_bias", None)
+        if cached is None or cached.shape[-1] < total or cached.device != device:
+            size = max(total, 2 * (0 if cached is None else cached.shape[-1]), 256)
+            cached = torch.triu(torch.full((size, size), torch.finfo(torch.float32).min, device=device),
+                                diagonal=1)[None, None]
+            self._bias = cached
+        return cached
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True)
