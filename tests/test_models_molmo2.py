@@ -248,3 +248,37 @@ def test_port_patches_like_the_library():
 
     crops = torch.randn(3, 28, 42, 3)
     assert torch.equal(_to_patches(crops, 14), _library_helpers()["batch_pixels_to_patches"](crops, 14))
+
+
+# -- analytic FLOPs ----------------------------------------------------------------------------
+# tiny, 640x480, max_crops=1: 2 crops of N=144 patches (588 values each), 72 vision tokens,
+# T = 72 + 23 = 95 prompt tokens of which m = 72 + 4 + 12 = 88 are image tokens (patches, col, start/end)
+#   vision    = 2 * (2*144*588*32 + 2 layers * (4*144*32*16*(2+2) + 4*144^2*2*16 + 4*144*32*64))
+#             = 2 * (5_419_008 + 2*(1_179_648 + 2_654_208 + 1_179_648))              = 30_892_032
+#   projector = 72 * (2*64*32 + 2*2*4*64*32 + 4*4*32 + 2*32*32 + 4*32*96 + 2*96*64)
+#             = 72 * (4_096 + 32_768 + 512 + 2_048 + 12_288 + 12_288)               = 4_608_000
+#   per token and block: 4*64*16*(4+2) + 6*64*128 = 73_728; attention 4*4*16 = 256 per key
+#   prefill (4 blocks) = 95*4*73_728 + 4*256*(95*96/2 + 88*87/2) + 2*64*512
+#                      = 28_016_640 + 4*256*8_388 + 65_536                          = 36_671_488
+#   decode (5 tokens: 4 steps at 96..99 keys) = 4*(4*73_728 + 65_536) + 4*256*390  = 1_841_152
+#   with 2 active blocks: prefill = 95*2*73_728 + 2*256*8_388 + 65_536              = 18_368_512
+#                         decode  = 4*(2*73_728 + 65_536) + 2*256*390               = 1_051_648
+@pytest.mark.parametrize("knobs, expected", [
+    (Knobs(max_crops=1), {"vision": 30_892_032, "projector": 4_608_000, "llm_prefill": 36_671_488,
+                          "llm_decode": 1_841_152}),
+    (Knobs(max_crops=1, active_blocks=2), {"vision": 30_892_032, "projector": 4_608_000, "llm_prefill": 18_368_512,
+                                           "llm_decode": 1_051_648}),
+])
+def test_analytic_flops_match_the_hand_computed_table(tiny, knobs, expected):
+    tiny.apply_knobs(knobs)
+    try:
+        prepared = tiny.prepare(sample=sample(), knobs=knobs)
+        assert (prepared.num_crops, prepared.num_vision_tokens, prepared.num_total_tokens) == (2, 72, 95)
+        assert tiny.flops(prepared=prepared, num_output_tokens=5, knobs=knobs) == expected
+    finally:
+        tiny.restore_knobs()
+
+
+def test_prefill_mask_keys_match_the_flops_count(tiny):
+    prepared = tiny.prepare(sample=sample(), knobs=Knobs(max_crops=1))
+    assert int(tiny._prefill_mask(prepared).sum()) == 95 * 96 // 2 + 88 * 87 // 2

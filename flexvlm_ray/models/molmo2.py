@@ -32,7 +32,8 @@ the chosen blocks with a per-block KV cache (``BlockKVCache``); each block gets 
 rotary embedding that the model assigns to it (``rope_scaling_layers``).
 
 Knobs: ``active_blocks`` (policies prefix / importance / random); the decoder is dense, so ``top_k``
-is rejected (``ModelInfo.num_experts = 0``).
+is rejected (``ModelInfo.num_experts = 0``). ``flops`` gives analytic FLOPs per stage
+(``molmo2_flops``).
 """
 from __future__ import annotations
 
@@ -433,6 +434,19 @@ class Molmo2Adapter(ModelAdapter):
         active = llm - sum(_numel(layer) for i, layer in enumerate(self.text_model.layers) if i not in self._active)
         return {"vision_encoder": _numel(self.vision), "projector": _numel(self.connector), "llm": llm,
                 "llm_active": active}
+
+    def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
+        """Analytic FLOPs per stage (``molmo2_flops``) over the blocks that run now."""
+        from flexvlm_ray.models.molmo2_flops import molmo2_flops
+
+        inputs = prepared.inputs
+        return molmo2_flops(config=self.config, num_crops=prepared.num_crops,
+                            patches_per_crop=int(inputs["pixel_values"].shape[1]),
+                            num_vision_tokens=prepared.num_vision_tokens,
+                            window=int(inputs["image_token_pooling"].shape[1]),
+                            num_prompt_tokens=prepared.num_total_tokens,
+                            num_image_tokens=int(inputs["mm_token_type_ids"].sum()),
+                            num_output_tokens=num_output_tokens, num_active_blocks=len(self._active))
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
