@@ -85,6 +85,16 @@ def test_describe_reads_json_only_and_errors_are_clear(folder, tmp_path):
         MolmoRemoteAdapter.describe(preset=None, path=str(broken), options=TRUST)
 
 
+def test_loading_checks_the_routers_against_config_json(folder, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    config = json.loads((changed / "config.json").read_text())
+    del config["moe_top_k"]    # the remote code's own default (2) builds the routers; describe sees no top_k
+    (changed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"routers have top_k \[2\], config.json says 0"):
+        MolmoRemoteAdapter(preset=None, path=str(changed), dtype="float32", device="cpu", seed=0, options=TRUST)
+
+
 def test_spec_opt_in_and_knob_ranges(folder):
     assert load_spec_text(spec(folder), source="x").model.trust_remote_code is True
     with pytest.raises(SpecError, match="x: model: family 'molmo_remote' runs the checkpoint's own Python code"):

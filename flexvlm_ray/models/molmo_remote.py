@@ -144,6 +144,10 @@ class MolmoRemoteAdapter(ModelAdapter):
         if self.info.num_experts and not self.structure.routers:
             raise ValueError(f"family '{FAMILY}': config.json has {self.info.num_experts} experts but no module with an "
                              f"integer top_k was found (megablocks MoE layers fix top_k when built)")
+        router_k = sorted({r.top_k for r in self.structure.routers})
+        if self.info.num_experts and router_k != [self.info.default_top_k]:
+            raise ValueError(f"family '{FAMILY}': routers have top_k {router_k}, config.json says "
+                             f"{self.info.default_top_k} (moe_top_k / num_experts_per_tok)")
         if len(self.structure.blocks) != self.info.num_blocks:
             raise ValueError(f"family '{FAMILY}': found {len(self.structure.blocks)} blocks at "
                              f"'{self.structure.blocks_name}', config.json says {self.info.num_blocks}")
