@@ -20,7 +20,7 @@ tokens after every row, the low-resolution view first, started by ``<low_res_im_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -54,7 +54,6 @@ class Molmo2Image:
     token_pooling: torch.Tensor         # (num vision tokens, pool_h*pool_w) patch indices, -1 = padding
     grid: list[int]                     # [low-res rows, low-res cols, rows, cols] of vision tokens
     tiling: tuple[int, int]
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_crops(self) -> int:
