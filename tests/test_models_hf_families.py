@@ -243,5 +243,7 @@ def test_engine_rows_carry_the_analytic_flops(tiny):
     row = measure_pass(adapter=tiny, sample=sample(), unit=unit)
     tiny.restore_knobs()
     assert row["flops_vision_analytic"] == 6_881_280 and row["flops_projector_analytic"] == 1_179_648
+    # the seeds' rough formula counts ViT patches (48 here), not the 12 merged tokens
+    assert row["flops_vision"] == 2.0 * tiny.param_counts()["vision_encoder"] * 48
     assert row["flops_total_analytic"] == sum(row[f"flops_{s}_analytic"]
                                               for s in ("vision", "projector", "llm_prefill", "llm_decode"))

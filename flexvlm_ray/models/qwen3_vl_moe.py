@@ -219,7 +219,8 @@ class Qwen3VLMoeAdapter(ModelAdapter):
                   "position_ids": position_ids, "rope_delta": int(rope_delta.reshape(-1)[0])}
         return Prepared(inputs=inputs, num_crops=1, num_vision_tokens=num_vision,
                         num_language_tokens=len(ids) - num_vision, num_total_tokens=len(ids),
-                        extras={"image_grid_thw": grid[0].tolist(), "max_pixels": self.max_pixels})
+                        extras={"image_grid_thw": grid[0].tolist(), "max_pixels": self.max_pixels,
+                                "num_patches": int(grid.prod())})
 
     @property
     def _tiny(self) -> bool:
