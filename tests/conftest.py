@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="flexvlm-hf-cache-"))
+# remote code of test checkpoints (tests/fake_molmo_remote.py) is copied here, not under ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="flexvlm-hf-modules-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -166,7 +166,7 @@ def test_verify_knobs_passes_on_tiny():
 
 
 # -- structural discovery ------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["qwen3_vl_moe", "flexmoe"])
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "flexmoe", "molmo2"])
 def test_discovery_finds_the_adapters_routers_blocks_and_vision(family):
     from flexvlm_ray.models.discover import discover_structure
 
@@ -174,7 +174,7 @@ def test_discovery_finds_the_adapters_routers_blocks_and_vision(family):
     found = discover_structure(adapter.model)
     assert [id(m) for m in found.routers] == [id(m) for m in adapter.moe_routers()]
     assert [id(b) for b in found.blocks] == [id(b) for b in adapter.decoder_blocks()]
-    assert found.vision_name in ("model.visual", "vision")
+    assert found.vision_name in ("model.visual", "vision", "model.vision_tower")
 
 
 def test_discovery_on_a_dense_model_ignores_the_larger_vision_list():
@@ -191,3 +191,59 @@ def test_discovery_on_a_dense_model_ignores_the_larger_vision_list():
     assert (found.vision_name, found.blocks_name, found.routers) == ("vision_backbone", "transformer.blocks", [])
     with pytest.raises(ValueError, match="no nn.ModuleList of decoder blocks"):
         discover_structure(nn.Linear(2, 2))
+
+
+# -- analytic FLOPs ----------------------------------------------------------------------------
+# tiny: vision d=32 f=64 depth 2, patch 16, temporal patch 2, merge 2, out 64, one DeepStack merger;
+# decoder H=64, 4 heads + 2 kv heads of 16, 8 experts of width 32, vocab 512, 4 sparse blocks.
+# 640x480 under 16384 px: grid (1, 6, 8), N = 48 patches, 12 merged tokens, T = 12 + 2 + 6 = 20 tokens.
+#   vision    = 2*48*(3*2*16*16)*32 + 2*(8*48*32^2 + 4*1*48^2*32 + 4*48*32*64)
+#             = 4_718_592 + 2*(393_216 + 294_912 + 393_216)                      = 6_881_280
+#   projector = 2 mergers * 12 * (2*128^2 + 2*128*64)                            = 1_179_648
+#   per token and block: 4*64*16*(4+2) + 2*64*8 + k*6*64*32 = 24_576 + 1_024 + k*12_288
+#                        (k=2: 50_176; k=1: 37_888); attention 4*4*16 = 256 per key
+#   prefill(k=2, 4 blocks) = 20*4*50_176 + 4*256*(20*21/2) + 2*64*512
+#                          = 4_014_080 + 215_040 + 65_536                        = 4_294_656
+#   decode (5 tokens: 4 steps at 21..24 keys) = 4*(4*50_176 + 65_536) + 4*256*90 = 1_157_120
+#   prefill(k=1, blocks 0,1) = 20*2*37_888 + 2*256*210 + 65_536                  = 1_688_576
+#   decode (k=1, blocks 0,1, 3 tokens: 2 steps at 21, 22 keys) = 2*(2*37_888 + 65_536) + 2*256*43
+#                          = 282_624 + 22_016                                   = 304_640
+@pytest.mark.parametrize("knobs, new_tokens, expected", [
+    (Knobs(), 5, {"vision": 6_881_280, "projector": 1_179_648, "llm_prefill": 4_294_656, "llm_decode": 1_157_120}),
+    (Knobs(top_k=1, active_blocks=2), 3,
+     {"vision": 6_881_280, "projector": 1_179_648, "llm_prefill": 1_688_576, "llm_decode": 304_640}),
+])
+def test_analytic_flops_match_the_hand_computed_table(tiny, knobs, new_tokens, expected):
+    tiny.apply_knobs(knobs)
+    try:
+        prepared = tiny.prepare(sample=sample(), knobs=knobs)
+        assert (prepared.extras["image_grid_thw"], prepared.num_total_tokens) == ([1, 6, 8], 20)
+        assert tiny.flops(prepared=prepared, num_output_tokens=new_tokens, knobs=knobs) == expected
+    finally:
+        tiny.restore_knobs()
+
+
+def test_flops_sparse_rule_matches_the_built_model_and_dense_blocks_count_their_mlp():
+    from flexvlm_ray.models.qwen3_vl_moe import tiny_config
+    from flexvlm_ray.models.qwen3_vl_moe_flops import block_token_flops, is_sparse
+
+    config = tiny_config()
+    config.text_config.mlp_only_layers = [1]
+    from transformers import Qwen3VLMoeForConditionalGeneration
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    text = config.text_config
+    built = [hasattr(layer.mlp, "gate") for layer in model.model.language_model.layers]
+    assert built == [is_sparse(text=text, index=i) for i in range(4)] == [True, False, True, True]
+    # dense block 1: 24_576 + 6*64*128 (intermediate 128), no router, top_k irrelevant
+    assert block_token_flops(text=text, index=1, top_k=2) == block_token_flops(text=text, index=1, top_k=8) == 73_728
+
+
+def test_engine_rows_carry_the_analytic_flops(tiny):
+    unit = expand(load_spec_text(SPEC, source="x"))[0]
+    row = measure_pass(adapter=tiny, sample=sample(), unit=unit)
+    tiny.restore_knobs()
+    assert row["flops_vision_analytic"] == 6_881_280 and row["flops_projector_analytic"] == 1_179_648
+    # the seeds' rough formula counts ViT patches (48 here), not the 12 merged tokens
+    assert row["flops_vision"] == 2.0 * tiny.param_counts()["vision_encoder"] * 48
+    assert row["flops_total_analytic"] == sum(row[f"flops_{s}_analytic"]
+                                              for s in ("vision", "projector", "llm_prefill", "llm_decode"))

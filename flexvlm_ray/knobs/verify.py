@@ -5,7 +5,8 @@
 * top_k: a forward hook on every MoE router sees exactly ``top_k`` distinct experts per token;
 * active_blocks: forward hooks on every decoder block count calls; exactly the chosen blocks run,
   for each block policy;
-* max_crops: ``num_crops`` follows Molmo's tiling and ``num_vision_tokens`` grows with the crops;
+* max_crops: ``num_crops`` follows Molmo's tiling and ``num_vision_tokens`` grows with the crops
+  (crop geometry from the adapter's ``crop_geometry()`` when it has one, else MolmoE's 336 px crops);
 * output length: prefill plus ``N - 1`` decode steps give exactly ``N`` tokens (EOS ignored);
 * restore: after applying non-default knobs and restoring, the prefill logits are bit-identical
   (``torch.equal``) to those of the freshly loaded model.
@@ -103,9 +104,10 @@ def _check_crops(adapter: ModelAdapter, sample: Sample) -> list[dict[str, Any]]:
         return []
     rows, tokens = [], []
     width, height = sample.image.size
+    geometry = getattr(adapter, "crop_geometry", dict)()
     for max_crops in sorted({1, 2, min(3, limit), limit}):
         prepared = adapter.prepare(sample=sample, knobs=Knobs(max_crops=max_crops))
-        rows_cols = crop_grid(height=height, width=width, max_crops=max_crops)
+        rows_cols = crop_grid(height=height, width=width, max_crops=max_crops, **geometry)
         rows.append(_row("max_crops", max_crops, rows_cols[0] * rows_cols[1] + 1, prepared.num_crops))
         tokens.append((prepared.num_crops, prepared.num_vision_tokens))
     distinct = sorted(set(tokens))
@@ -144,9 +146,10 @@ def _check_restore(adapter: ModelAdapter, sample: Sample, fresh_logits) -> list[
 
 
 def verify_knobs(*, family: str, preset: Optional[str], device: str = "cpu", seed: int = 0,
-                 dtype: str = "float32", options: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """Load ``family[:preset]`` once and return one row per knob check."""
-    adapter = MODELS.get(family)(preset=preset, path=None, dtype=dtype, device=device, seed=seed,
+                 dtype: str = "float32", options: Optional[dict[str, Any]] = None,
+                 path: Optional[str] = None) -> list[dict[str, Any]]:
+    """Load ``family[:preset]`` (or the checkpoint folder ``path``) once and return one row per knob check."""
+    adapter = MODELS.get(family)(preset=preset, path=path, dtype=dtype, device=device, seed=seed,
                                  options=dict(options or {}))
     sample = probe_sample()
     adapter.restore_knobs()
@@ -175,10 +178,28 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
               help="Model family and optional preset, e.g. flexmoe:tiny.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
-def verify_knobs_command(model: str, device: str, dtype: str) -> None:
+@click.option("--path", "path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Local checkpoint folder (instead of a preset), e.g. --model molmo_remote --path ckpt/.")
+@click.option("--option", "option_items", multiple=True, metavar="KEY=VALUE",
+              help="Family option, value parsed as YAML (repeatable), e.g. --option trust_remote_code=true.")
+def verify_knobs_command(model: str, device: str, dtype: str, path: Optional[str],
+                         option_items: tuple[str, ...]) -> None:
     """Check by effect that every knob of a model changes what it should; exit 1 if any check fails."""
+    import yaml
+
     family, _, preset = model.partition(":")
-    rows = verify_knobs(family=family, preset=preset or None, device=device, dtype=dtype)
+    options = {}
+    for item in option_items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--option")
+        options[key] = yaml.safe_load(value)
+    try:
+        rows = verify_knobs(family=family, preset=preset or None, device=device, dtype=dtype, path=path,
+                            options=options)
+    except (ValueError, FileNotFoundError, KeyError) as exc:   # bad family, preset, path or options
+        click.echo(f"verify-knobs: {exc}", err=True)
+        sys.exit(2)
     click.echo(format_rows(rows))
     failed = [r for r in rows if not r["ok"]]
     click.echo(f"{len(rows) - len(failed)}/{len(rows)} checks passed")

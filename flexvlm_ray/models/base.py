@@ -156,5 +156,14 @@ class ModelAdapter(ABC):
 MODELS: Registry[type[ModelAdapter]] = Registry("model")
 
 
+def adapter_options(*, options: dict[str, Any], trust_remote_code: bool) -> dict[str, Any]:
+    """A family's options from a model spec: ``model.trust_remote_code: true`` is passed on as the
+    option of the same name (only families that run a checkpoint's own code accept it)."""
+    merged = dict(options)
+    if trust_remote_code:
+        merged.setdefault("trust_remote_code", True)
+    return merged
+
+
 def register_model(name: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
     return MODELS.register(name)

@@ -30,6 +30,9 @@ after decoder block ``j`` for ``j < len(deepstack)``, when block ``j`` is among 
 Knobs: ``top_k`` is set on every ``Qwen3VLMoeTextTopKRouter`` (``mlp.gate.top_k``; the router
 renormalizes the kept probabilities); ``active_blocks`` picks decoder blocks by policy
 (``flexvlm_ray.knobs.blocks``).
+
+FLOPs: ``flops`` gives analytic FLOPs per stage from ``qwen3_vl_moe_flops`` (active blocks and the
+``top_k`` routed experts only).
 """
 from __future__ import annotations
 
@@ -216,7 +219,8 @@ class Qwen3VLMoeAdapter(ModelAdapter):
                   "position_ids": position_ids, "rope_delta": int(rope_delta.reshape(-1)[0])}
         return Prepared(inputs=inputs, num_crops=1, num_vision_tokens=num_vision,
                         num_language_tokens=len(ids) - num_vision, num_total_tokens=len(ids),
-                        extras={"image_grid_thw": grid[0].tolist(), "max_pixels": self.max_pixels})
+                        extras={"image_grid_thw": grid[0].tolist(), "max_pixels": self.max_pixels,
+                                "num_patches": int(grid.prod())})
 
     @property
     def _tiny(self) -> bool:
@@ -402,6 +406,15 @@ class Qwen3VLMoeAdapter(ModelAdapter):
                 experts = _numel(layer.mlp.experts)
                 active -= experts - experts // self.info.num_experts * top_k
         return {"vision_encoder": _numel(visual) - projector, "projector": projector, "llm": llm, "llm_active": active}
+
+    def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
+        """Analytic FLOPs per stage (``qwen3_vl_moe_flops``) under the knobs applied now."""
+        from flexvlm_ray.models.qwen3_vl_moe_flops import qwen3_vl_moe_flops
+
+        top_k = self.info.default_top_k if knobs.top_k is None else knobs.top_k
+        return qwen3_vl_moe_flops(config=self.config, grid_thw=prepared.extras["image_grid_thw"],
+                                  num_prompt_tokens=prepared.num_total_tokens, num_output_tokens=num_output_tokens,
+                                  top_k=top_k, blocks=self._active)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

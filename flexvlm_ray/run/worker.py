@@ -18,6 +18,7 @@ from flexvlm_ray.data import DATASETS, shard_indices
 from flexvlm_ray.measure.engine import run_unit
 from flexvlm_ray.metrics import METRICS
 from flexvlm_ray.models import MODELS
+from flexvlm_ray.models.base import adapter_options
 from flexvlm_ray.spec.expand import WorkUnit
 from flexvlm_ray.store.schema import rows_to_table
 
@@ -75,7 +76,9 @@ class ModelWorker:
         backend = model.get("backend", "hf")
         extra = {} if backend == "hf" else {"backend": backend}
         self.adapter = family(preset=model["preset"], path=model["path"], dtype=self.dtype,
-                              device=self.device, seed=seed, options=dict(model["options"]), **extra)
+                              device=self.device, seed=seed, **extra,
+                              options=adapter_options(options=model["options"],
+                                                      trust_remote_code=model.get("trust_remote_code", False)))
         self.adapter.synchronize()
         self.load_s = time.perf_counter() - started
         self._selections: dict[tuple, tuple[list, Any]] = {}

@@ -126,6 +126,7 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
     from flexvlm_ray.data import DATASETS
     from flexvlm_ray.metrics import METRICS
     from flexvlm_ray.models import MODELS
+    from flexvlm_ray.models.base import adapter_options
 
     problems: list[tuple[str, str]] = []
     if spec.model.family not in MODELS:
@@ -135,7 +136,8 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
         problems.append(("model.backend", f"backend {spec.model.backend!r} is not available for family "
                          f"{spec.model.family!r}; allowed: {', '.join(family.backends)}"))
     try:
-        info = family.describe(preset=spec.model.preset, path=spec.model.path, options=dict(spec.model.options))
+        options = adapter_options(options=spec.model.options, trust_remote_code=spec.model.trust_remote_code)
+        info = family.describe(preset=spec.model.preset, path=spec.model.path, options=options)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         problems.append(("model", str(exc)))
         info = None
