@@ -129,6 +129,22 @@ def test_prefill_runs_eagerly_when_blocks_are_hooked(molmoe):
     assert rel_err(graphed_logits[0], hooked_logits[0]) < 1e-2
 
 
+def test_vision_graph_per_crop_count_matches_eager(molmoe):
+    seen = set()
+    for max_crops in (1, 12, 1):
+        prepared = molmoe.prepare(sample=sample(900, 700), knobs=Knobs(max_crops=max_crops))
+        graphed = molmoe.vision_encoder(prepared).clone()
+        molmoe.fast.use_graphs = False
+        try:
+            eager = molmoe.vision_encoder(prepared)
+        finally:
+            molmoe.fast.use_graphs = True
+        assert graphed.shape[0] == prepared.num_crops
+        assert rel_err(graphed, eager) < 1e-3
+        seen.add(prepared.num_crops)
+    assert len(seen) == 2 and {key[1] for key in molmoe.fast.graphs if key[0] == "vision"} >= seen
+
+
 def test_defaults_on_cuda_are_the_triton_kernels(molmoe):
     assert (molmoe.fast.kernels, molmoe.fast.decode_moe, molmoe.fast.prefill_moe) == ("triton", "fused", "grouped")
 

@@ -397,6 +397,7 @@ class FastDecoder:
         self.prefill_logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
         self.arange = torch.arange(max_len, device=dev)
         self.graphs: dict[tuple, Any] = {}
+        self.vision_io: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # graphed vision: (pixels, features)
         self._pool: Any = None
 
     # -- prefill ---------------------------------------------------------------------------
@@ -443,12 +444,25 @@ class FastDecoder:
         self.prefill_in[length:padded].zero_()
         self.prefill_last.fill_(length - 1)
         key = ("prefill", blocks, tuple(self.blocks[i].ffn.top_k for i in blocks), padded)
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = self._capture(lambda: self.prefill_logits.copy_(
-                self._prefill_rows(x=self.prefill_in[:padded], blocks=blocks, last=self.prefill_last)))
-        graph.replay()
+        self._replay(key, lambda: self.prefill_logits.copy_(
+            self._prefill_rows(x=self.prefill_in[:padded], blocks=blocks, last=self.prefill_last)))
         return self.prefill_logits
+
+    # -- vision ----------------------------------------------------------------------------
+    def vision(self, *, vision: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        """``vision_features`` of the crops; with CUDA graphs, one graph per crop count whose output
+        buffer stays valid until the next call with that many crops."""
+        if not self.use_graphs:
+            return vision_features(vision=vision, pixel_values=pixel_values, layers=layers)
+        crops = pixel_values.shape[0]
+        key = ("vision", crops, tuple(pixel_values.shape[1:]), tuple(layers))
+        if key not in self.graphs:
+            self.vision_io[key] = (torch.empty_like(pixel_values), torch.empty_like(
+                vision_features(vision=vision, pixel_values=pixel_values, layers=layers)))
+        pixels, out = self.vision_io[key]
+        pixels.copy_(pixel_values)
+        self._replay(key, lambda: out.copy_(vision_features(vision=vision, pixel_values=pixels, layers=layers)))
+        return out
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm.weight, self.norm.variance_epsilon), self.lm_head)
@@ -473,10 +487,7 @@ class FastDecoder:
         if not self.use_graphs:
             self._decode_body(blocks=key[0], bucket=key[2])
         else:
-            graph = self.graphs.get(key)
-            if graph is None:
-                graph = self.graphs[key] = self._capture(lambda: self._decode_body(blocks=key[0], bucket=key[2]))
-            graph.replay()
+            self._replay(key, lambda: self._decode_body(blocks=key[0], bucket=key[2]))
         return int(self.token_out.item())
 
     def _decode_body(self, *, blocks: Sequence[int], bucket: int) -> None:
@@ -492,6 +503,13 @@ class FastDecoder:
         logits = self._head(x)[0]
         self.logits.copy_(logits)
         self.token_out.copy_(torch.argmax(logits).view(1))
+
+    def _replay(self, key: tuple, body: Callable[[], Any]) -> None:
+        """Replay the graph of ``key``, capturing ``body`` into it first if there is none yet."""
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(body)
+        graph.replay()
 
     def _capture(self, body: Callable[[], Any]) -> Any:
         """Warm up on a side stream, then capture ``body`` (a decode step or a prefill) into the shared pool.
@@ -516,8 +534,9 @@ class FastDecoder:
         return graph
 
     def clear_graphs(self) -> None:
-        """Drop every captured graph (their memory returns to the pool)."""
+        """Drop every captured graph (their memory returns to the pool) and the vision graphs' buffers."""
         self.graphs.clear()
+        self.vision_io.clear()
 
 
 # -- vision --------------------------------------------------------------------------------------

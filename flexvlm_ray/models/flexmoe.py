@@ -41,8 +41,7 @@ from flexvlm_ray.knobs.moe import set_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models import fused_ops
-from flexvlm_ray.models.fast_decoder import (DECODE_MOE, KERNELS, PREFILL_MOE, FastDecoder, grouped_mm_runs,
-                                             vision_features)
+from flexvlm_ray.models.fast_decoder import DECODE_MOE, KERNELS, PREFILL_MOE, FastDecoder, grouped_mm_runs
 from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
                                                build_tokenizer)
 from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
@@ -273,10 +272,11 @@ class FlexMoeAdapter(ModelAdapter):
         """(num_crops, patches, vit_hidden * 2): two ViT layers' patch features, CLS dropped.
 
         Every crop goes through the ViT in one batch (SDPA attention). The fast backend stops at the
-        deepest feature layer instead of running every layer and recording all hidden states."""
+        deepest feature layer instead of running every layer and recording all hidden states, and with
+        CUDA graphs replays one graph per crop count."""
         if self.fast is not None:
-            return vision_features(vision=self.model.vision, pixel_values=prepared.inputs["pixel_values"],
-                                   layers=self.config.vit_feature_layers)
+            return self.fast.vision(vision=self.model.vision, pixel_values=prepared.inputs["pixel_values"],
+                                    layers=self.config.vit_feature_layers)
         return self.model.encode_crops(prepared.inputs["pixel_values"])
 
     @torch.inference_mode()
