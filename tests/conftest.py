@@ -6,10 +6,6 @@ import os
 import tempfile
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,6 +15,11 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="flexvlm-hf-mo
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402  (after the variables above: tqdm reads TQDM_DISABLE when it is imported)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BASE_SPEC = """
 name: t
