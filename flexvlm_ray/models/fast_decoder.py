@@ -1,8 +1,9 @@
 """The ``fast`` backend of ``flexmoe``: an OLMoE decoder loop whose cost follows the knobs.
 
-It runs on the very parameters of the transformers model (``OlmoeForCausalLM``); nothing is
-copied, because OLMoE already stores its experts stacked (``gate_up_proj`` ``[E, 2I, H]``,
-``down_proj`` ``[E, H, I]``). What differs from the ``hf`` path is how the work is issued:
+It runs on the very parameters of the transformers model (``OlmoeForCausalLM``), which already
+stores its experts stacked (``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``); the only
+copy is the concatenated q/k/v weight of the Triton path. What differs from the ``hf`` path is how the
+work is issued:
 
 * **Static KV cache.** ``StaticKVCache`` preallocates keys and values as
   ``[num_blocks, kv_heads, max_len, head_dim]`` once; block ``b`` writes its own slice, skipped
@@ -24,10 +25,17 @@ copied, because OLMoE already stores its experts stacked (``gate_up_proj`` ``[E,
 * **CUDA graphs** (CUDA only): a decode step is captured lazily once per
   ``(active blocks, top_k per block, kv bucket)`` after two warm-up runs on a side stream, into
   one shared memory pool, and replayed; token and position enter through static device buffers,
-  logits and the argmax leave through static buffers. On the CPU the same body runs eagerly.
+  logits and the argmax leave through static buffers. A prefill is captured per
+  ``(active blocks, top_k per block, prompt length padded to PREFILL_BUCKET)`` unless forward hooks
+  time its blocks, and the ViT per crop count. On the CPU the same bodies run eagerly.
+* **Triton kernels** (``kernels: triton``, ``decode_moe: fused``; ``flexvlm_ray.models.fused_ops``):
+  fused RMSNorm (with the residual add), q/k norm + RoPE written into the cache, SiLU-mul, the
+  prefill MoE's weighted combine, and the decode MoE as two GEMVs over the chosen experts; q, k and v
+  weights are concatenated once so their projection is one GEMM.
 
 ``FastBlock`` and its ``attention`` / ``ffn`` parts are ``nn.Module`` objects called through
-``__call__`` in eager runs (prefill always), so the engine's forward hooks time them.
+``__call__`` in eager runs (a prefill with hooks registered always runs eagerly), so the engine's
+forward hooks time them.
 """
 from __future__ import annotations
 
@@ -409,7 +417,7 @@ class FastDecoder:
         runs as one graph per (blocks, top_k per block, padded length); the padded rows come after
         every real one, so causal attention and the per-token MoE leave the real rows' results
         unchanged, and the cache rows they write lie beyond the prompt, where decode overwrites them
-        before attending to them. The logits then live in a static buffer until the next prefill.
+        before attending to them.
         """
         length = hidden.shape[1]
         if length > self.cache.max_len:
@@ -446,12 +454,12 @@ class FastDecoder:
         key = ("prefill", blocks, tuple(self.blocks[i].ffn.top_k for i in blocks), padded)
         self._replay(key, lambda: self.prefill_logits.copy_(
             self._prefill_rows(x=self.prefill_in[:padded], blocks=blocks, last=self.prefill_last)))
-        return self.prefill_logits
+        return self.prefill_logits.clone()      # callers keep prefill logits (verify-knobs compares them)
 
     # -- vision ----------------------------------------------------------------------------
     def vision(self, *, vision: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
-        """``vision_features`` of the crops; with CUDA graphs, one graph per crop count whose output
-        buffer stays valid until the next call with that many crops."""
+        """``vision_features`` of the crops; with CUDA graphs, one graph per crop count (its output is
+        copied out of the graph's static buffer, so callers may keep it)."""
         if not self.use_graphs:
             return vision_features(vision=vision, pixel_values=pixel_values, layers=layers)
         crops = pixel_values.shape[0]
@@ -462,7 +470,7 @@ class FastDecoder:
         pixels, out = self.vision_io[key]
         pixels.copy_(pixel_values)
         self._replay(key, lambda: out.copy_(vision_features(vision=vision, pixel_values=pixels, layers=layers)))
-        return out
+        return out.clone()
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm.weight, self.norm.variance_epsilon), self.lm_head)
