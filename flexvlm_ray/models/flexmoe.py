@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
-from flexvlm_ray.knobs.moe import set_top_k
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models import fused_ops
@@ -97,6 +98,12 @@ def calibration_images() -> list[Image.Image]:
             arr[y0:y1, x0:x1] = rng.integers(0, 256, size=3, dtype=np.uint8)
         images.append(Image.fromarray(arr, "RGB"))
     return images
+
+
+def calibration_samples() -> list[Sample]:
+    """The calibration set of importance scores: ``calibration_images`` with ``CALIBRATION_PROMPTS``."""
+    return [Sample(sample_id="calibration", image=image, prompt=prompt)
+            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS)]
 
 
 def _resolve_config(*, preset: Optional[str], path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
@@ -397,42 +404,17 @@ class FlexMoeAdapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
+        """Block influence over the calibration set, routers at the default top_k while it runs."""
         self.importance_computations += 1
-        sums = torch.zeros(self.config.num_blocks, dtype=torch.float64)
-        count = 0
-        routers = self.moe_routers()
-        saved_top_k = [r.top_k for r in routers]
-        set_top_k(routers=routers, top_k=self.config.top_k)
-        scores_now: dict[int, float] = {}
+        with temporary_top_k(routers=self.moe_routers(), top_k=self.config.top_k):
+            return block_influence(blocks=self.model.blocks, samples=calibration_samples(), run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
-                scores_now[index] = float((1.0 - cos).mean())
-            return fn
-
-        handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.model.blocks)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                sample = _CalibrationSample(image=image, prompt=prompt)
-                prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
-                embeds = self.projector(prepared, self.vision_encoder(prepared))
-                hidden = self.model.decoder.model.embed_tokens(prepared.inputs["input_ids"])
-                splice_image_embeds(hidden=hidden, row=0, embeds=embeds, positions=prepared.inputs["image_positions"],
-                                    feature_index=prepared.inputs["feature_index"])
-                scores_now.clear()
-                self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.config.num_blocks))
-                sums += torch.tensor([scores_now[i] for i in range(self.config.num_blocks)], dtype=torch.float64)
-                count += 1
-        finally:
-            for handle in handles:
-                handle.remove()
-            for router, k in zip(routers, saved_top_k):
-                router.top_k = k
-        return (sums / count).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (at most 4 crops)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
+        hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
+        self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.config.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def decoder_blocks(self) -> Sequence[Any]:
@@ -460,11 +442,6 @@ class FlexMoeAdapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _CalibrationSample:
-    def __init__(self, *, image: Image.Image, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
 
 
 def _numel(module: torch.nn.Module) -> int:

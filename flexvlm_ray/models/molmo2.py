@@ -46,11 +46,12 @@ import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from flexvlm_ray.knobs.blocks import cached_importance, select_blocks, validate_active_blocks
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import block_influence, cached_importance, select_blocks, validate_active_blocks
 from flexvlm_ray.knobs.moe import validate_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models.flexmoe import BlockKVCache, CALIBRATION_PROMPTS, calibration_images
+from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS
 from flexvlm_ray.models.flexmoe_model import DTYPES
 from flexvlm_ray.models.molmo2_preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
@@ -394,31 +395,16 @@ class Molmo2Adapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
-        num = self.info.num_blocks
-        sums = torch.zeros(num, dtype=torch.float64)
-        now: dict[int, float] = {}
+        """Block influence over the calibration set (a dense decoder: no routers to hold at top_k)."""
+        return block_influence(blocks=self.text_model.layers, samples=calibration_samples(), run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                now[index] = float((1.0 - torch.nn.functional.cosine_similarity(
-                    args[0].float(), out.float(), dim=-1)).mean())
-            return fn
-
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.text_model.layers)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                prepared = self.prepare(sample=_Sample(image=image, prompt=prompt), knobs=Knobs(max_crops=4))
-                hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
-                now.clear()
-                self._forward(hidden=hidden, start=0, cache=None, mask=self._prefill_mask(prepared), blocks=range(num))
-                sums += torch.tensor([now[i] for i in range(num)], dtype=torch.float64)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return (sums / len(CALIBRATION_PROMPTS)).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (at most 4 crops)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
+        hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
+        self._forward(hidden=hidden, start=0, cache=None, mask=self._prefill_mask(prepared),
+                      blocks=range(self.info.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def decoder_blocks(self) -> Sequence[Any]:
@@ -451,11 +437,6 @@ class Molmo2Adapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Sample:
-    def __init__(self, *, image: Any, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
 
 
 def _numel(module: torch.nn.Module) -> int:

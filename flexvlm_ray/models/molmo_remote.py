@@ -51,12 +51,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
-from flexvlm_ray.knobs.moe import set_top_k
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.discover import discover_structure
-from flexvlm_ray.models.flexmoe import CALIBRATION_PROMPTS, calibration_images
+from flexvlm_ray.models.flexmoe import calibration_samples
 from flexvlm_ray.models.flexmoe_config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
 from flexvlm_ray.models.flexmoe_model import DTYPES
 from flexvlm_ray.models.flexmoe_preprocess import layout_image
@@ -312,37 +313,17 @@ class MolmoRemoteAdapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
-        num = self.info.num_blocks
-        sums = torch.zeros(num, dtype=torch.float64)
-        routers = self.structure.routers
-        saved = [r.top_k for r in routers]
-        if routers:
-            set_top_k(routers=routers, top_k=self.info.default_top_k)
-        now: dict[int, float] = {}
+        """Block influence over the calibration set, routers (if any) at the default top_k while it runs."""
+        with temporary_top_k(routers=self.structure.routers, top_k=self.info.default_top_k):
+            return block_influence(blocks=self.structure.blocks, samples=calibration_samples(),
+                                   run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                now[index] = float((1.0 - torch.nn.functional.cosine_similarity(
-                    args[0].float(), out.float(), dim=-1)).mean())
-            return fn
-
-        handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.structure.blocks)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                prepared = self.prepare(sample=_Sample(image=image, prompt=prompt), knobs=Knobs(max_crops=4))
-                hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
-                now.clear()
-                self._forward(hidden=hidden, start=0, cache=None, blocks=range(num))
-                sums += torch.tensor([now[i] for i in range(num)], dtype=torch.float64)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for router, k in zip(routers, saved):
-                router.top_k = k
-        return (sums / len(CALIBRATION_PROMPTS)).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (at most 4 crops)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
+        hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
+        self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.info.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def crop_geometry(self) -> dict[str, Any]:
@@ -374,11 +355,6 @@ class MolmoRemoteAdapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Sample:
-    def __init__(self, *, image: Any, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
 
 
 def _numel(module: torch.nn.Module) -> int:

@@ -43,11 +43,12 @@ import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
-from flexvlm_ray.knobs.moe import set_top_k
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models.flexmoe import BlockKVCache, CALIBRATION_PROMPTS, calibration_images
+from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS
 from flexvlm_ray.models.flexmoe_model import DTYPES
 
@@ -263,12 +264,10 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     @torch.inference_mode()
     def prefill(self, prepared: Prepared, embeds: dict[str, Any]) -> DecodeState:
         inputs = prepared.inputs
-        hidden = self.text_model.embed_tokens(inputs["input_ids"])
-        mask = inputs["image_mask"]
-        hidden[0, mask] = embeds["image"].to(hidden.dtype)
+        hidden = self._embed_prompt(prepared, embeds)
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, position_ids=inputs["position_ids"], cache=cache,
-                               deepstack=(mask, embeds["deepstack"]))
+                               deepstack=(inputs["image_mask"], embeds["deepstack"]))
         token = int(torch.argmax(logits).item())
         return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
                            extras={"blocks": self._active, "logits": logits, "rope_delta": inputs["rope_delta"]})
@@ -287,6 +286,12 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         state.next_token, state.position = token, state.position + 1
         state.extras["logits"] = logits
         return token
+
+    def _embed_prompt(self, prepared: Prepared, embeds: dict[str, Any]) -> torch.Tensor:
+        """Token embeddings with the merged image features written into the image-pad positions."""
+        hidden = self.text_model.embed_tokens(prepared.inputs["input_ids"])
+        hidden[0, prepared.inputs["image_mask"]] = embeds["image"].to(hidden.dtype)
+        return hidden
 
     def _forward(self, *, hidden: torch.Tensor, position_ids: torch.Tensor, cache: Optional[BlockKVCache],
                  deepstack: Optional[tuple[torch.Tensor, list]], blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -350,39 +355,19 @@ class Qwen3VLMoeAdapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
-        num = self.info.num_blocks
-        sums = torch.zeros(num, dtype=torch.float64)
-        routers = self.moe_routers()
-        saved = [r.top_k for r in routers]
-        set_top_k(routers=routers, top_k=self.info.default_top_k)
-        now: dict[int, float] = {}
+        """Block influence over the calibration set, routers at the default top_k while it runs."""
+        with temporary_top_k(routers=self.moe_routers(), top_k=self.info.default_top_k):
+            return block_influence(blocks=self.text_model.layers, samples=calibration_samples(),
+                                   run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                now[index] = float((1.0 - torch.nn.functional.cosine_similarity(
-                    args[0].float(), out.float(), dim=-1)).mean())
-            return fn
-
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.text_model.layers)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                prepared = self.prepare(sample=_Sample(image=image, prompt=prompt), knobs=Knobs())
-                embeds = self.projector(prepared, self.vision_encoder(prepared))
-                hidden = self.text_model.embed_tokens(prepared.inputs["input_ids"])
-                hidden[0, prepared.inputs["image_mask"]] = embeds["image"].to(hidden.dtype)
-                now.clear()
-                self._forward(hidden=hidden, position_ids=prepared.inputs["position_ids"], cache=None,
-                              deepstack=(prepared.inputs["image_mask"], embeds["deepstack"]), blocks=range(num))
-                sums += torch.tensor([now[i] for i in range(num)], dtype=torch.float64)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for router, k in zip(routers, saved):
-                router.top_k = k
-        return (sums / len(CALIBRATION_PROMPTS)).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (the default max_pixels)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs())
+        embeds = self.projector(prepared, self.vision_encoder(prepared))
+        self._forward(hidden=self._embed_prompt(prepared, embeds), position_ids=prepared.inputs["position_ids"],
+                      cache=None, deepstack=(prepared.inputs["image_mask"], embeds["deepstack"]),
+                      blocks=range(self.info.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def decoder_blocks(self) -> Sequence[Any]:
@@ -419,11 +404,6 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Sample:
-    def __init__(self, *, image: Any, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
 
 
 def _numel(module: torch.nn.Module) -> int:
