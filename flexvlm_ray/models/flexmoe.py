@@ -46,9 +46,11 @@ from flexvlm_ray.models.fast_decoder import DECODE_MOE, KERNELS, PREFILL_MOE, Fa
 from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
                                                build_tokenizer)
 from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
-from flexvlm_ray.models.flexmoe_model import (DTYPES, WEIGHTS_FILE, FlexMoeModel, build_flexmoe,
-                                              load_flexmoe, read_flexmoe_config, splice_image_embeds)
+from flexvlm_ray.models.flexmoe_model import (WEIGHTS_FILE, FlexMoeModel, build_flexmoe, load_flexmoe,
+                                              read_flexmoe_config, splice_image_embeds)
 from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
+from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
+                                          record_token, weights_source)
 
 ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 DEFAULT_PRESET = "tiny"
@@ -163,12 +165,7 @@ class FlexMoeAdapter(ModelAdapter):
             raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
         if backend != "fast" and set(options) & set(FAST_OPTIONS):
             raise ValueError(f"options {sorted(set(options) & set(FAST_OPTIONS))} need backend 'fast'")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device = torch.device(device)
-        self.dtype = DTYPES[dtype]
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
         self.seed = int(seed)
         self.config, self.weights_dir = _resolve_config(preset=preset, path=path)
         attn = options.get("attn_implementation", "sdpa")
@@ -250,9 +247,9 @@ class FlexMoeAdapter(ModelAdapter):
     def identity(self) -> dict[str, Any]:
         """What determines the weights: config, dtype and the seed or the weights file's hash."""
         weights = (f"sha256:{_file_sha256(self.weights_dir / WEIGHTS_FILE)}" if self.weights_dir is not None
-                   else f"random:seed={self.seed}")
-        return {"family": "flexmoe", "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "weights": weights, "calibration": CALIBRATION_VERSION}
+                   else weights_source(seed=self.seed, folder=None))
+        return model_identity(family="flexmoe", config=self.config, dtype=self.dtype, weights=weights,
+                              calibration=CALIBRATION_VERSION)
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
@@ -315,29 +312,20 @@ class FlexMoeAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         if self.fast is not None:
             return self._fast_decode_step(state)
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.model.decoder.model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
 
     def _fast_decode_step(self, state: DecodeState) -> int:
         """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""
         if state.extras.get("epoch") != self.fast.cache.epoch:
             raise RuntimeError("this decode state's KV cache was overwritten by a later prefill")
         token = self.fast.decode(token=state.next_token, position=state.position, blocks=self._active)
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = self.fast.logits
-        return token
+        return record_token(state=state, token=token, logits=self.fast.logits)
 
     def _forward(self, *, hidden: torch.Tensor, start: int, cache: Optional[BlockKVCache],
                  blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -444,23 +432,19 @@ class FlexMoeAdapter(ModelAdapter):
             torch.cuda.synchronize(self.device)
 
 
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def flexmoe_param_counts(*, model: FlexMoeModel, top_k: int, active_blocks: Sequence[int]) -> dict[str, int]:
     """vision_encoder, projector (pooling + MLP), llm (whole decoder with embeddings and lm_head) and
     llm_active (what one token touches: embeddings, lm_head, final norm, and in each active block
     attention, norms, router and ``top_k`` of the experts). Works on the 'meta' device."""
-    vision = _numel(model.vision)
-    projector = sum(_numel(m) for m in model.connector_modules())
-    llm = _numel(model.decoder)
+    vision = numel(model.vision)
+    projector = sum(numel(m) for m in model.connector_modules())
+    llm = numel(model.decoder)
     active = llm
     num_experts = model.config.num_experts
     for index, block in enumerate(model.blocks):
         if index not in active_blocks:
-            active -= _numel(block)
+            active -= numel(block)
             continue
-        experts = _numel(block.mlp.experts)
+        experts = numel(block.mlp.experts)
         active -= experts - experts // num_experts * top_k
     return {"vision_encoder": vision, "projector": projector, "llm": llm, "llm_active": active}

@@ -53,7 +53,8 @@ from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo
                                      register_model)
 from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS
-from flexvlm_ray.models.flexmoe_model import DTYPES
+from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
+                                          record_token, weights_source)
 from flexvlm_ray.models.molmo2_preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
                                                   preprocess_image)
 
@@ -174,11 +175,8 @@ class Molmo2Adapter(ModelAdapter):
                  seed: int, options: dict[str, Any]) -> None:
         self.info = self.describe(preset=preset, path=path, options=options)
         m = molmo2_module()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device, self.dtype, self.seed = torch.device(device), DTYPES[dtype], int(seed)
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
+        self.seed = int(seed)
         self.config, self.folder = _resolve_config(preset=preset, path=path)
         self.config._attn_implementation = "sdpa"
         if self.folder is None:
@@ -223,9 +221,8 @@ class Molmo2Adapter(ModelAdapter):
 
     def identity(self) -> dict[str, Any]:
         """What determines the weights (for the importance cache)."""
-        weights = f"random:seed={self.seed}" if self.folder is None else f"path:{self.folder.resolve()}"
-        return {"family": FAMILY, "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "weights": weights}
+        return model_identity(family=FAMILY, config=self.config, dtype=self.dtype,
+                              weights=weights_source(seed=self.seed, folder=self.folder))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a checkpoint folder that ``path:`` loads: model, tokenizer, image settings."""
@@ -303,17 +300,11 @@ class Molmo2Adapter(ModelAdapter):
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.text_model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache, mask=None)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the pooled features added at the ``<im_patch>`` positions (as the model does)."""
@@ -416,9 +407,9 @@ class Molmo2Adapter(ModelAdapter):
     def param_counts(self) -> dict[str, int]:
         """vision_encoder (ViT), projector (pooling attention + MLP), llm (language model + lm_head;
         the embedding table includes the additional image-token rows) and llm_active (skipped blocks left out)."""
-        llm = _numel(self.text_model) + _numel(self.model.lm_head)
-        active = llm - sum(_numel(layer) for i, layer in enumerate(self.text_model.layers) if i not in self._active)
-        return {"vision_encoder": _numel(self.vision), "projector": _numel(self.connector), "llm": llm,
+        llm = numel(self.text_model) + numel(self.model.lm_head)
+        active = llm - sum(numel(layer) for i, layer in enumerate(self.text_model.layers) if i not in self._active)
+        return {"vision_encoder": numel(self.vision), "projector": numel(self.connector), "llm": llm,
                 "llm_active": active}
 
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
@@ -437,7 +428,3 @@ class Molmo2Adapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

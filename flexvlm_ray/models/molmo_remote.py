@@ -59,8 +59,9 @@ from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo
 from flexvlm_ray.models.discover import discover_structure
 from flexvlm_ray.models.flexmoe import calibration_samples
 from flexvlm_ray.models.flexmoe_config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
-from flexvlm_ray.models.flexmoe_model import DTYPES
 from flexvlm_ray.models.flexmoe_preprocess import layout_image
+from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
+                                          record_token, weights_source)
 
 FAMILY = "molmo_remote"
 OPTIONS = ("trust_remote_code",)
@@ -132,11 +133,8 @@ class MolmoRemoteAdapter(ModelAdapter):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.info = self.describe(preset=preset, path=path, options=options)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device, self.dtype, self.seed = torch.device(device), DTYPES[dtype], int(seed)
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
+        self.seed = int(seed)
         self.folder = Path(path)
         self.model = AutoModelForCausalLM.from_pretrained(self.folder, trust_remote_code=True, local_files_only=True,
                                                           dtype=self.dtype).to(self.device)
@@ -176,8 +174,9 @@ class MolmoRemoteAdapter(ModelAdapter):
         self._importance: Optional[list[float]] = None
 
     def identity(self) -> dict[str, Any]:
-        return {"family": FAMILY, "config": self.model.config.to_dict(), "weights": f"path:{self.folder.resolve()}",
-                "dtype": str(self.dtype).removeprefix("torch.")}
+        """What determines the weights (for the importance cache): config, dtype and the checkpoint folder."""
+        return model_identity(family=FAMILY, config=self.model.config, dtype=self.dtype,
+                              weights=weights_source(seed=self.seed, folder=self.folder))
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
@@ -237,16 +236,10 @@ class MolmoRemoteAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         hidden = self.transformer.wte(torch.tensor([[state.next_token]], dtype=torch.long, device=self.device))
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.transformer.wte(prepared.inputs["input_ids"]).clone()
@@ -338,15 +331,15 @@ class MolmoRemoteAdapter(ModelAdapter):
         the backbone whose name contains 'pool' or 'projector'), llm (everything else) and llm_active:
         skipped blocks left out and, per active block, only top_k / num_experts of its parameters whose
         name contains 'expert' (a structural rule: experts stored under other names count as dense)."""
-        total = _numel(self.model)
-        vision = _numel(self.vision)
-        projector = sum(_numel(m) for n, m in self.vision.named_children() if "pool" in n or "projector" in n)
+        total = numel(self.model)
+        vision = numel(self.vision)
+        projector = sum(numel(m) for n, m in self.vision.named_children() if "pool" in n or "projector" in n)
         llm = total - vision
         active = llm
         top_k = self.knobs.top_k or self.info.default_top_k
         for index, block in enumerate(self.structure.blocks):
             if index not in self._active:
-                active -= _numel(block)
+                active -= numel(block)
             elif self.info.num_experts:
                 experts = sum(p.numel() for n, p in block.named_parameters() if "expert" in n)
                 active -= experts - experts // self.info.num_experts * top_k
@@ -355,7 +348,3 @@ class MolmoRemoteAdapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

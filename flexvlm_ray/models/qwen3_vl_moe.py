@@ -50,7 +50,8 @@ from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo
                                      register_model)
 from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS
-from flexvlm_ray.models.flexmoe_model import DTYPES
+from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
+                                          record_token, weights_source)
 
 FAMILY = "qwen3_vl_moe"
 PRESETS = ("tiny",)
@@ -141,11 +142,8 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         from transformers import Qwen3VLMoeForConditionalGeneration
 
         self.info = self.describe(preset=preset, path=path, options=options)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device, self.dtype, self.seed = torch.device(device), DTYPES[dtype], int(seed)
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
+        self.seed = int(seed)
         self.config, folder = _resolve_config(preset=preset, path=path)
         self.folder = folder
         self.config._attn_implementation = "sdpa"
@@ -186,9 +184,8 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     def identity(self) -> dict[str, Any]:
         """What determines the weights (for the importance cache): config, dtype, and the seed or the
         checkpoint folder's resolved path."""
-        weights = f"random:seed={self.seed}" if self.folder is None else f"path:{self.folder.resolve()}"
-        return {"family": FAMILY, "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "weights": weights}
+        return model_identity(family=FAMILY, config=self.config, dtype=self.dtype,
+                              weights=weights_source(seed=self.seed, folder=self.folder))
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
@@ -274,18 +271,12 @@ class Qwen3VLMoeAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.text_model.embed_tokens(ids)
         pos = torch.full((3, 1, 1), state.position + state.extras["rope_delta"], dtype=torch.long, device=self.device)
         logits = self._forward(hidden=hidden, position_ids=pos, cache=state.cache, deepstack=None)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: dict[str, Any]) -> torch.Tensor:
         """Token embeddings with the merged image features written into the image-pad positions."""
@@ -380,17 +371,17 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         """vision_encoder (tower without mergers), projector (merger + DeepStack mergers), llm
         (language model + lm_head) and llm_active (one token: active blocks, top_k experts each)."""
         visual = self.visual
-        projector = _numel(visual.merger) + _numel(visual.deepstack_merger_list)
-        llm = _numel(self.text_model) + _numel(self.model.lm_head)
+        projector = numel(visual.merger) + numel(visual.deepstack_merger_list)
+        llm = numel(self.text_model) + numel(self.model.lm_head)
         active = llm
         top_k = self.knobs.top_k or self.info.default_top_k
         for index, layer in enumerate(self.text_model.layers):
             if index not in self._active:
-                active -= _numel(layer)
+                active -= numel(layer)
             elif hasattr(layer.mlp, "experts"):
-                experts = _numel(layer.mlp.experts)
+                experts = numel(layer.mlp.experts)
                 active -= experts - experts // self.info.num_experts * top_k
-        return {"vision_encoder": _numel(visual) - projector, "projector": projector, "llm": llm, "llm_active": active}
+        return {"vision_encoder": numel(visual) - projector, "projector": projector, "llm": llm, "llm_active": active}
 
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
         """Analytic FLOPs per stage (``qwen3_vl_moe_flops``) under the knobs applied now."""
@@ -404,10 +395,6 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _processor_args_from(folder: Path) -> dict[str, Any]:
