@@ -49,7 +49,8 @@ from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
 from flexvlm_ray.models.flexmoe_model import (WEIGHTS_FILE, FlexMoeModel, build_flexmoe, load_flexmoe,
                                               read_flexmoe_config, splice_image_embeds)
 from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
-from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_max_crops,
+                                          device_and_dtype, greedy_token, model_identity, numel, prefill_state,
                                           record_token, weights_source)
 
 ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -254,8 +255,7 @@ class FlexMoeAdapter(ModelAdapter):
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
         max_crops = self.config.max_crops if knobs.max_crops is None else knobs.max_crops
-        if not 1 <= max_crops <= self.config.max_crops:
-            raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{self.config.max_crops}")
+        check_max_crops(max_crops=max_crops, limit=self.config.max_crops)
         if sample.image is None:
             raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
         layout = layout_image(image=sample.image, config=self.config, max_crops=max_crops)
@@ -301,14 +301,11 @@ class FlexMoeAdapter(ModelAdapter):
         hidden = self._embed_prompt(prepared, embeds)
         if self.fast is not None:
             logits = self.fast.prefill(hidden=hidden, blocks=self._active)
-            token = int(torch.argmax(logits).item())
-            return DecodeState(next_token=token, tokens=[token], cache=self.fast.cache, position=hidden.shape[1],
-                               extras={"blocks": self._active, "logits": logits, "epoch": self.fast.cache.epoch})
+            return prefill_state(logits=logits, cache=self.fast.cache, position=hidden.shape[1], blocks=self._active,
+                                 epoch=self.fast.cache.epoch)
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, start=0, cache=cache)
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits})
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active)
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
@@ -318,7 +315,7 @@ class FlexMoeAdapter(ModelAdapter):
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.model.decoder.model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
-        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     def _fast_decode_step(self, state: DecodeState) -> int:
         """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""
@@ -366,8 +363,7 @@ class FlexMoeAdapter(ModelAdapter):
     # -- knobs -------------------------------------------------------------------------
     def apply_knobs(self, knobs: Knobs) -> None:
         c = self.config
-        if knobs.max_crops is not None and not 1 <= knobs.max_crops <= c.max_crops:
-            raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{c.max_crops}")
+        check_max_crops(max_crops=knobs.max_crops, limit=c.max_crops)
         self._active = apply_moe_block_knobs(knobs=knobs, routers=self.moe_routers(), num_experts=c.num_experts,
                                              num_blocks=c.num_blocks, default_top_k=c.top_k, seed=self.seed,
                                              scores=self.block_importance)
@@ -439,12 +435,6 @@ def flexmoe_param_counts(*, model: FlexMoeModel, top_k: int, active_blocks: Sequ
     vision = numel(model.vision)
     projector = sum(numel(m) for m in model.connector_modules())
     llm = numel(model.decoder)
-    active = llm
-    num_experts = model.config.num_experts
-    for index, block in enumerate(model.blocks):
-        if index not in active_blocks:
-            active -= numel(block)
-            continue
-        experts = numel(block.mlp.experts)
-        active -= experts - experts // num_experts * top_k
+    active = active_llm_params(llm=llm, blocks=model.blocks, active=active_blocks, num_experts=model.config.num_experts,
+                               top_k=top_k, expert_params=lambda block: numel(block.mlp.experts))
     return {"vision_encoder": vision, "projector": projector, "llm": llm, "llm_active": active}

@@ -1,11 +1,12 @@
 """Small pieces that the adapter families on torch modules share (flexmoe, qwen3_vl_moe, molmo2,
-molmo_remote): device and dtype checks, the model identity of the importance cache, parameter
-counts, and the bookkeeping of one greedy decode step. What differs between families (stages,
+molmo_remote): device and dtype checks, the max_crops range check, the model identity of the
+importance cache, parameter counts (all and active per token), and the bookkeeping of greedy decoding (the state prefill
+starts, one decode step). What differs between families (stages,
 decoder loops, knob targets) stays in the family's own module."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -23,6 +24,12 @@ def device_and_dtype(*, device: str, dtype: str) -> tuple[torch.device, torch.dt
     return torch.device(device), DTYPES[dtype]
 
 
+def check_max_crops(*, max_crops: Optional[int], limit: int) -> None:
+    """ValueError when ``max_crops`` is set and outside ``1 .. limit``."""
+    if max_crops is not None and not 1 <= max_crops <= limit:
+        raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{limit}")
+
+
 def weights_source(*, seed: int, folder: Optional[Path]) -> str:
     """Where weights come from: ``random:seed=N`` (built from a seed) or ``path:<resolved folder>``."""
     return f"random:seed={seed}" if folder is None else f"path:{folder.resolve()}"
@@ -38,6 +45,34 @@ def model_identity(*, family: str, config: Any, dtype: torch.dtype, weights: str
 def numel(module: torch.nn.Module) -> int:
     """Parameters of ``module`` (works on the 'meta' device)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """The greedy choice: index of the largest logit."""
+    return int(torch.argmax(logits).item())
+
+
+def prefill_state(*, logits: torch.Tensor, cache: Any, position: int, blocks: tuple[int, ...],
+                  **extras: Any) -> DecodeState:
+    """The decode state after prefill: the greedy first token, the KV cache, the sequence length,
+    and in ``extras`` the blocks that ran, the logits and the family's own ``extras``."""
+    token = greedy_token(logits)
+    return DecodeState(next_token=token, tokens=[token], cache=cache, position=position,
+                       extras={"blocks": blocks, "logits": logits, **extras})
+
+
+def active_llm_params(*, llm: int, blocks: Sequence[torch.nn.Module], active: Sequence[int], num_experts: int,
+                      top_k: int, expert_params: Callable[[torch.nn.Module], int]) -> int:
+    """What one token touches of the ``llm`` parameters: skipped blocks left out and, in each block
+    that runs, all but ``top_k`` of its ``num_experts`` experts (``expert_params(block)``: the
+    block's expert parameters; 0 for a dense block; ``num_experts`` 0: a dense decoder)."""
+    for index, block in enumerate(blocks):
+        if index not in active:
+            llm -= numel(block)
+        elif num_experts:
+            experts = expert_params(block)
+            llm -= experts - experts // num_experts * top_k
+    return llm
 
 
 def check_blocks_unchanged(*, state: DecodeState, active: tuple[int, ...]) -> None:

@@ -43,8 +43,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import Tokenizer
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs.blocks import block_influence, cached_importance, select_blocks, validate_active_blocks
@@ -52,9 +51,9 @@ from flexvlm_ray.knobs.moe import validate_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
-from flexvlm_ray.models.flexmoe_config import WORDS
-from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
-                                          record_token, weights_source)
+from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
+from flexvlm_ray.models.hf_common import (check_blocks_unchanged, check_max_crops, device_and_dtype, greedy_token,
+                                          model_identity, numel, prefill_state, record_token, weights_source)
 from flexvlm_ray.models.molmo2_preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
                                                   preprocess_image)
 
@@ -111,11 +110,7 @@ def build_tokenizer() -> Tokenizer:
     tokens = list(SPECIAL_TOKENS) + list(WORDS)
     tokens += [f"[unused{i}]" for i in range(TINY_VOCAB - len(tokens))]
     tokens += list(ADDITIONAL_TOKENS) + [f"[extra{i}]" for i in range(TINY_ADDITIONAL - len(ADDITIONAL_TOKENS))]
-    tok = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(SPECIAL_TOKENS) + list(ADDITIONAL_TOKENS))
-    return tok
+    return word_level_tokenizer(tokens=tokens, special_tokens=list(SPECIAL_TOKENS) + list(ADDITIONAL_TOKENS))
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -246,8 +241,7 @@ class Molmo2Adapter(ModelAdapter):
         if sample.image is None:
             raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
         max_crops = self.image_settings.max_crops if knobs.max_crops is None else knobs.max_crops
-        if not 1 <= max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_max_crops(max_crops=max_crops, limit=MAX_CROPS_LIMIT)
         image = preprocess_image(image=sample.image, settings=self.image_settings, max_crops=max_crops)
         prompt_ids = self.tokenizer.encode(sample.prompt or "", add_special_tokens=False).ids
         ids = [self._bos] + image_token_ids(grid=image.grid, ids=self.token_ids) + list(prompt_ids)
@@ -293,10 +287,8 @@ class Molmo2Adapter(ModelAdapter):
         hidden = self._embed_prompt(prepared, embeds)
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, start=0, cache=cache, mask=self._prefill_mask(prepared))
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits,
-                                   "num_prompt_tokens": int(inputs["input_ids"].shape[1])})
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active,
+                             num_prompt_tokens=int(inputs["input_ids"].shape[1]))
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
@@ -304,7 +296,7 @@ class Molmo2Adapter(ModelAdapter):
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.text_model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache, mask=None)
-        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the pooled features added at the ``<im_patch>`` positions (as the model does)."""
@@ -357,8 +349,7 @@ class Molmo2Adapter(ModelAdapter):
         validate_top_k(top_k=knobs.top_k, num_experts=0)
         validate_active_blocks(active_blocks=knobs.active_blocks, num_blocks=self.info.num_blocks,
                                policy=knobs.block_policy)
-        if knobs.max_crops is not None and not 1 <= knobs.max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_max_crops(max_crops=knobs.max_crops, limit=MAX_CROPS_LIMIT)
         if knobs.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 0")
         self._active = select_blocks(active_blocks=knobs.active_blocks, num_blocks=self.info.num_blocks,

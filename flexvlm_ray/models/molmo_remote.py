@@ -60,7 +60,8 @@ from flexvlm_ray.models.discover import discover_structure
 from flexvlm_ray.models.flexmoe import calibration_samples
 from flexvlm_ray.models.flexmoe_config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
 from flexvlm_ray.models.flexmoe_preprocess import layout_image
-from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_max_crops,
+                                          device_and_dtype, greedy_token, model_identity, numel, prefill_state,
                                           record_token, weights_source)
 
 FAMILY = "molmo_remote"
@@ -183,8 +184,7 @@ class MolmoRemoteAdapter(ModelAdapter):
         if sample.image is None:
             raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
         max_crops = self.geometry.max_crops if knobs.max_crops is None else knobs.max_crops
-        if not 1 <= max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_max_crops(max_crops=max_crops, limit=MAX_CROPS_LIMIT)
         layout = layout_image(image=sample.image, config=self.geometry, max_crops=max_crops)
         image_ids = [self.token_map.get(t, t) for t in layout.image_tokens]
         prompt_ids = self.tokenizer.encode(sample.prompt or "", add_special_tokens=False).ids
@@ -230,16 +230,14 @@ class MolmoRemoteAdapter(ModelAdapter):
         hidden = self._embed_prompt(prepared, embeds)
         cache: dict[int, Any] = {}
         logits = self._forward(hidden=hidden, start=0, cache=cache)
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits})
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active)
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
         check_blocks_unchanged(state=state, active=self._active)
         hidden = self.transformer.wte(torch.tensor([[state.next_token]], dtype=torch.long, device=self.device))
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
-        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.transformer.wte(prepared.inputs["input_ids"]).clone()
@@ -281,8 +279,7 @@ class MolmoRemoteAdapter(ModelAdapter):
 
     # -- knobs -------------------------------------------------------------------------
     def apply_knobs(self, knobs: Knobs) -> None:
-        if knobs.max_crops is not None and not 1 <= knobs.max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_max_crops(max_crops=knobs.max_crops, limit=MAX_CROPS_LIMIT)
         info = self.info
         self._active = apply_moe_block_knobs(knobs=knobs, routers=self.structure.routers, num_experts=info.num_experts,
                                              num_blocks=info.num_blocks, default_top_k=info.default_top_k,
@@ -335,14 +332,10 @@ class MolmoRemoteAdapter(ModelAdapter):
         vision = numel(self.vision)
         projector = sum(numel(m) for n, m in self.vision.named_children() if "pool" in n or "projector" in n)
         llm = total - vision
-        active = llm
-        top_k = self.knobs.top_k or self.info.default_top_k
-        for index, block in enumerate(self.structure.blocks):
-            if index not in self._active:
-                active -= numel(block)
-            elif self.info.num_experts:
-                experts = sum(p.numel() for n, p in block.named_parameters() if "expert" in n)
-                active -= experts - experts // self.info.num_experts * top_k
+        active = active_llm_params(
+            llm=llm, blocks=self.structure.blocks, active=self._active, num_experts=self.info.num_experts,
+            top_k=self.knobs.top_k or self.info.default_top_k,
+            expert_params=lambda block: sum(p.numel() for n, p in block.named_parameters() if "expert" in n))
         return {"vision_encoder": vision - projector, "projector": projector, "llm": llm, "llm_active": active}
 
     def synchronize(self) -> None:

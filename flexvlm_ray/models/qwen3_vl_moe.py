@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import Tokenizer
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
@@ -49,9 +48,9 @@ from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
-from flexvlm_ray.models.flexmoe_config import WORDS
-from flexvlm_ray.models.hf_common import (check_blocks_unchanged, device_and_dtype, model_identity, numel,
-                                          record_token, weights_source)
+from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, device_and_dtype, greedy_token,
+                                          model_identity, numel, prefill_state, record_token, weights_source)
 
 FAMILY = "qwen3_vl_moe"
 PRESETS = ("tiny",)
@@ -83,11 +82,7 @@ def build_tokenizer(*, vocab_size: int) -> Tokenizer:
     """Word-level tokenizer: the Qwen special tokens above, flexmoe's ``WORDS``, ``[unusedN]`` fillers."""
     tokens = list(SPECIAL_TOKENS) + list(WORDS)
     tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]
-    tok = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
+    return word_level_tokenizer(tokens=tokens, special_tokens=SPECIAL_TOKENS)
 
 
 def _image_processor_class():
@@ -265,9 +260,8 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, position_ids=inputs["position_ids"], cache=cache,
                                deepstack=(inputs["image_mask"], embeds["deepstack"]))
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits, "rope_delta": inputs["rope_delta"]})
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active,
+                             rope_delta=inputs["rope_delta"])
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
@@ -276,7 +270,7 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         hidden = self.text_model.embed_tokens(ids)
         pos = torch.full((3, 1, 1), state.position + state.extras["rope_delta"], dtype=torch.long, device=self.device)
         logits = self._forward(hidden=hidden, position_ids=pos, cache=state.cache, deepstack=None)
-        return record_token(state=state, token=int(torch.argmax(logits).item()), logits=logits)
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: dict[str, Any]) -> torch.Tensor:
         """Token embeddings with the merged image features written into the image-pad positions."""
@@ -373,14 +367,10 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         visual = self.visual
         projector = numel(visual.merger) + numel(visual.deepstack_merger_list)
         llm = numel(self.text_model) + numel(self.model.lm_head)
-        active = llm
-        top_k = self.knobs.top_k or self.info.default_top_k
-        for index, layer in enumerate(self.text_model.layers):
-            if index not in self._active:
-                active -= numel(layer)
-            elif hasattr(layer.mlp, "experts"):
-                experts = numel(layer.mlp.experts)
-                active -= experts - experts // self.info.num_experts * top_k
+        active = active_llm_params(
+            llm=llm, blocks=self.text_model.layers, active=self._active, num_experts=self.info.num_experts,
+            top_k=self.knobs.top_k or self.info.default_top_k,
+            expert_params=lambda layer: numel(layer.mlp.experts) if hasattr(layer.mlp, "experts") else 0)   # dense: 0
         return {"vision_encoder": numel(visual) - projector, "projector": projector, "llm": llm, "llm_active": active}
 
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
