@@ -3,11 +3,9 @@ vision tokens from ``max_pixels``, top_k routing, active blocks with a consisten
 restore, forced output length, spec validation and ``verify_knobs``."""
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from PIL import Image
+from model_support import decode_counting_block_calls, routed_experts_per_token, run_stages, sample
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs.verify import verify_knobs
@@ -31,14 +29,8 @@ def make(**options) -> Qwen3VLMoeAdapter:
                                       options=options)
 
 
-def sample(width: int = 640, height: int = 480) -> Sample:
-    return Sample(sample_id="s", image=Image.new("RGB", (width, height), (90, 140, 30)),
-                  prompt="what color is the car ?")
-
-
 def run(adapter, smp: Sample, knobs: Knobs = Knobs()):
-    prepared = adapter.prepare(sample=smp, knobs=knobs)
-    return prepared, adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
+    return run_stages(adapter, smp, knobs)
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +90,7 @@ def test_top_k_sets_distinct_routed_experts_and_restore_is_exact(tiny):
     tiny.restore_knobs()
     _, fresh = run(tiny, sample())
     for k in (1, 3, 8):
-        seen: Counter = Counter()
-
-        def hook(module, args, output):
-            seen.update((output[-1].sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1).add(1).tolist())
-
-        tiny.apply_knobs(Knobs(top_k=k))
-        handles = [r.register_forward_hook(hook) for r in tiny.moe_routers()]
-        try:
-            _, changed = run(tiny, sample())
-        finally:
-            for h in handles:
-                h.remove()
+        seen, changed = routed_experts_per_token(tiny, knobs=Knobs(top_k=k), run=lambda: run(tiny, sample()))
         assert sorted(seen) == [k]
         assert not torch.equal(changed.extras["logits"], fresh.extras["logits"])
     tiny.restore_knobs()
@@ -119,18 +100,9 @@ def test_top_k_sets_distinct_routed_experts_and_restore_is_exact(tiny):
 
 @pytest.mark.parametrize("policy", ["prefix", "random"])
 def test_active_blocks_run_exactly_the_chosen_blocks_with_a_consistent_cache(tiny, policy):
-    layers = list(tiny.text_model.layers)
-    tiny.apply_knobs(Knobs(active_blocks=2, block_policy=policy))
-    chosen = tiny.active_block_indices()
-    calls: Counter = Counter()
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.update([i])) for i, b in enumerate(layers)]
-    try:
-        prepared, state = run(tiny, sample())
-        for _ in range(3):
-            tiny.decode_step(state)
-    finally:
-        for h in handles:
-            h.remove()
+    chosen, prepared, state, calls = decode_counting_block_calls(
+        tiny, blocks=list(tiny.text_model.layers), knobs=Knobs(active_blocks=2, block_policy=policy),
+        run=lambda: run(tiny, sample()))
     assert len(chosen) == 2 and dict(calls) == {i: 4 for i in chosen}
     if policy == "prefix":
         assert chosen == (0, 1)
