@@ -219,3 +219,58 @@ def test_engine_rows_carry_the_analytic_flops(tiny):
     assert row["flops_vision"] == 2.0 * tiny.param_counts()["vision_encoder"] * 48
     assert row["flops_total_analytic"] == sum(row[f"flops_{s}_analytic"]
                                               for s in ("vision", "projector", "llm_prefill", "llm_decode"))
+
+
+# -- helpers the families share (flexvlm_ray.models.hf_common) ----------------------------------
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(device="cpu", dtype="float64"), ValueError, "dtype 'float64' is not one of float32, bfloat16, float16"),
+    (dict(device="cuda:0", dtype="float32"), RuntimeError, "device 'cuda:0' was requested but CUDA is not available"),
+])
+def test_device_and_dtype_errors(kwargs, error, message):
+    from flexvlm_ray.models.hf_common import device_and_dtype
+
+    if kwargs["device"].startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(error, match=message):
+        device_and_dtype(**kwargs)
+    assert device_and_dtype(device="cpu", dtype="bfloat16") == (torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("requested, default, limit, expected", [
+    (None, 8, 24, 8), (1, 8, 24, 1), (24, 8, 24, 24), (0, 8, 24, "allowed 1..24"), (13, 12, 12, "allowed 1..12"),
+])
+def test_max_crops_for(requested, default, limit, expected):
+    from flexvlm_ray.models.hf_common import max_crops_for
+
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=f"max_crops={requested} is out of range: {expected}"):
+            max_crops_for(knobs=Knobs(max_crops=requested), default=default, limit=limit)
+    else:
+        assert max_crops_for(knobs=Knobs(max_crops=requested), default=default, limit=limit) == expected
+
+
+def test_prefill_state_and_decode_bookkeeping():
+    from flexvlm_ray.models.hf_common import check_blocks_unchanged, prefill_state, record_token
+
+    state = prefill_state(logits=torch.tensor([0.0, 3.0, 1.0]), cache="kv", position=5, blocks=(0, 2), epoch=7)
+    assert (state.next_token, state.tokens, state.cache, state.position) == (1, [1], "kv", 5)
+    assert list(state.extras) == ["blocks", "logits", "epoch"] and state.extras["blocks"] == (0, 2)
+    check_blocks_unchanged(state=state, active=(0, 2))
+    with pytest.raises(RuntimeError, match=r"active blocks changed during decoding: prefill ran \(0, 2\), now \(0, 1\)"):
+        check_blocks_unchanged(state=state, active=(0, 1))
+    assert record_token(state=state, token=4, logits="step") == 4
+    assert (state.next_token, state.tokens, state.position, state.extras["logits"]) == (4, [1, 4], 6, "step")
+
+
+@pytest.mark.parametrize("active, num_experts, top_k, expected", [
+    ((0, 1, 2), 4, 4, 3 * 100),                       # every block, every expert
+    ((0, 2), 4, 4, 3 * 100 - 100),                    # block 1 skipped
+    ((0, 1, 2), 4, 1, 3 * 100 - 3 * (80 - 20)),       # 1 of 4 experts (80 expert parameters, 20 each)
+    ((1,), 0, 0, 100),                                # dense decoder: only skipped blocks leave
+])
+def test_active_llm_params(active, num_experts, top_k, expected):
+    from flexvlm_ray.models.hf_common import active_llm_params
+
+    blocks = [torch.nn.Linear(10, 10, bias=False) for _ in range(3)]     # 100 parameters each
+    assert active_llm_params(llm=300, blocks=blocks, active=active, num_experts=num_experts, top_k=top_k,
+                             expert_params=lambda block: 80) == expected

@@ -49,9 +49,9 @@ from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
 from flexvlm_ray.models.flexmoe_model import (WEIGHTS_FILE, FlexMoeModel, build_flexmoe, load_flexmoe,
                                               read_flexmoe_config, splice_image_embeds)
 from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
-from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_max_crops,
-                                          device_and_dtype, greedy_token, model_identity, numel, prefill_state,
-                                          record_token, weights_source)
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
+                                          device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
+                                          prefill_state, record_token, weights_source)
 
 ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 DEFAULT_PRESET = "tiny"
@@ -254,10 +254,8 @@ class FlexMoeAdapter(ModelAdapter):
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
-        max_crops = self.config.max_crops if knobs.max_crops is None else knobs.max_crops
-        check_max_crops(max_crops=max_crops, limit=self.config.max_crops)
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
+        max_crops = max_crops_for(knobs=knobs, default=self.config.max_crops, limit=self.config.max_crops)
+        check_has_image(sample=sample)
         layout = layout_image(image=sample.image, config=self.config, max_crops=max_crops)
         ids, positions = build_sequence(layout=layout, prompt=sample.prompt, tokenizer=self.tokenizer)
         dev = self.device

@@ -1,8 +1,8 @@
 """Small pieces that the adapter families on torch modules share (flexmoe, qwen3_vl_moe, molmo2,
-molmo_remote): device and dtype checks, the max_crops range check, the model identity of the
-importance cache, parameter counts (all and active per token), and the bookkeeping of greedy decoding (the state prefill
-starts, one decode step). What differs between families (stages,
-decoder loops, knob targets) stays in the family's own module."""
+molmo_remote): device and dtype checks, the max_crops and image checks of ``prepare``, the model
+identity of the importance cache, parameter counts (all, and active per token), and the
+bookkeeping of greedy decoding (the state prefill starts, one decode step). What differs between
+families (stages, decoder loops, knob targets) stays in the family's own module."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +28,20 @@ def check_max_crops(*, max_crops: Optional[int], limit: int) -> None:
     """ValueError when ``max_crops`` is set and outside ``1 .. limit``."""
     if max_crops is not None and not 1 <= max_crops <= limit:
         raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{limit}")
+
+
+def max_crops_for(*, knobs: Any, default: int, limit: int) -> int:
+    """The max_crops a sample is prepared with: ``knobs.max_crops``, or ``default`` when it is None;
+    ValueError outside ``1 .. limit``."""
+    max_crops = default if knobs.max_crops is None else knobs.max_crops
+    check_max_crops(max_crops=max_crops, limit=limit)
+    return max_crops
+
+
+def check_has_image(*, sample: Any) -> None:
+    """ValueError naming the sample when it has no image (it failed to load)."""
+    if sample.image is None:
+        raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
 
 
 def weights_source(*, seed: int, folder: Optional[Path]) -> str:

@@ -52,8 +52,9 @@ from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo
                                      register_model)
 from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
-from flexvlm_ray.models.hf_common import (check_blocks_unchanged, check_max_crops, device_and_dtype, greedy_token,
-                                          model_identity, numel, prefill_state, record_token, weights_source)
+from flexvlm_ray.models.hf_common import (check_blocks_unchanged, check_has_image, check_max_crops, device_and_dtype,
+                                          greedy_token, max_crops_for, model_identity, numel, prefill_state,
+                                          record_token, weights_source)
 from flexvlm_ray.models.molmo2_preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
                                                   preprocess_image)
 
@@ -238,10 +239,8 @@ class Molmo2Adapter(ModelAdapter):
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
-        max_crops = self.image_settings.max_crops if knobs.max_crops is None else knobs.max_crops
-        check_max_crops(max_crops=max_crops, limit=MAX_CROPS_LIMIT)
+        check_has_image(sample=sample)
+        max_crops = max_crops_for(knobs=knobs, default=self.image_settings.max_crops, limit=MAX_CROPS_LIMIT)
         image = preprocess_image(image=sample.image, settings=self.image_settings, max_crops=max_crops)
         prompt_ids = self.tokenizer.encode(sample.prompt or "", add_special_tokens=False).ids
         ids = [self._bos] + image_token_ids(grid=image.grid, ids=self.token_ids) + list(prompt_ids)

@@ -60,9 +60,9 @@ from flexvlm_ray.models.discover import discover_structure
 from flexvlm_ray.models.flexmoe import calibration_samples
 from flexvlm_ray.models.flexmoe_config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
 from flexvlm_ray.models.flexmoe_preprocess import layout_image
-from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_max_crops,
-                                          device_and_dtype, greedy_token, model_identity, numel, prefill_state,
-                                          record_token, weights_source)
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
+                                          device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
+                                          prefill_state, record_token, weights_source)
 
 FAMILY = "molmo_remote"
 OPTIONS = ("trust_remote_code",)
@@ -181,10 +181,8 @@ class MolmoRemoteAdapter(ModelAdapter):
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
-        max_crops = self.geometry.max_crops if knobs.max_crops is None else knobs.max_crops
-        check_max_crops(max_crops=max_crops, limit=MAX_CROPS_LIMIT)
+        check_has_image(sample=sample)
+        max_crops = max_crops_for(knobs=knobs, default=self.geometry.max_crops, limit=MAX_CROPS_LIMIT)
         layout = layout_image(image=sample.image, config=self.geometry, max_crops=max_crops)
         image_ids = [self.token_map.get(t, t) for t in layout.image_tokens]
         prompt_ids = self.tokenizer.encode(sample.prompt or "", add_special_tokens=False).ids

@@ -49,8 +49,9 @@ from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo
                                      register_model)
 from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
-from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, device_and_dtype, greedy_token,
-                                          model_identity, numel, prefill_state, record_token, weights_source)
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image,
+                                          device_and_dtype, greedy_token, model_identity, numel, prefill_state,
+                                          record_token, weights_source)
 
 FAMILY = "qwen3_vl_moe"
 PRESETS = ("tiny",)
@@ -187,8 +188,7 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         if knobs.max_crops is not None:
             raise ValueError(f"max_crops={knobs.max_crops}: family '{FAMILY}' has no crop knob "
                              f"(it sets vision tokens by the max_pixels option)")
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
+        check_has_image(sample=sample)
         kwargs = {}
         if self.max_pixels is not None:
             shortest = self.image_processor.size.shortest_edge or 1024
