@@ -1,5 +1,6 @@
 """Small pieces that the adapter families on torch modules share (flexmoe, qwen3_vl_moe, molmo2,
-molmo_remote): device and dtype checks, the max_crops and image checks of ``prepare``, the model
+molmo_remote): the config of a transformers family (preset or local checkpoint; qwen3_vl_moe,
+molmo2), device and dtype checks, the max_crops and image checks of ``prepare``, the model
 identity of the importance cache, parameter counts (all, and active per token), and the
 bookkeeping of greedy decoding (the state prefill starts, one decode step). What differs between
 families (stages, decoder loops, knob targets) stays in the family's own module."""
@@ -12,6 +13,23 @@ import torch
 
 from flexvlm_ray.models.base import DecodeState
 from flexvlm_ray.models.flexmoe_model import DTYPES
+
+
+def resolve_hf_config(*, family: str, preset: Optional[str], path: Optional[str],
+                      presets: dict[str, Callable[[], Any]]) -> tuple[Any, Optional[Path]]:
+    """(config, checkpoint folder) of a transformers family: a local folder's ``config.json`` through
+    ``AutoConfig`` (local files only; FileNotFoundError without it), else the preset's config (default
+    ``tiny``) and None (random weights); an unknown preset raises ValueError listing ``presets``."""
+    if path is not None:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"family '{family}': no checkpoint at '{path}' (expected a folder with config.json)")
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(folder, local_files_only=True), folder
+    name = preset or "tiny"
+    if name not in presets:
+        raise ValueError(f"Unknown preset '{name}' for family '{family}'. Available: {', '.join(presets)}")
+    return presets[name](), None
 
 
 def device_and_dtype(*, device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

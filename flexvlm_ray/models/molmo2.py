@@ -54,7 +54,7 @@ from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
 from flexvlm_ray.models.hf_common import (check_blocks_unchanged, check_has_image, check_max_crops, device_and_dtype,
                                           greedy_token, max_crops_for, model_identity, numel, prefill_state,
-                                          record_token, weights_source)
+                                          record_token, resolve_hf_config, weights_source)
 from flexvlm_ray.models.molmo2_preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
                                                   preprocess_image)
 
@@ -123,16 +123,7 @@ def _check_options(options: dict[str, Any]) -> None:
 def _resolve_config(*, preset: Optional[str], path: Optional[str]):
     """(config, checkpoint folder or None for random weights)."""
     molmo2_module()
-    if path is not None:
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"family '{FAMILY}': no checkpoint at '{path}' (expected a folder with config.json)")
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(folder, local_files_only=True), folder
-    name = preset or "tiny"
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset '{name}' for family '{FAMILY}'. Available: {', '.join(PRESETS)}")
-    return tiny_config(), None
+    return resolve_hf_config(family=FAMILY, preset=preset, path=path, presets=dict.fromkeys(PRESETS, tiny_config))
 
 
 def image_settings_from(folder: Optional[Path]) -> Molmo2ImageSettings:

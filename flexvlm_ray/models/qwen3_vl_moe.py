@@ -51,7 +51,7 @@ from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
 from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
 from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image,
                                           device_and_dtype, greedy_token, model_identity, numel, prefill_state,
-                                          record_token, weights_source)
+                                          record_token, resolve_hf_config, weights_source)
 
 FAMILY = "qwen3_vl_moe"
 PRESETS = ("tiny",)
@@ -107,16 +107,7 @@ def _check_options(options: dict[str, Any]) -> None:
 
 def _resolve_config(*, preset: Optional[str], path: Optional[str]):
     """(config, checkpoint folder or None for random weights)."""
-    if path is not None:
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"family '{FAMILY}': no checkpoint at '{path}' (expected a folder with config.json)")
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(folder, local_files_only=True), folder
-    name = preset or "tiny"
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset '{name}' for family '{FAMILY}'. Available: {', '.join(PRESETS)}")
-    return tiny_config(), None
+    return resolve_hf_config(family=FAMILY, preset=preset, path=path, presets=dict.fromkeys(PRESETS, tiny_config))
 
 
 @register_model(FAMILY)
