@@ -12,7 +12,8 @@ from PIL import Image
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs import verify as verify_mod
-from flexvlm_ray.knobs.blocks import select_blocks
+from flexvlm_ray.knobs.blocks import block_influence, select_blocks
+from flexvlm_ray.knobs.moe import temporary_top_k
 from flexvlm_ray.models import MODELS, Knobs
 from flexvlm_ray.models.flexmoe import FlexMoeAdapter
 
@@ -221,6 +222,48 @@ def test_importance_scores_are_cached_on_disk(tmp_path, monkeypatch):
 def test_importance_scores_are_block_influence(tiny):
     scores = tiny.block_importance()
     assert len(scores) == 4 and all(0.0 <= s <= 2.0 for s in scores)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return (x * self.factor,)           # a tuple, as transformers' decoder layers may return
+
+
+def test_block_influence_is_one_minus_cosine_averaged_over_tokens_and_passes():
+    # scaling keeps the direction (0), negating reverses it (2); [1, 0] -> [1, 1] on one token of two
+    # (1 - cos 45 deg, averaged with 0 over the tokens), in both passes
+    turn = torch.nn.Linear(2, 2, bias=False)
+    turn.weight.data = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    blocks = [_Scale(3.0), _Scale(-1.0), turn]
+    inputs = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])]
+
+    def run(x):
+        for block in blocks:
+            x = block(x)
+            x = x[0] if isinstance(x, tuple) else x
+
+    scores = block_influence(blocks=blocks, samples=inputs, run=run)
+    turned = (1.0 - 2 ** -0.5) / 2
+    assert scores == pytest.approx([0.0, 2.0, turned])
+    with pytest.raises(KeyError):                      # a block that did not run has no score
+        block_influence(blocks=blocks, samples=inputs, run=lambda x: blocks[0](x))
+    assert all(not b._forward_hooks for b in blocks)   # hooks removed, also after an error
+
+
+def test_temporary_top_k_restores_each_routers_own_value():
+    routers = [torch.nn.Module() for _ in range(2)]
+    routers[0].top_k, routers[1].top_k = 1, 3
+    with temporary_top_k(routers=routers, top_k=8):
+        assert [r.top_k for r in routers] == [8, 8]
+    assert [r.top_k for r in routers] == [1, 3]
+    with pytest.raises(RuntimeError, match="inside"):
+        with temporary_top_k(routers=routers, top_k=2):
+            raise RuntimeError("inside")
+    assert [r.top_k for r in routers] == [1, 3]
 
 
 # -- verify-knobs -------------------------------------------------------------------------

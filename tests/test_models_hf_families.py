@@ -3,11 +3,9 @@ vision tokens from ``max_pixels``, top_k routing, active blocks with a consisten
 restore, forced output length, spec validation and ``verify_knobs``."""
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from PIL import Image
+from model_support import decode_counting_block_calls, routed_experts_per_token, run_stages, sample
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs.verify import verify_knobs
@@ -31,14 +29,8 @@ def make(**options) -> Qwen3VLMoeAdapter:
                                       options=options)
 
 
-def sample(width: int = 640, height: int = 480) -> Sample:
-    return Sample(sample_id="s", image=Image.new("RGB", (width, height), (90, 140, 30)),
-                  prompt="what color is the car ?")
-
-
 def run(adapter, smp: Sample, knobs: Knobs = Knobs()):
-    prepared = adapter.prepare(sample=smp, knobs=knobs)
-    return prepared, adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
+    return run_stages(adapter, smp, knobs)
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +90,7 @@ def test_top_k_sets_distinct_routed_experts_and_restore_is_exact(tiny):
     tiny.restore_knobs()
     _, fresh = run(tiny, sample())
     for k in (1, 3, 8):
-        seen: Counter = Counter()
-
-        def hook(module, args, output):
-            seen.update((output[-1].sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1).add(1).tolist())
-
-        tiny.apply_knobs(Knobs(top_k=k))
-        handles = [r.register_forward_hook(hook) for r in tiny.moe_routers()]
-        try:
-            _, changed = run(tiny, sample())
-        finally:
-            for h in handles:
-                h.remove()
+        seen, changed = routed_experts_per_token(tiny, knobs=Knobs(top_k=k), run=lambda: run(tiny, sample()))
         assert sorted(seen) == [k]
         assert not torch.equal(changed.extras["logits"], fresh.extras["logits"])
     tiny.restore_knobs()
@@ -119,18 +100,9 @@ def test_top_k_sets_distinct_routed_experts_and_restore_is_exact(tiny):
 
 @pytest.mark.parametrize("policy", ["prefix", "random"])
 def test_active_blocks_run_exactly_the_chosen_blocks_with_a_consistent_cache(tiny, policy):
-    layers = list(tiny.text_model.layers)
-    tiny.apply_knobs(Knobs(active_blocks=2, block_policy=policy))
-    chosen = tiny.active_block_indices()
-    calls: Counter = Counter()
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.update([i])) for i, b in enumerate(layers)]
-    try:
-        prepared, state = run(tiny, sample())
-        for _ in range(3):
-            tiny.decode_step(state)
-    finally:
-        for h in handles:
-            h.remove()
+    chosen, prepared, state, calls = decode_counting_block_calls(
+        tiny, blocks=list(tiny.text_model.layers), knobs=Knobs(active_blocks=2, block_policy=policy),
+        run=lambda: run(tiny, sample()))
     assert len(chosen) == 2 and dict(calls) == {i: 4 for i in chosen}
     if policy == "prefix":
         assert chosen == (0, 1)
@@ -247,3 +219,58 @@ def test_engine_rows_carry_the_analytic_flops(tiny):
     assert row["flops_vision"] == 2.0 * tiny.param_counts()["vision_encoder"] * 48
     assert row["flops_total_analytic"] == sum(row[f"flops_{s}_analytic"]
                                               for s in ("vision", "projector", "llm_prefill", "llm_decode"))
+
+
+# -- helpers the families share (flexvlm_ray.models.hf_common) ----------------------------------
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(device="cpu", dtype="float64"), ValueError, "dtype 'float64' is not one of float32, bfloat16, float16"),
+    (dict(device="cuda:0", dtype="float32"), RuntimeError, "device 'cuda:0' was requested but CUDA is not available"),
+])
+def test_device_and_dtype_errors(kwargs, error, message):
+    from flexvlm_ray.models.hf_common import device_and_dtype
+
+    if kwargs["device"].startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(error, match=message):
+        device_and_dtype(**kwargs)
+    assert device_and_dtype(device="cpu", dtype="bfloat16") == (torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("requested, default, limit, expected", [
+    (None, 8, 24, 8), (1, 8, 24, 1), (24, 8, 24, 24), (0, 8, 24, "allowed 1..24"), (13, 12, 12, "allowed 1..12"),
+])
+def test_max_crops_for(requested, default, limit, expected):
+    from flexvlm_ray.models.hf_common import max_crops_for
+
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=f"max_crops={requested} is out of range: {expected}"):
+            max_crops_for(knobs=Knobs(max_crops=requested), default=default, limit=limit)
+    else:
+        assert max_crops_for(knobs=Knobs(max_crops=requested), default=default, limit=limit) == expected
+
+
+def test_prefill_state_and_decode_bookkeeping():
+    from flexvlm_ray.models.hf_common import check_blocks_unchanged, prefill_state, record_token
+
+    state = prefill_state(logits=torch.tensor([0.0, 3.0, 1.0]), cache="kv", position=5, blocks=(0, 2), epoch=7)
+    assert (state.next_token, state.tokens, state.cache, state.position) == (1, [1], "kv", 5)
+    assert list(state.extras) == ["blocks", "logits", "epoch"] and state.extras["blocks"] == (0, 2)
+    check_blocks_unchanged(state=state, active=(0, 2))
+    with pytest.raises(RuntimeError, match=r"active blocks changed during decoding: prefill ran \(0, 2\), now \(0, 1\)"):
+        check_blocks_unchanged(state=state, active=(0, 1))
+    assert record_token(state=state, token=4, logits="step") == 4
+    assert (state.next_token, state.tokens, state.position, state.extras["logits"]) == (4, [1, 4], 6, "step")
+
+
+@pytest.mark.parametrize("active, num_experts, top_k, expected", [
+    ((0, 1, 2), 4, 4, 3 * 100),                       # every block, every expert
+    ((0, 2), 4, 4, 3 * 100 - 100),                    # block 1 skipped
+    ((0, 1, 2), 4, 1, 3 * 100 - 3 * (80 - 20)),       # 1 of 4 experts (80 expert parameters, 20 each)
+    ((1,), 0, 0, 100),                                # dense decoder: only skipped blocks leave
+])
+def test_active_llm_params(active, num_experts, top_k, expected):
+    from flexvlm_ray.models.hf_common import active_llm_params
+
+    blocks = [torch.nn.Linear(10, 10, bias=False) for _ in range(3)]     # 100 parameters each
+    assert active_llm_params(llm=300, blocks=blocks, active=active, num_experts=num_experts, top_k=top_k,
+                             expert_params=lambda block: 80) == expected

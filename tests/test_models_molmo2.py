@@ -5,11 +5,9 @@ parameter counts and ``verify_knobs``."""
 from __future__ import annotations
 
 import sys
-from collections import Counter
-
 import pytest
 import torch
-from PIL import Image
+from model_support import decode_counting_block_calls, run_stages, sample
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs.verify import verify_knobs
@@ -28,14 +26,8 @@ knobs: {max_crops: [1, 4], active_blocks: [2, 4], max_new_tokens: 5}
 """
 
 
-def sample(width: int = 640, height: int = 480) -> Sample:
-    return Sample(sample_id="s", image=Image.new("RGB", (width, height), (90, 140, 30)),
-                  prompt="what color is the car ?")
-
-
 def run(adapter, smp: Sample, knobs: Knobs = Knobs(max_crops=2)):
-    prepared = adapter.prepare(sample=smp, knobs=knobs)
-    return prepared, adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
+    return run_stages(adapter, smp, knobs)
 
 
 def model_kwargs(prepared) -> dict:
@@ -107,18 +99,9 @@ def test_engine_pass_counts_and_forced_length(tiny):
 @pytest.mark.parametrize("policy, n", [("prefix", 2), ("random", 2), ("importance", 3), ("prefix", 1)])
 def test_active_blocks_run_exactly_the_chosen_blocks_with_a_consistent_cache(tiny, policy, n, tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXVLM_CACHE", str(tmp_path))
-    layers = list(tiny.text_model.layers)
-    tiny.apply_knobs(Knobs(active_blocks=n, block_policy=policy))
-    chosen = tiny.active_block_indices()
-    calls: Counter = Counter()
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.update([i])) for i, b in enumerate(layers)]
-    try:
-        prepared, state = run(tiny, sample())
-        for _ in range(3):
-            tiny.decode_step(state)
-    finally:
-        for h in handles:
-            h.remove()
+    chosen, prepared, state, calls = decode_counting_block_calls(
+        tiny, blocks=list(tiny.text_model.layers), knobs=Knobs(active_blocks=n, block_policy=policy),
+        run=lambda: run(tiny, sample()))
     assert len(chosen) == n and dict(calls) == {i: 4 for i in chosen}
     if policy == "prefix":
         assert chosen == tuple(range(n))

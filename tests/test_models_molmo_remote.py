@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 
 import pytest
 import torch
 from click.testing import CliRunner
 from fake_molmo_remote import write_fake_molmo
-from PIL import Image
+from model_support import decode_counting_block_calls, routed_experts_per_token, run_stages, sample
 
 from flexvlm_ray.cli import main
 from flexvlm_ray.data.base import Sample
@@ -36,14 +35,8 @@ knobs: {{max_crops: [1, 4], top_k: [1, 2], active_blocks: [2, 4], max_new_tokens
 """
 
 
-def sample(width: int = 640, height: int = 480) -> Sample:
-    return Sample(sample_id="s", image=Image.new("RGB", (width, height), (90, 140, 30)),
-                  prompt="what color is the car ?")
-
-
 def run(adapter, smp: Sample, knobs: Knobs = Knobs(max_crops=2)):
-    prepared = adapter.prepare(sample=smp, knobs=knobs)
-    return prepared, adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
+    return run_stages(adapter, smp, knobs)
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +151,7 @@ def test_top_k_sets_distinct_routed_experts_and_restore_is_exact(remote):
     remote.restore_knobs()
     _, fresh = run(remote, sample())
     for k in (1, 3, 8):
-        seen: Counter = Counter()
-
-        def hook(module, args, output):
-            seen.update((output[-1].sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1).add(1).tolist())
-
-        remote.apply_knobs(Knobs(top_k=k))
-        handles = [r.register_forward_hook(hook) for r in remote.moe_routers()]
-        try:
-            _, changed = run(remote, sample())
-        finally:
-            for h in handles:
-                h.remove()
+        seen, changed = routed_experts_per_token(remote, knobs=Knobs(top_k=k), run=lambda: run(remote, sample()))
         assert sorted(seen) == [k]
         assert not torch.equal(changed.extras["logits"], fresh.extras["logits"])
     remote.restore_knobs()
@@ -181,18 +163,9 @@ def test_top_k_sets_distinct_routed_experts_and_restore_is_exact(remote):
 @pytest.mark.parametrize("policy, n", [("prefix", 2), ("random", 3), ("importance", 2)])
 def test_active_blocks_run_exactly_the_chosen_blocks_with_a_consistent_cache(remote, policy, n, tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXVLM_CACHE", str(tmp_path))
-    blocks = list(remote.structure.blocks)
-    remote.apply_knobs(Knobs(active_blocks=n, block_policy=policy))
-    chosen = remote.active_block_indices()
-    calls: Counter = Counter()
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.update([i])) for i, b in enumerate(blocks)]
-    try:
-        prepared, state = run(remote, sample())
-        for _ in range(3):
-            remote.decode_step(state)
-    finally:
-        for h in handles:
-            h.remove()
+    chosen, prepared, state, calls = decode_counting_block_calls(
+        remote, blocks=list(remote.structure.blocks), knobs=Knobs(active_blocks=n, block_policy=policy),
+        run=lambda: run(remote, sample()))
     assert len(chosen) == n and dict(calls) == {i: 4 for i in chosen}
     if policy == "prefix":
         assert chosen == tuple(range(n))

@@ -15,7 +15,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from flexvlm_ray.models.base import BLOCK_POLICIES
 
@@ -74,6 +74,39 @@ def cached_importance(*, identity: dict, compute: Callable[[], list[float]]) -> 
     tmp.write_text(json.dumps({"identity": identity, "scores": scores}, indent=1, sort_keys=True))
     os.replace(tmp, path)
     return scores
+
+
+def block_influence(*, blocks: Sequence[Any], samples: Iterable[Any], run: Callable[[Any], Any]) -> list[float]:
+    """Block influence of each of ``blocks``: ``1 - cos(block input, block output)`` averaged over the
+    tokens of one forward pass, then over the passes, one per sample (under ``torch.inference_mode``).
+
+    ``run(sample)`` must call every block once; a block's input is its first positional argument
+    and its output the hidden states or a tuple that starts with them (forward hooks read both)."""
+    import torch
+
+    now: dict[int, float] = {}
+
+    def hook(index: int):
+        def fn(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            now[index] = float((1.0 - torch.nn.functional.cosine_similarity(
+                args[0].float(), out.float(), dim=-1)).mean())
+        return fn
+
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    count = 0
+    handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
+    try:
+        with torch.inference_mode():
+            for sample in samples:
+                now.clear()
+                run(sample)
+                sums += torch.tensor([now[i] for i in range(len(blocks))], dtype=torch.float64)
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (sums / count).tolist()
 
 
 def apply_moe_block_knobs(*, knobs: Any, routers: Sequence[Any], num_experts: int, num_blocks: int,

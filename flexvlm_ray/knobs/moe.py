@@ -7,7 +7,8 @@ softmax probabilities over all experts, not renormalized over the top k; Qwen3-V
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -28,3 +29,16 @@ def set_top_k(*, routers: Sequence[nn.Module], top_k: int) -> None:
         if not hasattr(router, "top_k"):
             raise TypeError(f"{type(router).__name__} has no 'top_k' attribute to set")
         router.top_k = int(top_k)
+
+
+@contextmanager
+def temporary_top_k(*, routers: Sequence[nn.Module], top_k: int) -> Iterator[None]:
+    """``top_k`` on every router inside a ``with`` block; each router's own value back afterwards
+    (also when the block raises)."""
+    saved = [router.top_k for router in routers]
+    set_top_k(routers=routers, top_k=top_k)
+    try:
+        yield
+    finally:
+        for router, k in zip(routers, saved):
+            router.top_k = k

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
-from flexvlm_ray.knobs.moe import set_top_k
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models import fused_ops
@@ -45,9 +46,12 @@ from flexvlm_ray.models.fast_decoder import DECODE_MOE, KERNELS, PREFILL_MOE, Fa
 from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
                                                build_tokenizer)
 from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
-from flexvlm_ray.models.flexmoe_model import (DTYPES, WEIGHTS_FILE, FlexMoeModel, build_flexmoe,
-                                              load_flexmoe, read_flexmoe_config, splice_image_embeds)
+from flexvlm_ray.models.flexmoe_model import (WEIGHTS_FILE, FlexMoeModel, build_flexmoe, load_flexmoe,
+                                              read_flexmoe_config, splice_image_embeds)
 from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
+                                          device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
+                                          prefill_state, record_token, weights_source)
 
 ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 DEFAULT_PRESET = "tiny"
@@ -97,6 +101,12 @@ def calibration_images() -> list[Image.Image]:
             arr[y0:y1, x0:x1] = rng.integers(0, 256, size=3, dtype=np.uint8)
         images.append(Image.fromarray(arr, "RGB"))
     return images
+
+
+def calibration_samples() -> list[Sample]:
+    """The calibration set of importance scores: ``calibration_images`` with ``CALIBRATION_PROMPTS``."""
+    return [Sample(sample_id="calibration", image=image, prompt=prompt)
+            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS)]
 
 
 def _resolve_config(*, preset: Optional[str], path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
@@ -156,12 +166,7 @@ class FlexMoeAdapter(ModelAdapter):
             raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
         if backend != "fast" and set(options) & set(FAST_OPTIONS):
             raise ValueError(f"options {sorted(set(options) & set(FAST_OPTIONS))} need backend 'fast'")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device = torch.device(device)
-        self.dtype = DTYPES[dtype]
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
         self.seed = int(seed)
         self.config, self.weights_dir = _resolve_config(preset=preset, path=path)
         attn = options.get("attn_implementation", "sdpa")
@@ -243,17 +248,14 @@ class FlexMoeAdapter(ModelAdapter):
     def identity(self) -> dict[str, Any]:
         """What determines the weights: config, dtype and the seed or the weights file's hash."""
         weights = (f"sha256:{_file_sha256(self.weights_dir / WEIGHTS_FILE)}" if self.weights_dir is not None
-                   else f"random:seed={self.seed}")
-        return {"family": "flexmoe", "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "weights": weights, "calibration": CALIBRATION_VERSION}
+                   else weights_source(seed=self.seed, folder=None))
+        return model_identity(family="flexmoe", config=self.config, dtype=self.dtype, weights=weights,
+                              calibration=CALIBRATION_VERSION)
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
-        max_crops = self.config.max_crops if knobs.max_crops is None else knobs.max_crops
-        if not 1 <= max_crops <= self.config.max_crops:
-            raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{self.config.max_crops}")
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
+        max_crops = max_crops_for(knobs=knobs, default=self.config.max_crops, limit=self.config.max_crops)
+        check_has_image(sample=sample)
         layout = layout_image(image=sample.image, config=self.config, max_crops=max_crops)
         ids, positions = build_sequence(layout=layout, prompt=sample.prompt, tokenizer=self.tokenizer)
         dev = self.device
@@ -297,40 +299,28 @@ class FlexMoeAdapter(ModelAdapter):
         hidden = self._embed_prompt(prepared, embeds)
         if self.fast is not None:
             logits = self.fast.prefill(hidden=hidden, blocks=self._active)
-            token = int(torch.argmax(logits).item())
-            return DecodeState(next_token=token, tokens=[token], cache=self.fast.cache, position=hidden.shape[1],
-                               extras={"blocks": self._active, "logits": logits, "epoch": self.fast.cache.epoch})
+            return prefill_state(logits=logits, cache=self.fast.cache, position=hidden.shape[1], blocks=self._active,
+                                 epoch=self.fast.cache.epoch)
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, start=0, cache=cache)
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits})
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active)
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         if self.fast is not None:
             return self._fast_decode_step(state)
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.model.decoder.model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     def _fast_decode_step(self, state: DecodeState) -> int:
         """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""
         if state.extras.get("epoch") != self.fast.cache.epoch:
             raise RuntimeError("this decode state's KV cache was overwritten by a later prefill")
         token = self.fast.decode(token=state.next_token, position=state.position, blocks=self._active)
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = self.fast.logits
-        return token
+        return record_token(state=state, token=token, logits=self.fast.logits)
 
     def _forward(self, *, hidden: torch.Tensor, start: int, cache: Optional[BlockKVCache],
                  blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -371,8 +361,7 @@ class FlexMoeAdapter(ModelAdapter):
     # -- knobs -------------------------------------------------------------------------
     def apply_knobs(self, knobs: Knobs) -> None:
         c = self.config
-        if knobs.max_crops is not None and not 1 <= knobs.max_crops <= c.max_crops:
-            raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{c.max_crops}")
+        check_max_crops(max_crops=knobs.max_crops, limit=c.max_crops)
         self._active = apply_moe_block_knobs(knobs=knobs, routers=self.moe_routers(), num_experts=c.num_experts,
                                              num_blocks=c.num_blocks, default_top_k=c.top_k, seed=self.seed,
                                              scores=self.block_importance)
@@ -397,42 +386,17 @@ class FlexMoeAdapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
+        """Block influence over the calibration set, routers at the default top_k while it runs."""
         self.importance_computations += 1
-        sums = torch.zeros(self.config.num_blocks, dtype=torch.float64)
-        count = 0
-        routers = self.moe_routers()
-        saved_top_k = [r.top_k for r in routers]
-        set_top_k(routers=routers, top_k=self.config.top_k)
-        scores_now: dict[int, float] = {}
+        with temporary_top_k(routers=self.moe_routers(), top_k=self.config.top_k):
+            return block_influence(blocks=self.model.blocks, samples=calibration_samples(), run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
-                scores_now[index] = float((1.0 - cos).mean())
-            return fn
-
-        handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.model.blocks)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                sample = _CalibrationSample(image=image, prompt=prompt)
-                prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
-                embeds = self.projector(prepared, self.vision_encoder(prepared))
-                hidden = self.model.decoder.model.embed_tokens(prepared.inputs["input_ids"])
-                splice_image_embeds(hidden=hidden, row=0, embeds=embeds, positions=prepared.inputs["image_positions"],
-                                    feature_index=prepared.inputs["feature_index"])
-                scores_now.clear()
-                self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.config.num_blocks))
-                sums += torch.tensor([scores_now[i] for i in range(self.config.num_blocks)], dtype=torch.float64)
-                count += 1
-        finally:
-            for handle in handles:
-                handle.remove()
-            for router, k in zip(routers, saved_top_k):
-                router.top_k = k
-        return (sums / count).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (at most 4 crops)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
+        hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
+        self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.config.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def decoder_blocks(self) -> Sequence[Any]:
@@ -462,28 +426,13 @@ class FlexMoeAdapter(ModelAdapter):
             torch.cuda.synchronize(self.device)
 
 
-class _CalibrationSample:
-    def __init__(self, *, image: Image.Image, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def flexmoe_param_counts(*, model: FlexMoeModel, top_k: int, active_blocks: Sequence[int]) -> dict[str, int]:
     """vision_encoder, projector (pooling + MLP), llm (whole decoder with embeddings and lm_head) and
     llm_active (what one token touches: embeddings, lm_head, final norm, and in each active block
     attention, norms, router and ``top_k`` of the experts). Works on the 'meta' device."""
-    vision = _numel(model.vision)
-    projector = sum(_numel(m) for m in model.connector_modules())
-    llm = _numel(model.decoder)
-    active = llm
-    num_experts = model.config.num_experts
-    for index, block in enumerate(model.blocks):
-        if index not in active_blocks:
-            active -= _numel(block)
-            continue
-        experts = _numel(block.mlp.experts)
-        active -= experts - experts // num_experts * top_k
+    vision = numel(model.vision)
+    projector = sum(numel(m) for m in model.connector_modules())
+    llm = numel(model.decoder)
+    active = active_llm_params(llm=llm, blocks=model.blocks, active=active_blocks, num_experts=model.config.num_experts,
+                               top_k=top_k, expert_params=lambda block: numel(block.mlp.experts))
     return {"vision_encoder": vision, "projector": projector, "llm": llm, "llm_active": active}

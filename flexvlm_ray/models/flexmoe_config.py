@@ -162,8 +162,14 @@ def build_tokenizer(*, vocab_size: int, extra_words: Sequence[str] = ()) -> Toke
     if len(set(tokens)) != len(tokens):
         raise ValueError("duplicate entries in the tokenizer word list")
     tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]
+    return word_level_tokenizer(tokens=tokens, special_tokens=SPECIAL_TOKENS)
+
+
+def word_level_tokenizer(*, tokens: Sequence[str], special_tokens: Sequence[str]) -> Tokenizer:
+    """Lowercasing, whitespace-splitting word-level tokenizer: ``tokens[i]`` has id ``i``, unknown words
+    map to ``[UNK]``, ``special_tokens`` are added as special tokens (the tiny presets' tokenizers)."""
     tok = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(list(special_tokens))
     return tok

@@ -43,16 +43,18 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import Tokenizer
 
-from flexvlm_ray.knobs.blocks import cached_importance, select_blocks, validate_active_blocks
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import block_influence, cached_importance, select_blocks, validate_active_blocks
 from flexvlm_ray.knobs.moe import validate_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models.flexmoe import BlockKVCache, CALIBRATION_PROMPTS, calibration_images
-from flexvlm_ray.models.flexmoe_config import WORDS
-from flexvlm_ray.models.flexmoe_model import DTYPES
+from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
+from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
+from flexvlm_ray.models.hf_common import (check_blocks_unchanged, check_has_image, check_max_crops, device_and_dtype,
+                                          greedy_token, max_crops_for, model_identity, numel, prefill_state,
+                                          record_token, resolve_hf_config, weights_source)
 from flexvlm_ray.models.molmo2_preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
                                                   preprocess_image)
 
@@ -109,11 +111,7 @@ def build_tokenizer() -> Tokenizer:
     tokens = list(SPECIAL_TOKENS) + list(WORDS)
     tokens += [f"[unused{i}]" for i in range(TINY_VOCAB - len(tokens))]
     tokens += list(ADDITIONAL_TOKENS) + [f"[extra{i}]" for i in range(TINY_ADDITIONAL - len(ADDITIONAL_TOKENS))]
-    tok = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(SPECIAL_TOKENS) + list(ADDITIONAL_TOKENS))
-    return tok
+    return word_level_tokenizer(tokens=tokens, special_tokens=list(SPECIAL_TOKENS) + list(ADDITIONAL_TOKENS))
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -125,16 +123,7 @@ def _check_options(options: dict[str, Any]) -> None:
 def _resolve_config(*, preset: Optional[str], path: Optional[str]):
     """(config, checkpoint folder or None for random weights)."""
     molmo2_module()
-    if path is not None:
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"family '{FAMILY}': no checkpoint at '{path}' (expected a folder with config.json)")
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(folder, local_files_only=True), folder
-    name = preset or "tiny"
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset '{name}' for family '{FAMILY}'. Available: {', '.join(PRESETS)}")
-    return tiny_config(), None
+    return resolve_hf_config(family=FAMILY, preset=preset, path=path, presets=dict.fromkeys(PRESETS, tiny_config))
 
 
 def image_settings_from(folder: Optional[Path]) -> Molmo2ImageSettings:
@@ -173,11 +162,8 @@ class Molmo2Adapter(ModelAdapter):
                  seed: int, options: dict[str, Any]) -> None:
         self.info = self.describe(preset=preset, path=path, options=options)
         m = molmo2_module()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device, self.dtype, self.seed = torch.device(device), DTYPES[dtype], int(seed)
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
+        self.seed = int(seed)
         self.config, self.folder = _resolve_config(preset=preset, path=path)
         self.config._attn_implementation = "sdpa"
         if self.folder is None:
@@ -222,9 +208,8 @@ class Molmo2Adapter(ModelAdapter):
 
     def identity(self) -> dict[str, Any]:
         """What determines the weights (for the importance cache)."""
-        weights = f"random:seed={self.seed}" if self.folder is None else f"path:{self.folder.resolve()}"
-        return {"family": FAMILY, "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "weights": weights}
+        return model_identity(family=FAMILY, config=self.config, dtype=self.dtype,
+                              weights=weights_source(seed=self.seed, folder=self.folder))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a checkpoint folder that ``path:`` loads: model, tokenizer, image settings."""
@@ -245,11 +230,8 @@ class Molmo2Adapter(ModelAdapter):
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
-        max_crops = self.image_settings.max_crops if knobs.max_crops is None else knobs.max_crops
-        if not 1 <= max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_has_image(sample=sample)
+        max_crops = max_crops_for(knobs=knobs, default=self.image_settings.max_crops, limit=MAX_CROPS_LIMIT)
         image = preprocess_image(image=sample.image, settings=self.image_settings, max_crops=max_crops)
         prompt_ids = self.tokenizer.encode(sample.prompt or "", add_special_tokens=False).ids
         ids = [self._bos] + image_token_ids(grid=image.grid, ids=self.token_ids) + list(prompt_ids)
@@ -295,24 +277,16 @@ class Molmo2Adapter(ModelAdapter):
         hidden = self._embed_prompt(prepared, embeds)
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, start=0, cache=cache, mask=self._prefill_mask(prepared))
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits,
-                                   "num_prompt_tokens": int(inputs["input_ids"].shape[1])})
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active,
+                             num_prompt_tokens=int(inputs["input_ids"].shape[1]))
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.text_model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache, mask=None)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the pooled features added at the ``<im_patch>`` positions (as the model does)."""
@@ -365,8 +339,7 @@ class Molmo2Adapter(ModelAdapter):
         validate_top_k(top_k=knobs.top_k, num_experts=0)
         validate_active_blocks(active_blocks=knobs.active_blocks, num_blocks=self.info.num_blocks,
                                policy=knobs.block_policy)
-        if knobs.max_crops is not None and not 1 <= knobs.max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_max_crops(max_crops=knobs.max_crops, limit=MAX_CROPS_LIMIT)
         if knobs.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={knobs.max_new_tokens} is out of range: allowed >= 0")
         self._active = select_blocks(active_blocks=knobs.active_blocks, num_blocks=self.info.num_blocks,
@@ -394,31 +367,16 @@ class Molmo2Adapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
-        num = self.info.num_blocks
-        sums = torch.zeros(num, dtype=torch.float64)
-        now: dict[int, float] = {}
+        """Block influence over the calibration set (a dense decoder: no routers to hold at top_k)."""
+        return block_influence(blocks=self.text_model.layers, samples=calibration_samples(), run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                now[index] = float((1.0 - torch.nn.functional.cosine_similarity(
-                    args[0].float(), out.float(), dim=-1)).mean())
-            return fn
-
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.text_model.layers)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                prepared = self.prepare(sample=_Sample(image=image, prompt=prompt), knobs=Knobs(max_crops=4))
-                hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
-                now.clear()
-                self._forward(hidden=hidden, start=0, cache=None, mask=self._prefill_mask(prepared), blocks=range(num))
-                sums += torch.tensor([now[i] for i in range(num)], dtype=torch.float64)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return (sums / len(CALIBRATION_PROMPTS)).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (at most 4 crops)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
+        hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
+        self._forward(hidden=hidden, start=0, cache=None, mask=self._prefill_mask(prepared),
+                      blocks=range(self.info.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def decoder_blocks(self) -> Sequence[Any]:
@@ -430,9 +388,9 @@ class Molmo2Adapter(ModelAdapter):
     def param_counts(self) -> dict[str, int]:
         """vision_encoder (ViT), projector (pooling attention + MLP), llm (language model + lm_head;
         the embedding table includes the additional image-token rows) and llm_active (skipped blocks left out)."""
-        llm = _numel(self.text_model) + _numel(self.model.lm_head)
-        active = llm - sum(_numel(layer) for i, layer in enumerate(self.text_model.layers) if i not in self._active)
-        return {"vision_encoder": _numel(self.vision), "projector": _numel(self.connector), "llm": llm,
+        llm = numel(self.text_model) + numel(self.model.lm_head)
+        active = llm - sum(numel(layer) for i, layer in enumerate(self.text_model.layers) if i not in self._active)
+        return {"vision_encoder": numel(self.vision), "projector": numel(self.connector), "llm": llm,
                 "llm_active": active}
 
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
@@ -451,12 +409,3 @@ class Molmo2Adapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Sample:
-    def __init__(self, *, image: Any, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

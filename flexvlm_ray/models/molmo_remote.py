@@ -51,15 +51,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
-from flexvlm_ray.knobs.moe import set_top_k
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.discover import discover_structure
-from flexvlm_ray.models.flexmoe import CALIBRATION_PROMPTS, calibration_images
+from flexvlm_ray.models.flexmoe import calibration_samples
 from flexvlm_ray.models.flexmoe_config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
-from flexvlm_ray.models.flexmoe_model import DTYPES
 from flexvlm_ray.models.flexmoe_preprocess import layout_image
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
+                                          device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
+                                          prefill_state, record_token, weights_source)
 
 FAMILY = "molmo_remote"
 OPTIONS = ("trust_remote_code",)
@@ -131,11 +134,8 @@ class MolmoRemoteAdapter(ModelAdapter):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.info = self.describe(preset=preset, path=path, options=options)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device, self.dtype, self.seed = torch.device(device), DTYPES[dtype], int(seed)
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
+        self.seed = int(seed)
         self.folder = Path(path)
         self.model = AutoModelForCausalLM.from_pretrained(self.folder, trust_remote_code=True, local_files_only=True,
                                                           dtype=self.dtype).to(self.device)
@@ -175,16 +175,14 @@ class MolmoRemoteAdapter(ModelAdapter):
         self._importance: Optional[list[float]] = None
 
     def identity(self) -> dict[str, Any]:
-        return {"family": FAMILY, "config": self.model.config.to_dict(), "weights": f"path:{self.folder.resolve()}",
-                "dtype": str(self.dtype).removeprefix("torch.")}
+        """What determines the weights (for the importance cache): config, dtype and the checkpoint folder."""
+        return model_identity(family=FAMILY, config=self.model.config, dtype=self.dtype,
+                              weights=weights_source(seed=self.seed, folder=self.folder))
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
-        max_crops = self.geometry.max_crops if knobs.max_crops is None else knobs.max_crops
-        if not 1 <= max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_has_image(sample=sample)
+        max_crops = max_crops_for(knobs=knobs, default=self.geometry.max_crops, limit=MAX_CROPS_LIMIT)
         layout = layout_image(image=sample.image, config=self.geometry, max_crops=max_crops)
         image_ids = [self.token_map.get(t, t) for t in layout.image_tokens]
         prompt_ids = self.tokenizer.encode(sample.prompt or "", add_special_tokens=False).ids
@@ -230,22 +228,14 @@ class MolmoRemoteAdapter(ModelAdapter):
         hidden = self._embed_prompt(prepared, embeds)
         cache: dict[int, Any] = {}
         logits = self._forward(hidden=hidden, start=0, cache=cache)
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits})
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active)
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         hidden = self.transformer.wte(torch.tensor([[state.next_token]], dtype=torch.long, device=self.device))
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     def _embed_prompt(self, prepared: Prepared, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.transformer.wte(prepared.inputs["input_ids"]).clone()
@@ -287,8 +277,7 @@ class MolmoRemoteAdapter(ModelAdapter):
 
     # -- knobs -------------------------------------------------------------------------
     def apply_knobs(self, knobs: Knobs) -> None:
-        if knobs.max_crops is not None and not 1 <= knobs.max_crops <= MAX_CROPS_LIMIT:
-            raise ValueError(f"max_crops={knobs.max_crops} is out of range: allowed 1..{MAX_CROPS_LIMIT}")
+        check_max_crops(max_crops=knobs.max_crops, limit=MAX_CROPS_LIMIT)
         info = self.info
         self._active = apply_moe_block_knobs(knobs=knobs, routers=self.structure.routers, num_experts=info.num_experts,
                                              num_blocks=info.num_blocks, default_top_k=info.default_top_k,
@@ -312,37 +301,17 @@ class MolmoRemoteAdapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
-        num = self.info.num_blocks
-        sums = torch.zeros(num, dtype=torch.float64)
-        routers = self.structure.routers
-        saved = [r.top_k for r in routers]
-        if routers:
-            set_top_k(routers=routers, top_k=self.info.default_top_k)
-        now: dict[int, float] = {}
+        """Block influence over the calibration set, routers (if any) at the default top_k while it runs."""
+        with temporary_top_k(routers=self.structure.routers, top_k=self.info.default_top_k):
+            return block_influence(blocks=self.structure.blocks, samples=calibration_samples(),
+                                   run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                now[index] = float((1.0 - torch.nn.functional.cosine_similarity(
-                    args[0].float(), out.float(), dim=-1)).mean())
-            return fn
-
-        handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.structure.blocks)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                prepared = self.prepare(sample=_Sample(image=image, prompt=prompt), knobs=Knobs(max_crops=4))
-                hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
-                now.clear()
-                self._forward(hidden=hidden, start=0, cache=None, blocks=range(num))
-                sums += torch.tensor([now[i] for i in range(num)], dtype=torch.float64)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for router, k in zip(routers, saved):
-                router.top_k = k
-        return (sums / len(CALIBRATION_PROMPTS)).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (at most 4 crops)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs(max_crops=4))
+        hidden = self._embed_prompt(prepared, self.projector(prepared, self.vision_encoder(prepared)))
+        self._forward(hidden=hidden, start=0, cache=None, blocks=range(self.info.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def crop_geometry(self) -> dict[str, Any]:
@@ -357,29 +326,16 @@ class MolmoRemoteAdapter(ModelAdapter):
         the backbone whose name contains 'pool' or 'projector'), llm (everything else) and llm_active:
         skipped blocks left out and, per active block, only top_k / num_experts of its parameters whose
         name contains 'expert' (a structural rule: experts stored under other names count as dense)."""
-        total = _numel(self.model)
-        vision = _numel(self.vision)
-        projector = sum(_numel(m) for n, m in self.vision.named_children() if "pool" in n or "projector" in n)
+        total = numel(self.model)
+        vision = numel(self.vision)
+        projector = sum(numel(m) for n, m in self.vision.named_children() if "pool" in n or "projector" in n)
         llm = total - vision
-        active = llm
-        top_k = self.knobs.top_k or self.info.default_top_k
-        for index, block in enumerate(self.structure.blocks):
-            if index not in self._active:
-                active -= _numel(block)
-            elif self.info.num_experts:
-                experts = sum(p.numel() for n, p in block.named_parameters() if "expert" in n)
-                active -= experts - experts // self.info.num_experts * top_k
+        active = active_llm_params(
+            llm=llm, blocks=self.structure.blocks, active=self._active, num_experts=self.info.num_experts,
+            top_k=self.knobs.top_k or self.info.default_top_k,
+            expert_params=lambda block: sum(p.numel() for n, p in block.named_parameters() if "expert" in n))
         return {"vision_encoder": vision - projector, "projector": projector, "llm": llm, "llm_active": active}
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Sample:
-    def __init__(self, *, image: Any, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -40,16 +40,18 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import Tokenizer
 
-from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, cached_importance
-from flexvlm_ray.knobs.moe import set_top_k
+from flexvlm_ray.data.base import Sample
+from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
+from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models.flexmoe import BlockKVCache, CALIBRATION_PROMPTS, calibration_images
-from flexvlm_ray.models.flexmoe_config import WORDS
-from flexvlm_ray.models.flexmoe_model import DTYPES
+from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
+from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
+from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image,
+                                          device_and_dtype, greedy_token, model_identity, numel, prefill_state,
+                                          record_token, resolve_hf_config, weights_source)
 
 FAMILY = "qwen3_vl_moe"
 PRESETS = ("tiny",)
@@ -81,11 +83,7 @@ def build_tokenizer(*, vocab_size: int) -> Tokenizer:
     """Word-level tokenizer: the Qwen special tokens above, flexmoe's ``WORDS``, ``[unusedN]`` fillers."""
     tokens = list(SPECIAL_TOKENS) + list(WORDS)
     tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]
-    tok = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
+    return word_level_tokenizer(tokens=tokens, special_tokens=SPECIAL_TOKENS)
 
 
 def _image_processor_class():
@@ -109,16 +107,7 @@ def _check_options(options: dict[str, Any]) -> None:
 
 def _resolve_config(*, preset: Optional[str], path: Optional[str]):
     """(config, checkpoint folder or None for random weights)."""
-    if path is not None:
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"family '{FAMILY}': no checkpoint at '{path}' (expected a folder with config.json)")
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(folder, local_files_only=True), folder
-    name = preset or "tiny"
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset '{name}' for family '{FAMILY}'. Available: {', '.join(PRESETS)}")
-    return tiny_config(), None
+    return resolve_hf_config(family=FAMILY, preset=preset, path=path, presets=dict.fromkeys(PRESETS, tiny_config))
 
 
 @register_model(FAMILY)
@@ -140,11 +129,8 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         from transformers import Qwen3VLMoeForConditionalGeneration
 
         self.info = self.describe(preset=preset, path=path, options=options)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
-        self.device, self.dtype, self.seed = torch.device(device), DTYPES[dtype], int(seed)
+        self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
+        self.seed = int(seed)
         self.config, folder = _resolve_config(preset=preset, path=path)
         self.folder = folder
         self.config._attn_implementation = "sdpa"
@@ -185,17 +171,15 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     def identity(self) -> dict[str, Any]:
         """What determines the weights (for the importance cache): config, dtype, and the seed or the
         checkpoint folder's resolved path."""
-        weights = f"random:seed={self.seed}" if self.folder is None else f"path:{self.folder.resolve()}"
-        return {"family": FAMILY, "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "weights": weights}
+        return model_identity(family=FAMILY, config=self.config, dtype=self.dtype,
+                              weights=weights_source(seed=self.seed, folder=self.folder))
 
     # -- stages ------------------------------------------------------------------------
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
         if knobs.max_crops is not None:
             raise ValueError(f"max_crops={knobs.max_crops}: family '{FAMILY}' has no crop knob "
                              f"(it sets vision tokens by the max_pixels option)")
-        if sample.image is None:
-            raise ValueError(f"sample '{getattr(sample, 'sample_id', '?')}' has no image")
+        check_has_image(sample=sample)
         kwargs = {}
         if self.max_pixels is not None:
             shortest = self.image_processor.size.shortest_edge or 1024
@@ -263,30 +247,27 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     @torch.inference_mode()
     def prefill(self, prepared: Prepared, embeds: dict[str, Any]) -> DecodeState:
         inputs = prepared.inputs
-        hidden = self.text_model.embed_tokens(inputs["input_ids"])
-        mask = inputs["image_mask"]
-        hidden[0, mask] = embeds["image"].to(hidden.dtype)
+        hidden = self._embed_prompt(prepared, embeds)
         cache = BlockKVCache()
         logits = self._forward(hidden=hidden, position_ids=inputs["position_ids"], cache=cache,
-                               deepstack=(mask, embeds["deepstack"]))
-        token = int(torch.argmax(logits).item())
-        return DecodeState(next_token=token, tokens=[token], cache=cache, position=hidden.shape[1],
-                           extras={"blocks": self._active, "logits": logits, "rope_delta": inputs["rope_delta"]})
+                               deepstack=(inputs["image_mask"], embeds["deepstack"]))
+        return prefill_state(logits=logits, cache=cache, position=hidden.shape[1], blocks=self._active,
+                             rope_delta=inputs["rope_delta"])
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState) -> int:
-        if state.extras.get("blocks") != self._active:
-            raise RuntimeError(f"active blocks changed during decoding: prefill ran {state.extras.get('blocks')}, "
-                               f"now {self._active}")
+        check_blocks_unchanged(state=state, active=self._active)
         ids = torch.tensor([[state.next_token]], dtype=torch.long, device=self.device)
         hidden = self.text_model.embed_tokens(ids)
         pos = torch.full((3, 1, 1), state.position + state.extras["rope_delta"], dtype=torch.long, device=self.device)
         logits = self._forward(hidden=hidden, position_ids=pos, cache=state.cache, deepstack=None)
-        token = int(torch.argmax(logits).item())
-        state.tokens.append(token)
-        state.next_token, state.position = token, state.position + 1
-        state.extras["logits"] = logits
-        return token
+        return record_token(state=state, token=greedy_token(logits), logits=logits)
+
+    def _embed_prompt(self, prepared: Prepared, embeds: dict[str, Any]) -> torch.Tensor:
+        """Token embeddings with the merged image features written into the image-pad positions."""
+        hidden = self.text_model.embed_tokens(prepared.inputs["input_ids"])
+        hidden[0, prepared.inputs["image_mask"]] = embeds["image"].to(hidden.dtype)
+        return hidden
 
     def _forward(self, *, hidden: torch.Tensor, position_ids: torch.Tensor, cache: Optional[BlockKVCache],
                  deepstack: Optional[tuple[torch.Tensor, list]], blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -350,39 +331,19 @@ class Qwen3VLMoeAdapter(ModelAdapter):
             self._importance = cached_importance(identity=self.identity(), compute=self._compute_importance)
         return self._importance
 
-    @torch.inference_mode()
     def _compute_importance(self) -> list[float]:
-        num = self.info.num_blocks
-        sums = torch.zeros(num, dtype=torch.float64)
-        routers = self.moe_routers()
-        saved = [r.top_k for r in routers]
-        set_top_k(routers=routers, top_k=self.info.default_top_k)
-        now: dict[int, float] = {}
+        """Block influence over the calibration set, routers at the default top_k while it runs."""
+        with temporary_top_k(routers=self.moe_routers(), top_k=self.info.default_top_k):
+            return block_influence(blocks=self.text_model.layers, samples=calibration_samples(),
+                                   run=self._calibration_pass)
 
-        def hook(index: int):
-            def fn(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                now[index] = float((1.0 - torch.nn.functional.cosine_similarity(
-                    args[0].float(), out.float(), dim=-1)).mean())
-            return fn
-
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.text_model.layers)]
-        try:
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS):
-                prepared = self.prepare(sample=_Sample(image=image, prompt=prompt), knobs=Knobs())
-                embeds = self.projector(prepared, self.vision_encoder(prepared))
-                hidden = self.text_model.embed_tokens(prepared.inputs["input_ids"])
-                hidden[0, prepared.inputs["image_mask"]] = embeds["image"].to(hidden.dtype)
-                now.clear()
-                self._forward(hidden=hidden, position_ids=prepared.inputs["position_ids"], cache=None,
-                              deepstack=(prepared.inputs["image_mask"], embeds["deepstack"]), blocks=range(num))
-                sums += torch.tensor([now[i] for i in range(num)], dtype=torch.float64)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for router, k in zip(routers, saved):
-                router.top_k = k
-        return (sums / len(CALIBRATION_PROMPTS)).tolist()
+    def _calibration_pass(self, sample: Sample) -> None:
+        """One forward over every block for importance scores (the default max_pixels)."""
+        prepared = self.prepare(sample=sample, knobs=Knobs())
+        embeds = self.projector(prepared, self.vision_encoder(prepared))
+        self._forward(hidden=self._embed_prompt(prepared, embeds), position_ids=prepared.inputs["position_ids"],
+                      cache=None, deepstack=(prepared.inputs["image_mask"], embeds["deepstack"]),
+                      blocks=range(self.info.num_blocks))
 
     # -- introspection -------------------------------------------------------------------
     def decoder_blocks(self) -> Sequence[Any]:
@@ -395,17 +356,13 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         """vision_encoder (tower without mergers), projector (merger + DeepStack mergers), llm
         (language model + lm_head) and llm_active (one token: active blocks, top_k experts each)."""
         visual = self.visual
-        projector = _numel(visual.merger) + _numel(visual.deepstack_merger_list)
-        llm = _numel(self.text_model) + _numel(self.model.lm_head)
-        active = llm
-        top_k = self.knobs.top_k or self.info.default_top_k
-        for index, layer in enumerate(self.text_model.layers):
-            if index not in self._active:
-                active -= _numel(layer)
-            elif hasattr(layer.mlp, "experts"):
-                experts = _numel(layer.mlp.experts)
-                active -= experts - experts // self.info.num_experts * top_k
-        return {"vision_encoder": _numel(visual) - projector, "projector": projector, "llm": llm, "llm_active": active}
+        projector = numel(visual.merger) + numel(visual.deepstack_merger_list)
+        llm = numel(self.text_model) + numel(self.model.lm_head)
+        active = active_llm_params(
+            llm=llm, blocks=self.text_model.layers, active=self._active, num_experts=self.info.num_experts,
+            top_k=self.knobs.top_k or self.info.default_top_k,
+            expert_params=lambda layer: numel(layer.mlp.experts) if hasattr(layer.mlp, "experts") else 0)   # dense: 0
+        return {"vision_encoder": numel(visual) - projector, "projector": projector, "llm": llm, "llm_active": active}
 
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
         """Analytic FLOPs per stage (``qwen3_vl_moe_flops``) under the knobs applied now."""
@@ -419,15 +376,6 @@ class Qwen3VLMoeAdapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Sample:
-    def __init__(self, *, image: Any, prompt: str) -> None:
-        self.sample_id, self.image, self.prompt = "calibration", image, prompt
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _processor_args_from(folder: Path) -> dict[str, Any]:
