@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from flexvlm_ray.models.base import BLOCK_POLICIES
+BLOCK_POLICIES = ("prefix", "importance", "random")
 
 CACHE_ENV = "FLEXVLM_CACHE"
 

@@ -19,9 +19,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from flexvlm_ray.knobs.blocks import BLOCK_POLICIES  # noqa: F401  (re-exported: the spec and verify use it)
 from flexvlm_ray.registry import Registry
-
-BLOCK_POLICIES = ("prefix", "importance", "random")
 
 
 @dataclass(frozen=True)
