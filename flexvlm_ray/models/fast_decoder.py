@@ -412,12 +412,12 @@ class FastDecoder:
     def prefill(self, *, hidden: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
         """Run ``blocks`` over the embedded prompt (1, T, H) from position 0; logits (V,) of position T-1.
 
-        With CUDA graphs on, a prefill MoE that never syncs with the host (not ``loop``) and no forward
-        hooks on the blocks (hook timing needs Python between the blocks), the prompt is padded with zero rows to a multiple of ``PREFILL_BUCKET`` and the pass
-        runs as one graph per (blocks, top_k per block, padded length); the padded rows come after
-        every real one, so causal attention and the per-token MoE leave the real rows' results
-        unchanged, and the cache rows they write lie beyond the prompt, where decode overwrites them
-        before attending to them.
+        With CUDA graphs on, a prefill MoE that never syncs with the host (not ``loop``) and no
+        forward hooks on the blocks (hook timing needs Python between the blocks), the prompt is
+        padded with zero rows to a multiple of ``PREFILL_BUCKET`` and the pass runs as one graph per
+        (blocks, top_k per block, padded length); the padded rows come after every real one, so
+        causal attention and the per-token MoE leave the real rows' results unchanged, and the cache
+        rows they write lie beyond the prompt, where decode overwrites them before attending to them.
         """
         length = hidden.shape[1]
         if length > self.cache.max_len:
@@ -520,7 +520,7 @@ class FastDecoder:
         graph.replay()
 
     def _capture(self, body: Callable[[], Any]) -> Any:
-        """Warm up on a side stream, then capture ``body`` (a decode step or a prefill) into the shared pool.
+        """Warm up on a side stream, then capture ``body`` (a decode step, a prefill or the ViT) into the pool.
 
         Warm-up runs execute ``body`` on the static buffers' current contents, writing the same keys,
         values and outputs the replay writes, so they leave the cache as the replay will. Every graph
