@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flexvlm_ray.data import DATASETS
-from flexvlm_ray.data.shapes import (DEFAULT_SIZES, SMALL_PX, make_scene, shapes_vocabulary,
-                                     tokenize_words)
+from flexvlm_ray.data.shapes import (DEFAULT_SIZES, SMALL_PX, captions, make_scene, render_scene, sample_scene,
+                                     shapes_vocabulary, tokenize_words)
 
 SHAPES = ("shapes_vqa", "shapes_caption", "shapes_mc", "shapes_count")
 
@@ -146,3 +146,21 @@ def test_bad_arguments_fail_clearly(kwargs, match):
     args = {"num_samples": 1, "seed": 0, "path": None, **kwargs}
     with pytest.raises(ValueError, match=match):
         DATASETS.get("shapes_vqa").load(**args)[0]
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_sample_scene_is_the_scene_behind_the_sample(name, split):
+    samples = DATASETS.get(name).load(split=split, seed=3)
+    for index in (0, 7):
+        scene = sample_scene(dataset=name, split=split, index=index, seed=3)
+        assert render_scene(scene).tobytes() == samples[index].image.tobytes()
+        assert (scene.width, scene.height, scene.background, len(scene.shapes)) == tuple(
+            samples[index].meta[k] for k in ("width", "height", "background", "num_shapes"))
+        if name == "shapes_caption":
+            assert captions(scene) == samples[index].references
+
+
+def test_sample_scene_rejects_other_datasets():
+    with pytest.raises(ValueError, match="not a shapes dataset"):
+        sample_scene(dataset="vqav2", split="train", index=0)

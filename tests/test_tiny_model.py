@@ -7,12 +7,17 @@ import math
 import torch
 
 from flexvlm_ray.data import DATASETS
-from flexvlm_ray.data.shapes import shapes_vocabulary
+import numpy as np
+
+from flexvlm_ray.data.shapes import COLORS, sample_scene, shapes_vocabulary
+from flexvlm_ray.models.flexmoe_config import PRESETS
+from flexvlm_ray.models.flexmoe_preprocess import CLIP_MEAN, CLIP_STD
 from flexvlm_ray.eval_tiny import predict
 from flexvlm_ray.models import MODELS, Knobs
 from flexvlm_ray.models.flexmoe_config import SPECIAL_TOKENS, UNK_ID, WORDS, FlexMoeConfig
 from flexvlm_ray.models.flexmoe_model import load_flexmoe
-from flexvlm_ray.train_tiny import batch_loss, make_example, tiny_tokenizer, train
+from flexvlm_ray.train_tiny import (ATTRIBUTES, batch_loss, dct_patch_embedding, grounding_targets, make_example,
+                                    probe_sample, tiny_tokenizer, train)
 
 TOY = FlexMoeConfig(name="toy", crop_px=168, vit_patch_px=42, pool_margin=0, max_crops=4, vit_hidden=8,
                     vit_intermediate=16, vit_layers=1, vit_heads=1, vit_feature_layers=(-1, -1), pool_dim=8,
@@ -21,9 +26,14 @@ TOY = FlexMoeConfig(name="toy", crop_px=168, vit_patch_px=42, pool_margin=0, max
 
 
 def test_training_loop_runs_and_writes_a_loadable_folder(tmp_path):
-    report = train(out=tmp_path / "toy", steps=2, seed=0, batch_size=2, config=TOY, pool_size=40, log_every=1)
-    assert [h["step"] for h in report["history"]] == [1, 2]
-    assert all(math.isfinite(h["ce"]) and math.isfinite(h["aux"]) for h in report["history"])
+    report = train(out=tmp_path / "toy", steps=2, seed=0, batch_size=2, config=TOY, pool_size=40, log_every=1,
+                   pretrain_steps=2, pretrain_batch=2, diag_every=1, diag_count=4)
+    assert [h.get("pretrain_step", h.get("step")) for h in report["history"]] == [1, 2, 1, 2]
+    assert all(math.isfinite(h["attr"]) and math.isfinite(h["attr_acc"]) for h in report["history"]
+               if "pretrain_step" in h)
+    assert all(math.isfinite(h["ce"]) and math.isfinite(h["aux"]) for h in report["history"] if "step" in h)
+    assert [d["step"] for d in report["image_reliance"]] == [1, 2]
+    assert all(0.0 <= d["first_acc_own"] <= 1.0 and math.isfinite(d["ce_shuffled"]) for d in report["image_reliance"])
     model, tokenizer = load_flexmoe(tmp_path / "toy", device="cpu", dtype=torch.float32)
     assert model.config == TOY and tokenizer.get_vocab_size() == 512
     adapter = MODELS.get("flexmoe")(preset=None, path=str(tmp_path / "toy"), dtype="float32", device="cpu",
@@ -33,7 +43,8 @@ def test_training_loop_runs_and_writes_a_loadable_folder(tmp_path):
 
 
 def test_training_forward_matches_the_adapter_prefill(tmp_path):
-    train(out=tmp_path / "toy", steps=1, seed=0, batch_size=1, config=TOY, pool_size=20)
+    train(out=tmp_path / "toy", steps=1, seed=0, batch_size=1, config=TOY, pool_size=20, pretrain_steps=1,
+          pretrain_batch=1)
     adapter = MODELS.get("flexmoe")(preset=None, path=str(tmp_path / "toy"), dtype="float32", device="cpu",
                                     seed=0, options={})
     vqa = DATASETS.get("shapes_vqa").load(split="validation")[0]
@@ -58,3 +69,71 @@ def test_tiny_tokenizer_covers_the_shapes_sets_and_keeps_the_specials():
     assert UNK_ID not in ids and tokenizer.get_vocab_size() == 512
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tokenizer.token_to_id(WORDS[0]) == len(SPECIAL_TOKENS)     # built-in word ids unchanged
+
+
+def test_token_attribute_labels_point_at_the_shapes_in_the_crops():
+    """Every token labelled with a colour shows a pixel of that colour in its region of its crop,
+    for the global crop and the tiles, and every shape is labelled on some token of every crop set."""
+    config = PRESETS["tiny"]
+    tokenizer = tiny_tokenizer(vocab_size=512)
+    samples = DATASETS.get("shapes_vqa").load(split="train")
+    per_side, step = config.pooled_per_side, config.crop_px // config.pooled_per_side
+    distances = []
+    for index in range(4):
+        scene = sample_scene(dataset="shapes_vqa", split="train", index=index)
+        assert len(scene.shapes) == samples[index].meta["num_shapes"]
+        for crops in (1, 12):
+            example = make_example(sample=samples[index], config=config, tokenizer=tokenizer, max_crops=crops,
+                                   scene=scene)
+            labels = example.token_labels
+            assert labels.shape == (example.pixels.shape[0] * per_side ** 2, len(ATTRIBUTES))
+            assert labels[:, ATTRIBUTES.index("shape")].sum() >= len(scene.shapes)
+            assert example.background == list(("gray", "white", "beige")).index(scene.background)
+            pixels = (example.pixels.transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN) * 255
+            for token, column in zip(*np.nonzero(labels)):
+                name = ATTRIBUTES[column]
+                if name not in COLORS:
+                    continue
+                crop, row, col = divmod(int(token), per_side ** 2)[0], *divmod(int(token) % per_side ** 2, per_side)
+                region = pixels[crop, row * step:(row + 1) * step, col * step:(col + 1) * step]
+                distances.append(np.abs(region - np.array(COLORS[name])).sum(-1).min())
+    # a label may sit on a token whose share of a shape at the region's edge is blurred by the resize
+    assert len(distances) > 50 and np.mean(np.array(distances) < 60) >= 0.97
+
+
+def test_dct_patch_embedding_filters_are_orthonormal_up_to_scale():
+    weight = dct_patch_embedding(out_channels=64, patch=42).reshape(64, -1).double()
+    gram = weight @ weight.T
+    torch.testing.assert_close(gram, torch.eye(64, dtype=torch.float64) * gram[0, 0], atol=1e-6, rtol=0)
+    first = weight[0].reshape(3, 42, 42)                 # the red channel's mean
+    assert float(first[0].std()) < 1e-9 and float(first[0].mean()) > 0 and float(first[1:].abs().max()) == 0
+
+
+def test_grounding_targets_follow_the_scene():
+    tokenizer = tiny_tokenizer(vocab_size=512)
+    samples = DATASETS.get("shapes_vqa").load(split="train")
+    rng = np.random.default_rng(0)
+    answers = []
+    for index in range(40):
+        scene = sample_scene(dataset="shapes_vqa", split="train", index=index)
+        probe = probe_sample(sample=samples[index], scene=scene, rng=rng)
+        answers.append(probe.meta["answer"])
+        words = probe.prompt.rstrip("?").split()[3:]           # "is there a[n]" then the attribute words
+        ids = tokenizer.encode(probe.prompt, add_special_tokens=False).ids
+        targets = grounding_targets(ids=ids, scene=scene, tokenizer=tokenizer)
+        colour = next((w for w in words if w in COLORS), None)
+        kind = next((w for w in words if w in ("circle", "square", "triangle")), None)
+        shows = any((colour is None or s.color == colour) and (kind is None or s.kind == kind) for s in scene.shapes)
+        assert (probe.meta["answer"] == "yes") == shows
+        assert targets[-1][1] == float(shows)                  # the last attribute word asks the whole question
+        hits = [s for s in scene.shapes if (colour is None or s.color == colour) and (kind is None or s.kind == kind)]
+        assert targets[-1][4] == len(hits)
+        if kind is not None and len({s.color for s in hits}) == 1:
+            assert targets[-1][2] == list(COLORS).index(hits[0].color)
+        assert [tokenizer.id_to_token(ids[t[0]]) for t in targets] == [w for w in words if w != "shape"]
+    assert 10 <= answers.count("no") <= 30                     # balanced: the prior answer is weak
+    ids = tokenizer.encode("what color is the small circle?", add_special_tokens=False).ids
+    scene = sample_scene(dataset="shapes_vqa", split="train", index=0)
+    small_circle = any(s.small and s.kind == "circle" for s in scene.shapes)
+    (position, shown, *_), = grounding_targets(ids=ids, scene=scene, tokenizer=tokenizer)
+    assert (position, shown) == (ids.index(tokenizer.token_to_id("circle")), float(small_circle))

@@ -482,10 +482,22 @@ def _loader(*, name: str, dataset_code: int, make: _SampleMaker) -> Callable[...
     return load
 
 
+DATASET_CODES = {"shapes_vqa": 0, "shapes_caption": 1, "shapes_mc": 2, "shapes_count": 3}
+
+
+def sample_scene(*, dataset: str, split: str, index: int, seed: int = 0) -> Scene:
+    """The scene behind sample ``index`` of a shapes dataset (the shapes a sample's image shows);
+    the same draw the loader makes first, so it matches ``load(split=..., seed=...)[index]``."""
+    if dataset not in DATASET_CODES:
+        raise ValueError(f"'{dataset}' is not a shapes dataset. Available: {', '.join(DATASET_CODES)}")
+    return make_scene(rng=_rng(seed=seed, split=split, dataset_code=DATASET_CODES[dataset], index=index))
+
+
 for _code, (_name, _task, _metric, _make) in enumerate((
         ("shapes_vqa", "vqa", "vqa_accuracy", _vqa_sample),
         ("shapes_caption", "caption", "cider_d", _caption_sample),
         ("shapes_mc", "multiple_choice", "mc_accuracy", _mc_sample),
         ("shapes_count", "count", "count_accuracy", _count_sample))):
+    assert DATASET_CODES[_name] == _code
     register_dataset(DatasetEntry(name=_name, task=_task, metric=_metric, splits=tuple(DEFAULT_SIZES),
                                   load=_loader(name=_name, dataset_code=_code, make=_make), synthetic=True))
