@@ -4,9 +4,10 @@ Units already stored in the run folder are skipped. Each worker holds at most ``
 units (one running, the next queued on the actor so it starts without a round trip). Results
 are written as they arrive, one atomic Parquet file per unit. A unit that raises becomes a
 failure record. A worker process that dies is replaced; the unit it was running goes back to
-the queue once and becomes a WorkerDied failure if its worker dies again (an abrupt death can
-also lose the reply of the unit finished just before, so one death alone does not prove the
-unit guilty); the units queued behind it go back to the queue.
+the queue once, runs alone on a worker (nothing ahead, nothing queued behind), and becomes a
+WorkerDied failure if that worker dies too (an abrupt death can also lose the reply of the unit
+finished just before, so one death alone does not prove the unit guilty); the units queued
+behind it go back to the queue.
 """
 from __future__ import annotations
 
@@ -144,8 +145,10 @@ class SweepDriver:
     def _fill(self, slot: _Slot) -> None:
         queue = self.queues[slot.gpu_type]
         while slot.actor is not None and queue and len(slot.held) < 1 + self.prefetch:
-            if slot.held and self.deaths[queue[0].unit_id]:
-                break  # a unit retried after a worker death runs with nothing ahead of it
+            # a unit retried after a worker death runs alone: nothing ahead of it, whose death it could
+            # be blamed for, and nothing behind it, whose crash could lose its reply and blame it again
+            if slot.held and (self.deaths[queue[0].unit_id] or any(self.deaths[u.unit_id] for _, u in slot.held)):
+                break
             unit = queue.popleft()
             ref = slot.actor.run.remote(unit.to_dict(), self.run_id)
             slot.held.append((ref, unit))
