@@ -1,15 +1,18 @@
 """Test support for the model-family tests (qwen3_vl_moe, molmo2, molmo_remote): one sample image,
 the four stages up to prefill, and the two hook-based observations those tests assert on (which
-blocks run while decoding, how many distinct experts each token is routed to)."""
+blocks run while decoding, how many distinct experts each token is routed to); for the flexmoe
+backend tests (fast backend, Triton kernels): the tiny adapter, a greedy run recording logits, and the
+relative error they compare with."""
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any, Callable, Sequence
 
+import torch
 from PIL import Image
 
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.models import Knobs
+from flexvlm_ray.models import MODELS, Knobs
 
 
 def sample(width: int = 640, height: int = 480) -> Sample:
@@ -57,3 +60,30 @@ def routed_experts_per_token(adapter, *, knobs: Knobs, run: Callable[[], Any]) -
         for h in handles:
             h.remove()
     return seen, state
+
+
+def make_flexmoe(*, backend: str = "hf", **options):
+    """The tiny flexmoe preset on the CPU in float32 with ``backend`` and fast-backend ``options``."""
+    extra = {} if backend == "hf" else {"backend": backend}
+    return MODELS.get("flexmoe")(preset="tiny", path=None, dtype="float32", device="cpu", seed=0,
+                                 options=options, **extra)
+
+
+def generate(adapter, knobs: Knobs, smp: Sample, steps: int):
+    """(vision features, [logits of prefill and every step], tokens, prepared) under ``knobs``."""
+    adapter.apply_knobs(knobs)
+    try:
+        prepared = adapter.prepare(sample=smp, knobs=knobs)
+        features = adapter.vision_encoder(prepared)
+        state = adapter.prefill(prepared, adapter.projector(prepared, features))
+        logits = [state.extras["logits"].clone()]
+        for _ in range(steps):
+            adapter.decode_step(state)
+            logits.append(state.extras["logits"].clone())
+        return features, logits, list(state.tokens), prepared
+    finally:
+        adapter.restore_knobs()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -10,12 +10,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import measure_pass
-from flexvlm_ray.models import MODELS, Knobs
+from flexvlm_ray.models import Knobs
 from flexvlm_ray.models.fast_decoder import (experts_gather, experts_grouped, experts_loop, grouped_mm_function,
                                              route)
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import check_semantics, load_spec_text
+from model_support import generate as run_generate
+from model_support import make_flexmoe as make
+from model_support import rel_err
 
 DECODE_STEPS = 4
 REL_TOL = 1e-4
@@ -28,12 +31,6 @@ def isolated_cache(tmp_path_factory):
     mp.setenv("FLEXVLM_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     mp.undo()
-
-
-def make(*, backend: str = "hf", **options):
-    extra = {} if backend == "hf" else {"backend": backend}
-    return MODELS.get("flexmoe")(preset="tiny", path=None, dtype="float32", device="cpu", seed=0,
-                                 options=options, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +48,7 @@ def sample(width: int = 900, height: int = 700, prompt: str = "what color is the
 
 
 def generate(adapter, knobs: Knobs, smp: Sample, steps: int = DECODE_STEPS):
-    """(vision features, [logits of prefill and every step], tokens, prepared) under ``knobs``."""
-    adapter.apply_knobs(knobs)
-    try:
-        prepared = adapter.prepare(sample=smp, knobs=knobs)
-        features = adapter.vision_encoder(prepared)
-        state = adapter.prefill(prepared, adapter.projector(prepared, features))
-        logits = [state.extras["logits"].clone()]
-        for _ in range(steps):
-            adapter.decode_step(state)
-            logits.append(state.extras["logits"].clone())
-        return features, logits, list(state.tokens), prepared
-    finally:
-        adapter.restore_knobs()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return run_generate(adapter, knobs, smp, steps)
 
 
 KNOBS = [

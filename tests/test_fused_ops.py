@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from flexvlm_ray.data.base import Sample
-from flexvlm_ray.models import MODELS, Knobs, fused_ops
+from flexvlm_ray.models import Knobs, fused_ops
 from flexvlm_ray.models.fast_decoder import (_unsort_and_combine, apply_rotary, check_kernels, experts_gather,
                                              rms_norm, rotary)
+from model_support import generate, make_flexmoe, rel_err, sample
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -114,37 +113,17 @@ def test_moe_combine_matches_scatter_and_sum(dtype):
 
 
 # -- the whole decoder ----------------------------------------------------------------------------
-def make(backend="hf", **options):
-    extra = {} if backend == "hf" else {"backend": backend}
-    return MODELS.get("flexmoe")(preset="tiny", path=None, dtype="float32", device="cpu", seed=0,
-                                 options=options, **extra)
-
-
-def run(adapter, knobs, steps=3):
-    smp = Sample(sample_id="s", image=Image.new("RGB", (500, 400), (90, 140, 30)), prompt="what color is the car ?")
-    adapter.apply_knobs(knobs)
-    try:
-        prepared = adapter.prepare(sample=smp, knobs=knobs)
-        state = adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
-        logits = [state.extras["logits"].clone()]
-        for _ in range(steps):
-            adapter.decode_step(state)
-            logits.append(state.extras["logits"].clone())
-        return logits, list(state.tokens)
-    finally:
-        adapter.restore_knobs()
-
-
 @pytest.mark.parametrize("knobs", [Knobs(max_crops=1), Knobs(max_crops=1, top_k=2, active_blocks=2,
                                                                  block_policy="random")], ids=["full", "reduced"])
 def test_triton_decoder_matches_hf(knobs):
-    fast = make("fast", kernels="triton", decode_moe="fused", prefill_moe="grouped")
+    fast = make_flexmoe(backend="fast", kernels="triton", decode_moe="fused", prefill_moe="grouped")
     assert (fast.fast.kernels, fast.fast.decode_moe) == ("triton", "fused")
-    l_hf, t_hf = run(make(), knobs)
-    l_fa, t_fa = run(fast, knobs)
+    smp = sample(500, 400)
+    _, l_hf, t_hf, _ = generate(make_flexmoe(), knobs, smp, steps=3)
+    _, l_fa, t_fa, _ = generate(fast, knobs, smp, steps=3)
     assert t_fa == t_hf
     for a, b in zip(l_fa, l_hf):
-        assert float((a.double() - b.double()).norm() / b.double().norm()) < 1e-4
+        assert rel_err(a, b) < 1e-4
 
 
 def test_kernel_choices_are_checked(monkeypatch):
@@ -158,4 +137,4 @@ def test_kernel_choices_are_checked(monkeypatch):
     with pytest.raises(ValueError, match=r"need Triton on CUDA \(Triton is not installed\)"):
         check_kernels(kernels="torch", decode_moe="fused", device=torch.device("cpu"), act=act)
     with pytest.raises(ValueError, match="kernels 'tpu' is not one of triton, torch"):
-        make("fast", kernels="tpu")
+        make_flexmoe(backend="fast", kernels="tpu")
