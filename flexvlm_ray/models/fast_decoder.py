@@ -269,19 +269,12 @@ class FastAttention(nn.Module):
             q, k, v = (z.clamp(min=-self.clip, max=self.clip) for z in (q, k, v))
         q = apply_rotary(q.view(t, self.heads, self.head_dim).transpose(0, 1), step.cos, step.sin)
         k = apply_rotary(k.view(t, self.kv_heads, self.head_dim).transpose(0, 1), step.cos, step.sin)
-        v = v.view(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        keys, values = self.cache.keys[self.index], self.cache.values[self.index]
-        gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}
+        keys = self.cache.keys[self.index]
         if step.phase == "prefill":
             keys[:, :t].copy_(k)
-            values[:, :t].copy_(v)
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, **gqa)
         else:
             keys.index_copy_(1, step.position, k)
-            values.index_copy_(1, step.position, v)
-            out = F.scaled_dot_product_attention(q[None], keys[None, :, :step.bucket], values[None, :, :step.bucket],
-                                                 attn_mask=step.mask, **gqa)
-        return a.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
+        return self._attend(q=q, v=v.view(t, self.kv_heads, self.head_dim).transpose(0, 1), step=step)
 
     def _forward_fused(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """Same computation: one GEMM for q, k and v (their weights concatenated once, the only copy the
@@ -289,15 +282,22 @@ class FastAttention(nn.Module):
         a, t = self.attn, x.shape[0]
         if self.qkv_weight is None:
             self.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
-        keys, values = self.cache.keys[self.index], self.cache.values[self.index]
         width_q, width_kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qkv = F.linear(x, self.qkv_weight)
         q = torch.empty(self.heads, t, self.head_dim, dtype=x.dtype, device=x.device)
         fused_ops.qk_norm_rope(qkv[:, :width_q], weight=a.q_norm.weight, eps=a.q_norm.variance_epsilon, cos=step.cos,
                                sin=step.sin, heads=self.heads, out=q, position=step.zero)
         fused_ops.qk_norm_rope(qkv[:, width_q:width_q + width_kv], weight=a.k_norm.weight, eps=a.k_norm.variance_epsilon,
-                               cos=step.cos, sin=step.sin, heads=self.kv_heads, out=keys, position=step.position)
+                               cos=step.cos, sin=step.sin, heads=self.kv_heads, out=self.cache.keys[self.index],
+                               position=step.position)
         v = qkv[:, width_q + width_kv:].view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        return self._attend(q=q, v=v, step=step)
+
+    def _attend(self, *, q: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Write ``v`` (kv_heads, T, D) into the cache, attend ``q`` (heads, T, D) over the cached keys and
+        values (the new keys are already there), and project the heads back: (T, H)."""
+        t = q.shape[1]
+        keys, values = self.cache.keys[self.index], self.cache.values[self.index]
         gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}
         if step.phase == "prefill":
             values[:, :t].copy_(v)
@@ -307,7 +307,7 @@ class FastAttention(nn.Module):
             values.index_copy_(1, step.position, v)
             out = F.scaled_dot_product_attention(q[None], keys[None, :, :step.bucket], values[None, :, :step.bucket],
                                                  attn_mask=step.mask, **gqa)
-        return a.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
+        return self.attn.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
 
 
 class FastMoe(nn.Module):
