@@ -52,10 +52,9 @@ import json
 import math
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,7 +97,7 @@ TRAIN_SEED_OFFSET = 0     # the shapes train split is rendered with seed 0 (the 
 class Example:
     """One preprocessed training example: crops, prompt ids, image positions and target ids."""
 
-    pixels: np.ndarray          # (num_crops, 3, crop_px, crop_px) float32
+    pixels: np.ndarray | torch.Tensor   # (num_crops, 3, crop_px, crop_px) float32
     input_ids: list[int]        # the prompt as ``prepare`` builds it
     positions: np.ndarray       # [IMG] positions in ``input_ids``
     feature_index: np.ndarray   # pooled feature per [IMG] position
@@ -374,6 +373,67 @@ def draw_max_crops(*, rng: np.random.Generator, limit: int) -> int:
     return limit if rng.random() < FULL_CROPS_P else int(rng.integers(1, limit + 1))
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One training draw: a pool sample at ``max_crops``; with ``probe_seed`` its prompt becomes an
+    existence probe (``probe_sample`` with that seed and ``forms``)."""
+
+    name: str
+    index: int
+    max_crops: int
+    probe_seed: Optional[int]
+    forms: tuple[int, ...]
+
+
+class DrawBatches(torch.utils.data.Dataset):
+    """Batch ``b`` is the examples of ``draws[b]``, built from the train split (in a loader worker
+    when ``workers`` > 0; pixels come back as tensors, which the loader passes in shared memory)."""
+
+    def __init__(self, *, draws: list[list[Draw]], config: FlexMoeConfig, ground_answers: bool) -> None:
+        self.draws, self.config, self.ground_answers = draws, config, ground_answers
+        self.tokenizer: Optional[Tokenizer] = None
+        self.loaders: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.draws)
+
+    def __getitem__(self, b: int) -> list[Example]:
+        if self.tokenizer is None:                    # built once per process
+            self.tokenizer = tiny_tokenizer(vocab_size=self.config.vocab_size)
+            self.loaders = {name: DATASETS.get(name).load(split="train") for name, _ in MIX}
+        examples = []
+        for draw in self.draws[b]:
+            sample = self.loaders[draw.name][draw.index]
+            scene = sample_scene(dataset=draw.name, split="train", index=draw.index)
+            if draw.probe_seed is not None:
+                sample = probe_sample(sample=sample, scene=scene, rng=np.random.default_rng(draw.probe_seed),
+                                      forms=draw.forms)
+            example = make_example(sample=sample, config=self.config, tokenizer=self.tokenizer,
+                                   max_crops=draw.max_crops, scene=scene, ground_answers=self.ground_answers)
+            example.pixels = torch.from_numpy(example.pixels)
+            examples.append(example)
+        return examples
+
+
+def _as_is(batch: list[Example]) -> list[Example]:
+    return batch
+
+
+def example_loader(*, draws: list[list[Draw]], config: FlexMoeConfig, ground_answers: bool,
+                   workers: int) -> torch.utils.data.DataLoader:
+    """Batches of examples in draw order; ``workers`` processes build them ahead of the training step
+    (0: in this process, between the steps)."""
+    return torch.utils.data.DataLoader(
+        DrawBatches(draws=draws, config=config, ground_answers=ground_answers), batch_size=None, shuffle=False,
+        num_workers=workers, collate_fn=_as_is, prefetch_factor=4 if workers else None,
+        multiprocessing_context="spawn" if workers else None)
+
+
+def stack_pixels(*, examples: Sequence[Example], device: torch.device) -> torch.Tensor:
+    """The examples' crops as one (crops, 3, px, px) float32 tensor on ``device``."""
+    return torch.cat([torch.as_tensor(e.pixels) for e in examples]).to(device)
+
+
 def batch_loss(*, model: FlexMoeModel, examples: Sequence[Example], aux_coef: float = AUX_COEF,
                head: Optional[AttributeHead] = None, attr_coef: float = 0.0,
                summary_head: Optional[SummaryHead] = None, summary_coef: float = 0.0, summary_layer: int = 2,
@@ -389,7 +449,7 @@ def batch_loss(*, model: FlexMoeModel, examples: Sequence[Example], aux_coef: fl
     the target logits.
     """
     device = next(model.parameters()).device
-    pixels = torch.from_numpy(np.concatenate([e.pixels for e in examples])).to(device)
+    pixels = stack_pixels(examples=examples, device=device)
     embeds = model.pool_and_project(model.encode_crops(pixels))
     attr = None
     if head is not None and attr_coef:
@@ -512,7 +572,7 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
           phase1_cache: Optional[Path] = None, ground_coef: float = GROUND_COEF,
           ground_layer: int = GROUND_LAYER, probes: tuple[float, float] = PROBES,
           init_from: Optional[Path] = None, ground_extra: bool = GROUND_EXTRA,
-          ground_answers: bool = GROUND_ANSWERS) -> dict[str, Any]:
+          ground_answers: bool = GROUND_ANSWERS, device: str = "cpu", workers: int = 1) -> dict[str, Any]:
     """Train from the seed's random weights, save to ``out``; the training report.
 
     Phase 1 (``pretrain_steps``): the vision tower, pooling and projector learn the attribute
@@ -520,19 +580,24 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     carry the shapes before the decoder sees them. Phase 2 (``steps``): the decoder's target
     cross-entropy, plus ``attr_coef`` times the attribute loss, which keeps the image tokens
     informative while the vision side trains.
+
+    ``device``: where the model trains (on CUDA with TF32 matmuls); ``workers``: processes that build
+    the examples ahead of the step (the draws themselves come from one stream, so they do not change).
     """
     torch.set_num_threads(threads)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     config = config or PRESETS["tiny"]
     tokenizer = tiny_tokenizer(vocab_size=config.vocab_size)
-    model = build_flexmoe(config, device="cpu", dtype=torch.float32, seed=seed)
-    head = AttributeHead(config.hidden_size)
-    summary_head = SummaryHead(config.hidden_size)
-    ground_head = GroundingHead(config.hidden_size, extra=ground_extra)
+    model = build_flexmoe(config, device="cpu", dtype=torch.float32, seed=seed).to(device)
+    head = AttributeHead(config.hidden_size).to(device)
+    summary_head = SummaryHead(config.hidden_size).to(device)
+    ground_head = GroundingHead(config.hidden_size, extra=ground_extra).to(device)
     patch_embedding = model.vision.embeddings.patch_embedding
     with torch.no_grad():
         patch_embedding.weight.copy_(dct_patch_embedding(out_channels=config.vit_hidden, patch=config.vit_patch_px))
     model.train()
-    loaders = {name: DATASETS.get(name).load(split="train") for name, _ in MIX}
     pool = build_pool(size=pool_size, seed=seed)
     rng = np.random.default_rng(seed + 1)
     if init_from is not None:                          # continue from a trained folder (phase 1 skipped)
@@ -547,21 +612,23 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     if diag_every:
         own, shuffled = reliance_examples(config=config, tokenizer=tokenizer, count=diag_count)
 
-    def next_batch(size: int, crops_limit: Optional[int] = None, probe_p: float = 0.0,
-                   forms: Sequence[int] = (0, 1, 2)) -> list[Example]:
-        picks = [(pool[int(i)], draw_max_crops(rng=rng, limit=config.max_crops) if crops_limit is None
-                  else int(rng.integers(1, crops_limit + 1)), rng.random() < probe_p)
-                 for i in rng.integers(len(pool), size=size)]
-        examples = []
-        for (name, index), crops, probe in picks:
-            sample, scene = loaders[name][index], sample_scene(dataset=name, split="train", index=index)
-            if probe:
-                sample = probe_sample(sample=sample, scene=scene, rng=rng, forms=forms)
-            examples.append(make_example(sample=sample, config=config, tokenizer=tokenizer, max_crops=crops,
-                                         scene=scene, ground_answers=ground_answers))
-        return examples
+    def draw_batches(count: int, size: int, crops_limit: Callable[[int], Optional[int]] = lambda b: None,
+                     probe_p: Callable[[int], float] = lambda b: 0.0,
+                     forms: Callable[[int], Sequence[int]] = lambda b: (0, 1, 2)) -> list[list[Draw]]:
+        """``count`` batches of draws, drawn here in order (the same stream for any ``workers``)."""
+        batches = []
+        for b in range(count):
+            limit = crops_limit(b)
+            batches.append([Draw(name=pool[int(i)][0], index=pool[int(i)][1],
+                                 max_crops=draw_max_crops(rng=rng, limit=config.max_crops) if limit is None
+                                 else int(rng.integers(1, limit + 1)),
+                                 probe_seed=int(rng.integers(2**62)) if rng.random() < probe_p(b) else None,
+                                 forms=tuple(forms(b)))
+                            for i in rng.integers(len(pool), size=size)])
+        return batches
 
-    prefetch = ThreadPoolExecutor(max_workers=1)   # preprocesses batch n+1 while batch n trains
+    def batches(draws: list[list[Draw]]) -> Iterator[list[Example]]:
+        return iter(example_loader(draws=draws, config=config, ground_answers=ground_answers, workers=workers))
 
     # phase 1: the image side learns the attribute read-out (``phase1_cache``: a file with the image
     # side and read-out after phase 1 of the same seed and settings; loaded when present, else written)
@@ -569,7 +636,7 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
                   "peak_lr": peak_lr, "pool_size": pool_size, "config": config.to_dict()}
     phase1_loaded = False
     if phase1_cache is not None and Path(phase1_cache).is_file():
-        cached = torch.load(phase1_cache, weights_only=False)
+        cached = torch.load(phase1_cache, weights_only=False, map_location=device)
         if cached["key"] == phase1_key:
             model.load_state_dict(cached["model"])
             head.load_state_dict(cached["head"])
@@ -580,16 +647,14 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     if pretrain_steps and not phase1_loaded:
         optimizer = torch.optim.AdamW([{"params": image_params + list(head.parameters())}], lr=peak_lr,
                                       betas=(0.9, 0.98), weight_decay=0.0)
-        pending = prefetch.submit(next_batch, pretrain_batch)
+        loader = batches(draw_batches(pretrain_steps, pretrain_batch))
         running_attr: list[tuple[float, float]] = []
         for step in range(pretrain_steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step=step, steps=pretrain_steps, peak=peak_lr,
                                             warmup=max(1, pretrain_steps // 20))
-            examples = pending.result()
-            if step + 1 < pretrain_steps:
-                pending = prefetch.submit(next_batch, pretrain_batch)
-            pixels = torch.from_numpy(np.concatenate([e.pixels for e in examples]))
+            examples = next(loader)
+            pixels = stack_pixels(examples=examples, device=device)
             loss, acc = head.loss(embeds=model.pool_and_project(model.encode_crops(pixels)), examples=examples)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -630,19 +695,16 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
         param.requires_grad_(freeze_steps == 0)
     running: list[tuple[float, float, float]] = []
     early_forms = (0,)         # the curriculum starts with colour probes only
-    pending = prefetch.submit(next_batch, batch_size, early_crops[1] if early_steps else None,
-                              probes[0] if early_steps else probes[1], early_forms if early_steps else (0, 1, 2))
+    loader = batches(draw_batches(steps, batch_size, crops_limit=lambda b: early_crops[1] if b < early_steps else None,
+                                  probe_p=lambda b: probes[0] if b < early_steps else probes[1],
+                                  forms=lambda b: early_forms if b < early_steps else (0, 1, 2)))
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = group["lr_mult"] * learning_rate(step=step, steps=steps, peak=peak_lr, warmup=warmup)
         if step == freeze_steps and freeze_steps:
             for param in image_params:
                 param.requires_grad_(True)
-        examples = pending.result()
-        if step + 1 < steps:
-            early = step + 1 < early_steps
-            pending = prefetch.submit(next_batch, batch_size, early_crops[1] if early else None,
-                                      probes[0] if early else probes[1], early_forms if early else (0, 1, 2))
+        examples = next(loader)
         extras: dict[str, Any] = {}
         loss, ce, aux = batch_loss(model=model, examples=examples, head=head,
                                    attr_coef=attr_coef if step >= freeze_steps else 0.0,
@@ -675,7 +737,7 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
         if checkpoint_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             save_trained(model=model, tokenizer=tokenizer, directory=Path(checkpoint_dir),
                          report={"steps_done": step + 1, "history": history})
-    prefetch.shutdown()
+    del loader
     wall = time.perf_counter() - begin
     report = {"steps": steps, "seed": seed, "batch_size": batch_size, "peak_lr": peak_lr, "vision_lr_mult": vision_lr_mult,
               "vision_freeze_steps": freeze_steps, "pretrain_steps": pretrain_steps, "pretrain_batch": pretrain_batch,
@@ -685,7 +747,9 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
               "early_crops": list(early_crops), "init_from": None if init_from is None else str(init_from), "phase1_loaded_from_cache": phase1_loaded, "warmup_steps": warmup,
               "schedule": "linear warm-up, cosine to 0.1 x peak", "optimizer": "AdamW(0.9, 0.98), wd 0.01, clip 1.0",
               "aux_coef": AUX_COEF, "mix": dict(MIX), "pool_size": pool_size, "full_crops_p": FULL_CROPS_P,
-              "caption_reference": CAPTION_REFERENCE, "threads": threads, "wall_seconds": round(wall, 1),
+              "caption_reference": CAPTION_REFERENCE, "threads": threads, "workers": workers,
+              "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)}, TF32)",
+              "wall_seconds": round(wall, 1),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}",
               "history": history, "image_reliance": diagnostics}
     model.eval()
@@ -703,6 +767,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--vision-lr-mult", type=float, default=VISION_LR_MULT,
                         help="learning-rate multiple for the vision tower, pooling and projector")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 ran 3-7x faster than 2 on a busy 2-core machine)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that build the examples ahead of the training step (0: none)")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--vision-freeze", type=float, default=VISION_FREEZE,
                         help="share of the steps that keep the vision tower, pooling and projector frozen")
@@ -732,7 +799,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    diag_every=args.diag_every, pool_size=args.pool_size, summary_coef=args.summary_coef,
                    summary_layer=args.summary_layer, ground_coef=args.ground_coef, ground_layer=args.ground_layer,
                    phase1_cache=args.phase1_cache, init_from=args.init_from, ground_extra=bool(args.ground_extra),
-                   ground_answers=bool(args.ground_answers), probes=(PROBES[0], args.probes_later), early_crops=(args.early_crops_share, EARLY_CROPS[1]))
+                   ground_answers=bool(args.ground_answers), device=args.device, workers=args.workers, probes=(PROBES[0], args.probes_later), early_crops=(args.early_crops_share, EARLY_CROPS[1]))
     print(f"trained {report['steps']} steps in {report['wall_seconds']:.0f}s -> {args.out}")
 
 

@@ -16,8 +16,9 @@ from flexvlm_ray.eval_tiny import predict
 from flexvlm_ray.models import MODELS, Knobs
 from flexvlm_ray.models.flexmoe_config import SPECIAL_TOKENS, UNK_ID, WORDS, FlexMoeConfig
 from flexvlm_ray.models.flexmoe_model import load_flexmoe
-from flexvlm_ray.train_tiny import (ATTRIBUTES, batch_loss, dct_patch_embedding, grounding_targets, make_example,
-                                    probe_sample, tiny_tokenizer, train)
+from flexvlm_ray.train_tiny import (ATTRIBUTES, Draw, batch_loss, dct_patch_embedding, example_loader,
+                                    grounding_targets, make_example, probe_sample, stack_pixels, tiny_tokenizer,
+                                    train)
 
 TOY = FlexMoeConfig(name="toy", crop_px=168, vit_patch_px=42, pool_margin=0, max_crops=4, vit_hidden=8,
                     vit_intermediate=16, vit_layers=1, vit_heads=1, vit_feature_layers=(-1, -1), pool_dim=8,
@@ -27,7 +28,7 @@ TOY = FlexMoeConfig(name="toy", crop_px=168, vit_patch_px=42, pool_margin=0, max
 
 def test_training_loop_runs_and_writes_a_loadable_folder(tmp_path):
     report = train(out=tmp_path / "toy", steps=2, seed=0, batch_size=2, config=TOY, pool_size=40, log_every=1,
-                   pretrain_steps=2, pretrain_batch=2, diag_every=1, diag_count=4)
+                   workers=0, pretrain_steps=2, pretrain_batch=2, diag_every=1, diag_count=4)
     assert [h.get("pretrain_step", h.get("step")) for h in report["history"]] == [1, 2, 1, 2]
     assert all(math.isfinite(h["attr"]) and math.isfinite(h["attr_acc"]) for h in report["history"]
                if "pretrain_step" in h)
@@ -44,7 +45,7 @@ def test_training_loop_runs_and_writes_a_loadable_folder(tmp_path):
 
 def test_training_forward_matches_the_adapter_prefill(tmp_path):
     train(out=tmp_path / "toy", steps=1, seed=0, batch_size=1, config=TOY, pool_size=20, pretrain_steps=1,
-          pretrain_batch=1)
+          pretrain_batch=1, workers=0)
     adapter = MODELS.get("flexmoe")(preset=None, path=str(tmp_path / "toy"), dtype="float32", device="cpu",
                                     seed=0, options={})
     vqa = DATASETS.get("shapes_vqa").load(split="validation")[0]
@@ -137,3 +138,23 @@ def test_grounding_targets_follow_the_scene():
     small_circle = any(s.small and s.kind == "circle" for s in scene.shapes)
     (position, shown, *_), = grounding_targets(ids=ids, scene=scene, tokenizer=tokenizer)
     assert (position, shown) == (ids.index(tokenizer.token_to_id("circle")), float(small_circle))
+
+
+def test_example_loader_gives_the_same_batches_in_worker_processes():
+    """The draws fix the examples: built in this process or in two spawned workers, the batches come
+    back in draw order with identical pixels, ids and targets (a probe draw included)."""
+    draws = [[Draw(name="shapes_vqa", index=3, max_crops=2, probe_seed=None, forms=(0, 1, 2)),
+              Draw(name="shapes_caption", index=5, max_crops=4, probe_seed=11, forms=(0,))],
+             [Draw(name="shapes_count", index=7, max_crops=1, probe_seed=None, forms=(0, 1, 2))],
+             [Draw(name="shapes_mc", index=2, max_crops=3, probe_seed=None, forms=(0, 1, 2))]]
+    local = list(example_loader(draws=draws, config=TOY, ground_answers=True, workers=0))
+    spawned = list(example_loader(draws=draws, config=TOY, ground_answers=True, workers=2))
+    assert [len(b) for b in local] == [len(b) for b in spawned] == [2, 1, 1]
+    for a, b in zip((e for batch in local for e in batch), (e for batch in spawned for e in batch)):
+        assert torch.equal(a.pixels, b.pixels) and a.input_ids == b.input_ids and a.target_ids == b.target_ids
+        assert a.grounding == b.grounding and np.array_equal(a.token_labels, b.token_labels)
+    assert local[0][1].input_ids[-6:] != make_example(
+        sample=DATASETS.get("shapes_caption").load(split="train")[5], config=TOY,
+        tokenizer=tiny_tokenizer(vocab_size=512), max_crops=4).input_ids[-6:]      # the probe replaced the prompt
+    assert stack_pixels(examples=local[0], device=torch.device("cpu")).shape[0] == sum(
+        e.pixels.shape[0] for e in local[0])
