@@ -134,9 +134,28 @@ def experts_gather(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return (y * weights[:, None]).sum(dim=0, keepdim=True).to(x.dtype)
 
 
-def _sort_pairs(*, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-expert pairs sorted by expert: (sorted expert ids (S,), permutation (S,))."""
-    return torch.sort(ids.reshape(-1))
+def key_dtype(num_experts: int) -> torch.dtype:
+    """The narrowest integer dtype holding expert ids ``0 .. num_experts - 1``."""
+    if num_experts <= 256:
+        return torch.uint8
+    return torch.int16 if num_experts <= 1 << 15 else torch.int32
+
+
+def sort_pairs(*, ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-expert pairs sorted by expert: (sorted expert ids (S,) of ``key_dtype``, permutation (S,)).
+
+    Pair ``p`` is token ``p // top_k``'s slot ``p % top_k``. The sort is stable, so pairs of one expert
+    stay in pair order whatever the key width. On CUDA, torch.sort hands the keys to cub's radix sort
+    with ``end_bit = 8 * sizeof(key)``: uint8 keys take one 8-bit digit pass where int32 keys take four.
+    """
+    return torch.sort(ids.reshape(-1).to(key_dtype(num_experts)), stable=True)
+
+
+def expert_offsets(*, sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """End of each expert's run in the sorted pairs (inclusive cumsum of the counts), int32 (E,),
+    found on the device (no host sync) by a binary search per expert."""
+    bounds = torch.arange(num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    return torch.searchsorted(sorted_ids, bounds, right=True, out_int32=True)
 
 
 def _unsort_and_combine(*, y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor, num_tokens: int,
@@ -154,15 +173,13 @@ def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     """(T, H) through the experts with two grouped GEMMs; offsets stay on the device (no host sync).
 
     ``fused``: SiLU-and-multiply and the weighted sum over the slots as Triton kernels (act must be SiLU).
-    The pairs are sorted on 32-bit keys (half the radix passes of the router's int64 ids).
+    The pairs are sorted on the narrowest integer keys that hold the expert ids (``sort_pairs``).
     """
     num_tokens, top_k = ids.shape
     num_experts = gate_up.shape[0]
-    sorted_ids, perm = _sort_pairs(ids=ids.to(torch.int32))
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
     xs = x[perm // top_k]
-    counts_in = sorted_ids if x.device.type == "cuda" else sorted_ids.float()
-    counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
     h = mm(xs, gate_up.transpose(-2, -1), offs=offsets)               # (S, 2I)
     if fused:
         a = fused_ops.silu_mul(h)
@@ -180,9 +197,10 @@ def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
                  down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """(T, H) through the experts, one matmul pair per expert that received tokens (reads the counts)."""
     num_tokens, top_k = ids.shape
-    sorted_ids, perm = _sort_pairs(ids=ids)
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=gate_up.shape[0])
     xs = x[perm // top_k]
-    counts = torch.bincount(sorted_ids, minlength=gate_up.shape[0]).tolist()
+    ends = expert_offsets(sorted_ids=sorted_ids, num_experts=gate_up.shape[0])
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     y = torch.empty(xs.shape[0], down.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for expert, n in enumerate(counts):
