@@ -21,14 +21,17 @@ work is issued:
   path, which reads only the experts whose group is non-empty and copies no weights.
 * **MoE prefill**: token-expert pairs are sorted by expert; ``grouped`` runs two grouped GEMMs
   (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``) with per-expert offsets computed
-  on the device; ``loop`` runs one matmul per expert that received tokens (host sync on the counts).
+  on the device; ``loop`` runs one matmul per expert that received tokens (host sync on the counts);
+  ``fused`` runs ``fused_ops.moe_experts`` (Triton GEMMs over expert-padded tiles that gather the
+  token rows themselves, SiLU-mul in the first one's epilogue; no host sync).
 * **CUDA graphs** (CUDA only): a decode step is captured lazily once per
   ``(active blocks, top_k per block, kv bucket)`` after two warm-up runs on a side stream, into
   one shared memory pool, and replayed; token and position enter through static device buffers,
   logits and the argmax leave through static buffers. A prefill is captured per
   ``(active blocks, top_k per block, prompt length padded to PREFILL_BUCKET)`` unless forward hooks
   time its blocks, and the ViT per crop count. On the CPU the same bodies run eagerly.
-* **Triton kernels** (``kernels: triton``, ``decode_moe: fused``; ``flexvlm_ray.models.fused_ops``):
+* **Triton kernels** (``kernels: triton``, ``decode_moe: fused``, ``prefill_moe: fused``;
+  ``flexvlm_ray.models.fused_ops``):
   fused RMSNorm (with the residual add), q/k norm + RoPE written into the cache, SiLU-mul, the
   prefill MoE's weighted combine, and the decode MoE as two GEMVs over the chosen experts; q, k and v
   weights are concatenated once so their projection is one GEMM.
@@ -50,7 +53,7 @@ from torch import nn
 from flexvlm_ray.models import fused_ops
 
 DECODE_MOE = ("fused", "gather", "grouped")
-PREFILL_MOE = ("grouped", "loop")
+PREFILL_MOE = ("grouped", "loop", "fused")
 KERNELS = ("triton", "torch")
 KV_BUCKET = 512
 PREFILL_BUCKET = 128
@@ -193,6 +196,17 @@ def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                                dtype=x.dtype)
 
 
+def experts_fused(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, config: Optional[fused_ops.MoeConfig] = None) -> torch.Tensor:
+    """(T, H) through the experts as the Triton MoE of ``fused_ops.moe_experts`` (no host sync, SiLU only):
+    token rows gathered inside the GEMM, no per-pair copy of ``x``."""
+    num_experts = gate_up.shape[0]
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
+    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
+    return fused_ops.moe_experts(x=x, perm=perm, offsets=offsets, weights=weights, gate_up=gate_up, down=down,
+                                 config=config)
+
+
 def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """(T, H) through the experts, one matmul pair per expert that received tokens (reads the counts)."""
@@ -214,16 +228,18 @@ def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
                                dtype=x.dtype)
 
 
-def check_kernels(*, kernels: str, decode_moe: str, device: torch.device, act: Callable[..., Any]) -> None:
+def check_kernels(*, kernels: str, decode_moe: str, prefill_moe: str, device: torch.device,
+                  act: Callable[..., Any]) -> None:
     """Refuse a Triton path that cannot run here, or whose kernels would compute something else."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
-    if kernels != "triton" and decode_moe != "fused":
+    if kernels != "triton" and decode_moe != "fused" and prefill_moe != "fused":
         return
     if not fused_ops.runs_on(device):
         why = "Triton is not installed" if fused_ops.triton is None else f"Triton does not run on {device}"
-        raise ValueError(f"kernels 'triton' and decode_moe 'fused' need Triton on CUDA ({why}); "
-                         f"use kernels 'torch' with decode_moe 'grouped' or 'gather'")
+        raise ValueError(f"kernels 'triton', decode_moe 'fused' and prefill_moe 'fused' need Triton on CUDA ({why}); "
+                         f"use kernels 'torch' with decode_moe 'grouped' or 'gather' and prefill_moe 'grouped' "
+                         f"or 'loop'")
     if type(act).__name__ not in ("SiLU", "SiLUActivation"):
         raise ValueError(f"the Triton experts kernels compute SiLU; this model's activation is {type(act).__name__}")
 
@@ -350,8 +366,10 @@ class FastMoe(nn.Module):
         args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj,
                     act=experts.act_fn)
         impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
-        if impl == "fused":         # decode only: one token
+        if impl == "fused" and step.phase == "decode":     # one token: two GEMVs
             return fused_ops.moe_decode(x=x, ids=ids, weights=weights, gate_up=args["gate_up"], down=args["down"])
+        if impl == "fused":
+            return experts_fused(x=x, ids=ids, weights=weights, gate_up=args["gate_up"], down=args["down"])
         if impl == "gather":        # decode only: one token
             return experts_gather(**args)
         if impl == "loop":
@@ -401,7 +419,7 @@ class FastDecoder:
         self.rope_scaling = float(model.rotary_emb.attention_scaling)
         self.device, self.dtype = self.embed.device, self.embed.dtype
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        check_kernels(kernels=kernels, decode_moe=decode_moe, device=self.device,
+        check_kernels(kernels=kernels, decode_moe=decode_moe, prefill_moe=prefill_moe, device=self.device,
                       act=model.layers[0].mlp.experts.act_fn)
         self.kernels = kernels
         self.cache = StaticKVCache(num_blocks=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
