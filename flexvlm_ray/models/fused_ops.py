@@ -180,7 +180,7 @@ if triton is not None:
             total += (y * weight).to(dt).to(tl.float32)
         tl.store(out_ptr + token * hidden + cols, total.to(dt), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs"])   # one compile for every prompt length
     def _moe_align_kernel(offsets_ptr, perm_ptr, tile_expert_ptr, tile_pairs_ptr, num_pairs, num_experts,
                           BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
         tile = tl.program_id(0)
@@ -209,7 +209,7 @@ if triton is not None:
         size_m = tl.minimum(num_m - first_m, GROUP_M)
         return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
     def _moe_gate_up_tiles_kernel(x_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
                                   hidden: tl.constexpr, inter: tl.constexpr, top_k: tl.constexpr,
                                   F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -251,7 +251,7 @@ if triton is not None:
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * inter + cols[None, :], (act * u).to(dt), mask=nmask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
     def _moe_down_tiles_kernel(a_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
                                hidden: tl.constexpr, inter: tl.constexpr, F32_DOT: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
