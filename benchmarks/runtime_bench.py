@@ -3,7 +3,8 @@
 Backends (``--backends``): ``hf-eager`` and ``hf-grouped_mm`` (transformers' experts kernels), ``fast``
 (the fast backend's defaults: on CUDA the Triton kernels, the fused decode MoE, CUDA graphs for decode and
 for prefill), ``fast-torch`` (plain PyTorch ops and the grouped-GEMM decode MoE), ``fast-gather`` and
-``fast-eager`` (the defaults without CUDA graphs, as the engine's prefill runs when block hooks time it).
+``fast-eager`` (the defaults without CUDA graphs, as the engine's prefill runs when block hooks time it),
+``fast-fusedmoe`` (the defaults with ``prefill_moe: fused``, the Triton prefill MoE; prefill only).
 Points:
 
 * decode ms/token at top_k 1/2/4/8/16/32 (all blocks) and at blocks 4/8/16 (default top_k), after a
@@ -190,8 +191,11 @@ BACKENDS = {
     "fast-torch": ("fast", {"kernels": "torch", "decode_moe": "grouped"}),
     "fast-gather": ("fast", {"kernels": "torch", "decode_moe": "gather"}),
     "fast-eager": ("fast", {"cuda_graphs": False}),
+    "fast-fusedmoe": ("fast", {"prefill_moe": "fused"}),
 }
-PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast", "fast-torch", "fast-eager")   # gather: decode only
+PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast", "fast-torch", "fast-eager",   # gather: decode only
+                    "fast-fusedmoe")
+PREFILL_ONLY = ("fast-fusedmoe",)       # its decode is the defaults' (fused decode MoE)
 VISION_BACKENDS = ("hf-grouped_mm", "fast")     # the ViT does not depend on the experts kernel
 
 
@@ -266,7 +270,7 @@ def run(args) -> dict[str, Any]:
         for name in args.backends:
             backend, options = BACKENDS[name]
             adapter.set_backend(backend=backend, options=options)
-            for knobs in decode_knobs(adapter.config):
+            for knobs in () if name in PREFILL_ONLY else decode_knobs(adapter.config):
                 rows.append(bench_decode(adapter=adapter, name=name, knobs=knobs, prepared=decode_prompt,
                                          embeds=decode_embeds, args=args, ceilings=ceilings))
                 print(_line(rows[-1]), flush=True)

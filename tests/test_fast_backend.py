@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import Knobs
-from flexvlm_ray.models.fast_decoder import (experts_gather, experts_grouped, experts_loop, grouped_mm_function,
-                                             route)
+from flexvlm_ray.models.fast_decoder import (expert_offsets, experts_gather, experts_grouped, experts_loop,
+                                             grouped_mm_function, key_dtype, route, sort_pairs)
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import check_semantics, load_spec_text
@@ -133,6 +133,24 @@ def test_moe_paths_agree_with_a_float64_reference(tokens, top_k):
         outs.append(experts_gather(**args))
     for out in outs:
         assert out.shape == x.shape and rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("num_experts, key", [(4, torch.uint8), (64, torch.uint8), (256, torch.uint8),
+                                               (257, torch.int16), (40000, torch.int32)])
+@pytest.mark.parametrize("tokens, top_k", [(1, 1), (5, 3), (37, 8)])
+def test_pairs_sort_on_narrow_keys_to_the_stable_int64_permutation(num_experts, key, tokens, top_k):
+    """The narrow keys change neither the order (stable: ties keep pair order) nor the expert runs."""
+    gen = torch.Generator().manual_seed(tokens * top_k)
+    ids = torch.randint(0, num_experts, (tokens, top_k), generator=gen)
+    ids[0, 0] = num_experts - 1                                  # the largest id must fit the key
+    assert key_dtype(num_experts) == key
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
+    ref_ids, ref_perm = torch.sort(ids.reshape(-1), stable=True)
+    assert sorted_ids.dtype == key and perm.dtype == torch.int64
+    assert torch.equal(perm, ref_perm) and torch.equal(sorted_ids.long(), ref_ids)
+    ends = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
+    assert ends.dtype == torch.int32
+    assert torch.equal(ends.long(), torch.cumsum(torch.bincount(ids.reshape(-1), minlength=num_experts), 0))
 
 
 def test_router_matches_olmoe(hf):

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from flexvlm_ray.models import Knobs, fused_ops
-from flexvlm_ray.models.fast_decoder import (_unsort_and_combine, apply_rotary, check_kernels, experts_gather,
-                                             rms_norm, rotary)
+from flexvlm_ray.spec.load import SpecError, check_semantics, load_spec_text
+from flexvlm_ray.models.fast_decoder import (_unsort_and_combine, apply_rotary, check_kernels, expert_offsets,
+                                             experts_fused, experts_gather, experts_grouped, experts_loop,
+                                             grouped_mm_function, rms_norm, rotary, sort_pairs)
 from model_support import generate, make_flexmoe, rel_err, sample
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -112,12 +114,105 @@ def test_moe_combine_matches_scatter_and_sum(dtype):
     assert_close(fused_ops.moe_combine(y=y, perm=perm, weights=weights), ref)
 
 
+def test_moe_combine_in_token_slot_order():
+    tokens, top_k, hidden = 4, 3, 24
+    y = randn(tokens * top_k, hidden, dtype=torch.float32)
+    weights = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(1))
+    ref = (y.view(tokens, top_k, hidden) * weights[..., None]).sum(dim=1)
+    assert_close(fused_ops.moe_combine(y=y, perm=None, weights=weights), ref)
+
+
+# -- the fused prefill MoE -------------------------------------------------------------------------
+def routed(*, tokens, num_experts, top_k, seed=0):
+    """Distinct expert ids per token, never the last expert (so some expert receives no pair), and router
+    weights that sum to one per token."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, num_experts, generator=gen)
+    scores[:, -1] = -1.0
+    ids = torch.topk(scores, top_k, dim=-1).indices
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)
+    return ids, weights
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("tokens, num_experts, top_k", [(1, 4, 1), (5, 8, 3), (37, 8, 2), (37, 4, 3)])
+def test_moe_align_pads_each_expert_run_to_whole_tiles(block_m, tokens, num_experts, top_k):
+    ids, _ = routed(tokens=tokens, num_experts=num_experts, top_k=top_k)
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
+    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
+    tile_expert, tile_pairs = fused_ops.moe_align(perm=perm, offsets=offsets, block_m=block_m)
+    pairs = tokens * top_k
+    assert tile_expert.shape == (-(-pairs // block_m) + num_experts,) and tile_pairs.shape == (tile_expert.numel() * block_m,)
+    rows = tile_pairs.view(-1, block_m)
+    real = tile_pairs[tile_pairs != pairs].long()
+    assert sorted(real.tolist()) == list(range(pairs))                        # every pair exactly once
+    assert torch.equal(real, perm)                                             # in sorted (stable) order
+    used = tile_expert >= 0
+    count = int(used.sum())
+    assert bool(used[:count].all()) and bool((tile_expert[count:] == -1).all())   # used tiles first
+    assert bool((rows[count:] == pairs).all())                                 # unused tiles: all padding
+    flat_ids = ids.reshape(-1)
+    for tile in range(count):
+        mine = rows[tile][rows[tile] != pairs].long()
+        assert mine.numel() > 0 and bool((flat_ids[mine] == tile_expert[tile]).all())   # one expert per tile
+        assert bool((rows[tile][mine.numel():] == pairs).all())               # padding only at the end
+    assert tile_expert[:count].tolist() == sorted(tile_expert[:count].tolist())
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    assert count == int(((counts + block_m - 1) // block_m).sum())
+
+
+SMALL = fused_ops.MoeConfig(32, 16, 16, 2, 4, 3)     # several K steps, N blocks and tile groups on small shapes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, num_experts, top_k, hidden, inter, config",
+                         [(1, 4, 1, 32, 16, None), (1, 8, 3, 64, 48, None), (5, 4, 2, 32, 16, None),
+                          (5, 8, 3, 48, 40, SMALL), (37, 8, 2, 64, 48, None), (37, 4, 3, 32, 24, SMALL),
+                          (37, 8, 1, 48, 32, SMALL)])
+def test_fused_prefill_moe_matches_grouped_and_loop(dtype, tokens, num_experts, top_k, hidden, inter, config):
+    gen = torch.Generator().manual_seed(tokens + top_k)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) / 4).to(dtype)
+    down = (torch.randn(num_experts, hidden, inter, generator=gen) / 4).to(dtype)
+    ids, weights = routed(tokens=tokens, num_experts=num_experts, top_k=top_k, seed=tokens)
+    weights = weights.to(dtype)
+    out = experts_fused(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, config=config)
+    args = dict(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, act=F.silu)
+    for ref in (experts_grouped(**args, mm=grouped_mm_function(), fused=True), experts_loop(**args)):
+        if dtype == torch.float32:    # two GEMMs summed in other orders: absolute error relative to the largest value
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        else:
+            assert_close(out, ref)
+
+
+def test_fused_prefill_moe_reads_only_routed_experts():
+    gate_up, down = experts()
+    ids = torch.tensor([[4, 1], [1, 2], [4, 2]])
+    for e in set(range(6)) - {1, 2, 4}:
+        gate_up[e], down[e] = float("nan"), float("nan")
+    out = experts_fused(x=randn(3, 48, dtype=torch.float32), ids=ids, weights=torch.full((3, 2), 0.5),
+                        gate_up=gate_up, down=down)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_moe_config_table_and_override(monkeypatch):
+    monkeypatch.delenv(fused_ops.MOE_CONFIG_ENV, raising=False)
+    assert fused_ops.moe_config(num_pairs=8, num_experts=64).block_m == 16
+    assert fused_ops.moe_config(num_pairs=1900 * 8, num_experts=64) == fused_ops.MOE_CONFIGS[-1][1]
+    monkeypatch.setenv(fused_ops.MOE_CONFIG_ENV, "128,64,32,4,8,4")
+    assert fused_ops.moe_config(num_pairs=8, num_experts=64) == fused_ops.MoeConfig(128, 64, 32, 4, 8, 4)
+    monkeypatch.setenv(fused_ops.MOE_CONFIG_ENV, "8,64,64,1,4,3")
+    with pytest.raises(ValueError, match="BM,BN,BK,GM,warps,stages with BM, BN, BK >= 16"):
+        fused_ops.moe_config(num_pairs=8, num_experts=64)
+
+
 # -- the whole decoder ----------------------------------------------------------------------------
 @pytest.mark.parametrize("knobs", [Knobs(max_crops=1), Knobs(max_crops=1, top_k=2, active_blocks=2,
                                                                  block_policy="random")], ids=["full", "reduced"])
-def test_triton_decoder_matches_hf(knobs):
-    fast = make_flexmoe(backend="fast", kernels="triton", decode_moe="fused", prefill_moe="grouped")
-    assert (fast.fast.kernels, fast.fast.decode_moe) == ("triton", "fused")
+@pytest.mark.parametrize("prefill_moe", ["grouped", "fused"])
+def test_triton_decoder_matches_hf(knobs, prefill_moe):
+    fast = make_flexmoe(backend="fast", kernels="triton", decode_moe="fused", prefill_moe=prefill_moe)
+    assert (fast.fast.kernels, fast.fast.decode_moe, fast.fast.prefill_moe) == ("triton", "fused", prefill_moe)
     smp = sample(500, 400)
     _, l_hf, t_hf, _ = generate(make_flexmoe(), knobs, smp, steps=3)
     _, l_fa, t_fa, _ = generate(fast, knobs, smp, steps=3)
@@ -127,14 +222,32 @@ def test_triton_decoder_matches_hf(knobs):
 
 
 def test_kernel_choices_are_checked(monkeypatch):
-    act = torch.nn.SiLU()
+    act, cpu = torch.nn.SiLU(), torch.device("cpu")
     with pytest.raises(ValueError, match="kernels 'cuda' is not one of triton, torch"):
-        check_kernels(kernels="cuda", decode_moe="grouped", device=torch.device("cpu"), act=act)
+        check_kernels(kernels="cuda", decode_moe="grouped", prefill_moe="grouped", device=cpu, act=act)
     with pytest.raises(ValueError, match="compute SiLU; this model's activation is GELU"):
-        check_kernels(kernels="triton", decode_moe="grouped", device=torch.device("cpu"), act=torch.nn.GELU())
-    check_kernels(kernels="torch", decode_moe="gather", device=torch.device("cpu"), act=torch.nn.GELU())
+        check_kernels(kernels="triton", decode_moe="grouped", prefill_moe="grouped", device=cpu, act=torch.nn.GELU())
+    with pytest.raises(ValueError, match="compute SiLU; this model's activation is GELU"):
+        check_kernels(kernels="torch", decode_moe="gather", prefill_moe="fused", device=cpu, act=torch.nn.GELU())
+    check_kernels(kernels="torch", decode_moe="gather", prefill_moe="loop", device=cpu, act=torch.nn.GELU())
     monkeypatch.setattr(fused_ops, "triton", None)
-    with pytest.raises(ValueError, match=r"need Triton on CUDA \(Triton is not installed\)"):
-        check_kernels(kernels="torch", decode_moe="fused", device=torch.device("cpu"), act=act)
+    for decode_moe, prefill_moe in (("fused", "grouped"), ("gather", "fused")):
+        with pytest.raises(ValueError, match=r"need Triton on CUDA \(Triton is not installed\)"):
+            check_kernels(kernels="torch", decode_moe=decode_moe, prefill_moe=prefill_moe, device=cpu, act=act)
+    with pytest.raises(ValueError, match=r"prefill_moe 'fused' need Triton on CUDA"):
+        make_flexmoe(backend="fast", kernels="torch", decode_moe="gather", prefill_moe="fused")
     with pytest.raises(ValueError, match="kernels 'tpu' is not one of triton, torch"):
         make_flexmoe(backend="fast", kernels="tpu")
+
+
+def test_prefill_moe_fused_is_a_spec_option():
+    text = """
+name: t
+experiment: fast
+model: {family: flexmoe, preset: tiny, dtype: float32, device: cpu, backend: fast, options: {prefill_moe: fused}}
+datasets: [{name: probe_grid, num_samples: 1}]
+knobs: {top_k: [1]}
+"""
+    assert check_semantics(load_spec_text(text, source="x")) == []
+    with pytest.raises(SpecError, match="prefill_moe 'fuse' is not one of grouped, loop, fused"):
+        load_spec_text(text.replace("prefill_moe: fused", "prefill_moe: fuse"), source="x")

@@ -21,14 +21,17 @@ work is issued:
   path, which reads only the experts whose group is non-empty and copies no weights.
 * **MoE prefill**: token-expert pairs are sorted by expert; ``grouped`` runs two grouped GEMMs
   (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``) with per-expert offsets computed
-  on the device; ``loop`` runs one matmul per expert that received tokens (host sync on the counts).
+  on the device; ``loop`` runs one matmul per expert that received tokens (host sync on the counts);
+  ``fused`` runs ``fused_ops.moe_experts`` (Triton GEMMs over expert-padded tiles that gather the
+  token rows themselves, SiLU-mul in the first one's epilogue; no host sync).
 * **CUDA graphs** (CUDA only): a decode step is captured lazily once per
   ``(active blocks, top_k per block, kv bucket)`` after two warm-up runs on a side stream, into
   one shared memory pool, and replayed; token and position enter through static device buffers,
   logits and the argmax leave through static buffers. A prefill is captured per
   ``(active blocks, top_k per block, prompt length padded to PREFILL_BUCKET)`` unless forward hooks
   time its blocks, and the ViT per crop count. On the CPU the same bodies run eagerly.
-* **Triton kernels** (``kernels: triton``, ``decode_moe: fused``; ``flexvlm_ray.models.fused_ops``):
+* **Triton kernels** (``kernels: triton``, ``decode_moe: fused``, ``prefill_moe: fused``;
+  ``flexvlm_ray.models.fused_ops``):
   fused RMSNorm (with the residual add), q/k norm + RoPE written into the cache, SiLU-mul, the
   prefill MoE's weighted combine, and the decode MoE as two GEMVs over the chosen experts; q, k and v
   weights are concatenated once so their projection is one GEMM.
@@ -50,7 +53,7 @@ from torch import nn
 from flexvlm_ray.models import fused_ops
 
 DECODE_MOE = ("fused", "gather", "grouped")
-PREFILL_MOE = ("grouped", "loop")
+PREFILL_MOE = ("grouped", "loop", "fused")
 KERNELS = ("triton", "torch")
 KV_BUCKET = 512
 PREFILL_BUCKET = 128
@@ -134,9 +137,28 @@ def experts_gather(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return (y * weights[:, None]).sum(dim=0, keepdim=True).to(x.dtype)
 
 
-def _sort_pairs(*, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-expert pairs sorted by expert: (sorted expert ids (S,), permutation (S,))."""
-    return torch.sort(ids.reshape(-1))
+def key_dtype(num_experts: int) -> torch.dtype:
+    """The narrowest integer dtype holding expert ids ``0 .. num_experts - 1``."""
+    if num_experts <= 256:
+        return torch.uint8
+    return torch.int16 if num_experts <= 1 << 15 else torch.int32
+
+
+def sort_pairs(*, ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-expert pairs sorted by expert: (sorted expert ids (S,) of ``key_dtype``, permutation (S,)).
+
+    Pair ``p`` is token ``p // top_k``'s slot ``p % top_k``. The sort is stable, so pairs of one expert
+    stay in pair order whatever the key width. On CUDA, torch.sort hands the keys to cub's radix sort
+    with ``end_bit = 8 * sizeof(key)``: uint8 keys take one 8-bit digit pass where int32 keys take four.
+    """
+    return torch.sort(ids.reshape(-1).to(key_dtype(num_experts)), stable=True)
+
+
+def expert_offsets(*, sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """End of each expert's run in the sorted pairs (inclusive cumsum of the counts), int32 (E,),
+    found on the device (no host sync) by a binary search per expert."""
+    bounds = torch.arange(num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    return torch.searchsorted(sorted_ids, bounds, right=True, out_int32=True)
 
 
 def _unsort_and_combine(*, y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor, num_tokens: int,
@@ -154,15 +176,13 @@ def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     """(T, H) through the experts with two grouped GEMMs; offsets stay on the device (no host sync).
 
     ``fused``: SiLU-and-multiply and the weighted sum over the slots as Triton kernels (act must be SiLU).
-    The pairs are sorted on 32-bit keys (half the radix passes of the router's int64 ids).
+    The pairs are sorted on the narrowest integer keys that hold the expert ids (``sort_pairs``).
     """
     num_tokens, top_k = ids.shape
     num_experts = gate_up.shape[0]
-    sorted_ids, perm = _sort_pairs(ids=ids.to(torch.int32))
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
     xs = x[perm // top_k]
-    counts_in = sorted_ids if x.device.type == "cuda" else sorted_ids.float()
-    counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
     h = mm(xs, gate_up.transpose(-2, -1), offs=offsets)               # (S, 2I)
     if fused:
         a = fused_ops.silu_mul(h)
@@ -176,13 +196,25 @@ def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                                dtype=x.dtype)
 
 
+def experts_fused(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, config: Optional[fused_ops.MoeConfig] = None) -> torch.Tensor:
+    """(T, H) through the experts as the Triton MoE of ``fused_ops.moe_experts`` (no host sync, SiLU only):
+    token rows gathered inside the GEMM, no per-pair copy of ``x``."""
+    num_experts = gate_up.shape[0]
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
+    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
+    return fused_ops.moe_experts(x=x, perm=perm, offsets=offsets, weights=weights, gate_up=gate_up, down=down,
+                                 config=config)
+
+
 def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """(T, H) through the experts, one matmul pair per expert that received tokens (reads the counts)."""
     num_tokens, top_k = ids.shape
-    sorted_ids, perm = _sort_pairs(ids=ids)
+    sorted_ids, perm = sort_pairs(ids=ids, num_experts=gate_up.shape[0])
     xs = x[perm // top_k]
-    counts = torch.bincount(sorted_ids, minlength=gate_up.shape[0]).tolist()
+    ends = expert_offsets(sorted_ids=sorted_ids, num_experts=gate_up.shape[0])
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     y = torch.empty(xs.shape[0], down.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for expert, n in enumerate(counts):
@@ -196,16 +228,18 @@ def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
                                dtype=x.dtype)
 
 
-def check_kernels(*, kernels: str, decode_moe: str, device: torch.device, act: Callable[..., Any]) -> None:
+def check_kernels(*, kernels: str, decode_moe: str, prefill_moe: str, device: torch.device,
+                  act: Callable[..., Any]) -> None:
     """Refuse a Triton path that cannot run here, or whose kernels would compute something else."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
-    if kernels != "triton" and decode_moe != "fused":
+    if kernels != "triton" and decode_moe != "fused" and prefill_moe != "fused":
         return
     if not fused_ops.runs_on(device):
         why = "Triton is not installed" if fused_ops.triton is None else f"Triton does not run on {device}"
-        raise ValueError(f"kernels 'triton' and decode_moe 'fused' need Triton on CUDA ({why}); "
-                         f"use kernels 'torch' with decode_moe 'grouped' or 'gather'")
+        raise ValueError(f"kernels 'triton', decode_moe 'fused' and prefill_moe 'fused' need Triton on CUDA ({why}); "
+                         f"use kernels 'torch' with decode_moe 'grouped' or 'gather' and prefill_moe 'grouped' "
+                         f"or 'loop'")
     if type(act).__name__ not in ("SiLU", "SiLUActivation"):
         raise ValueError(f"the Triton experts kernels compute SiLU; this model's activation is {type(act).__name__}")
 
@@ -332,8 +366,10 @@ class FastMoe(nn.Module):
         args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj,
                     act=experts.act_fn)
         impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
-        if impl == "fused":         # decode only: one token
+        if impl == "fused" and step.phase == "decode":     # one token: two GEMVs
             return fused_ops.moe_decode(x=x, ids=ids, weights=weights, gate_up=args["gate_up"], down=args["down"])
+        if impl == "fused":
+            return experts_fused(x=x, ids=ids, weights=weights, gate_up=args["gate_up"], down=args["down"])
         if impl == "gather":        # decode only: one token
             return experts_gather(**args)
         if impl == "loop":
@@ -383,7 +419,7 @@ class FastDecoder:
         self.rope_scaling = float(model.rotary_emb.attention_scaling)
         self.device, self.dtype = self.embed.device, self.embed.dtype
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        check_kernels(kernels=kernels, decode_moe=decode_moe, device=self.device,
+        check_kernels(kernels=kernels, decode_moe=decode_moe, prefill_moe=prefill_moe, device=self.device,
                       act=model.layers[0].mlp.experts.act_fn)
         self.kernels = kernels
         self.cache = StaticKVCache(num_blocks=config.num_hidden_layers, kv_heads=config.num_key_value_heads,

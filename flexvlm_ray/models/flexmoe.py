@@ -15,7 +15,8 @@ Options:
     attn_implementation: 'sdpa' (default) | 'eager'.
     decode_moe (fast only): 'fused' (default on CUDA with Triton: two GEMV kernels over the chosen experts)
         | 'grouped' (default on CUDA without Triton) | 'gather' (default elsewhere)   MoE of one decode token.
-    prefill_moe (fast only): 'grouped' (default where the grouped GEMM runs on CUDA) | 'loop'.
+    prefill_moe (fast only): 'grouped' (default where the grouped GEMM runs on CUDA) | 'loop'
+        | 'fused' (Triton GEMMs that gather token rows and apply SiLU-mul in their epilogue; needs Triton).
     kernels (fast only): 'triton' (default on CUDA with Triton: fused norms, q/k norm + RoPE, SiLU-mul,
         MoE combine) | 'torch' (default elsewhere: the same math as chains of PyTorch ops).
     cuda_graphs (fast only): true (default) | false   decode steps as CUDA graphs (CUDA only).

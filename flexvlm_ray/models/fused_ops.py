@@ -13,7 +13,11 @@ that dtype), so the fused and eager paths agree to the last bit or two of bf16:
   experts' rows straight from the stacked ``gate_up_proj`` / ``down_proj`` (no gather copy), the
   second one summing the router-weighted expert outputs.
 * ``moe_combine``: the grouped prefill's weighted sum over each token's ``k`` expert outputs,
-  reading them in sorted order through the inverse permutation (no scatter).
+  reading them in sorted order through the inverse permutation (no scatter), or in (token, slot) order.
+* ``moe_experts`` (prefill ``fused``, after vLLM's fused_moe): ``moe_align`` pads every expert's run of
+  sorted pairs to whole ``BLOCK_M``-row tiles; one GEMM kernel gathers each tile's token rows straight
+  from ``x`` and applies SiLU-mul in its epilogue, a second multiplies by the expert's down rows and
+  writes each pair's output at its (token, slot) row; ``moe_combine`` sums the slots.
 
 On CUDA the kernels are compiled by Triton; with ``TRITON_INTERPRET=1`` Triton runs them on the
 CPU (numpy), which is how the CPU tests check them against the eager code.
@@ -21,6 +25,8 @@ CPU (numpy), which is how the CPU tests check them against the eager code.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -157,18 +163,124 @@ if triton is not None:
         tl.store(out_ptr + rows, total.to(dt), mask=rmask)
 
     @triton.jit
-    def _moe_combine_kernel(y_ptr, inv_ptr, wts_ptr, out_ptr, hidden, top_k: tl.constexpr, BLOCK: tl.constexpr):
+    def _moe_combine_kernel(y_ptr, inv_ptr, wts_ptr, out_ptr, hidden, top_k: tl.constexpr, SORTED: tl.constexpr,
+                            BLOCK: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < hidden
         dt = out_ptr.dtype.element_ty
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for slot in tl.static_range(top_k):
-            src = tl.load(inv_ptr + token * top_k + slot).to(tl.int64)
+            if SORTED:
+                src = tl.load(inv_ptr + token * top_k + slot).to(tl.int64)
+            else:
+                src = token * top_k + slot
             weight = tl.load(wts_ptr + token * top_k + slot).to(tl.float32)
             y = tl.load(y_ptr + src * hidden + cols, mask=mask, other=0.0).to(tl.float32)
             total += (y * weight).to(dt).to(tl.float32)
         tl.store(out_ptr + token * hidden + cols, total.to(dt), mask=mask)
+
+    @triton.jit(do_not_specialize=["num_pairs"])   # one compile for every prompt length
+    def _moe_align_kernel(offsets_ptr, perm_ptr, tile_expert_ptr, tile_pairs_ptr, num_pairs, num_experts,
+                          BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+        tile = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        emask = e < num_experts
+        end = tl.load(offsets_ptr + e, mask=emask, other=0)
+        start = tl.load(offsets_ptr + e - 1, mask=emask & (e > 0), other=0)
+        tiles = tl.where(emask, (end - start + BLOCK_M - 1) // BLOCK_M, 0)
+        tiles_end = tl.cumsum(tiles, 0)
+        expert = tl.sum((emask & (tiles_end <= tile)).to(tl.int32), 0)     # experts whose tiles all come before
+        mine = e == expert
+        first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
+        pair_start = tl.sum(tl.where(mine, start, 0), 0)
+        pair_end = tl.sum(tl.where(mine, end, 0), 0)
+        pos = pair_start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = (expert < num_experts) & (pos < pair_end)
+        pairs = tl.load(perm_ptr + pos, mask=valid, other=0).to(tl.int32)
+        tl.store(tile_pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(valid, pairs, num_pairs))
+        tl.store(tile_expert_ptr + tile, tl.where(expert < num_experts, expert, -1))
+
+    @triton.jit
+    def _tile_grid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """(tile, column block) of program ``pid``, ``GROUP_M`` tiles sweeping the column blocks together."""
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+    @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
+    def _moe_gate_up_tiles_kernel(x_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
+                                  hidden: tl.constexpr, inter: tl.constexpr, top_k: tl.constexpr,
+                                  F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _tile_grid(tl.program_id(0), num_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
+        expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(tile_pairs_ptr + rows)
+        valid = pairs < num_pairs
+        tokens = (pairs // top_k).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < inter
+        k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tokens[:, None] * hidden + k[None, :]
+        g_ptrs = w_ptr + expert * 2 * inter * hidden + cols[None, :].to(tl.int64) * hidden + k[:, None]
+        u_ptrs = g_ptrs + inter * hidden
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            kmask = k < hidden - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if F32_DOT:
+                a = a.to(tl.float32)
+                acc_g = tl.dot(a, wg.to(tl.float32), acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, wu.to(tl.float32), acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, wg, acc_g)
+                acc_u = tl.dot(a, wu, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        dt = out_ptr.dtype.element_ty
+        g = acc_g.to(dt).to(tl.float32)           # the eager path's GEMM output is in the model dtype
+        u = acc_u.to(dt).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * inter + cols[None, :], (act * u).to(dt), mask=nmask[None, :])
+
+    @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
+    def _moe_down_tiles_kernel(a_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
+                               hidden: tl.constexpr, inter: tl.constexpr, F32_DOT: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _tile_grid(tl.program_id(0), num_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+        expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(tile_pairs_ptr + rows)
+        valid = pairs < num_pairs
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < hidden
+        k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * inter + k[None, :]
+        w_ptrs = w_ptr + expert * hidden * inter + cols[None, :].to(tl.int64) * inter + k[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            kmask = k < inter - k0
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if F32_DOT:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        dest = out_ptr + pairs[:, None].to(tl.int64) * hidden + cols[None, :]
+        tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -233,14 +345,106 @@ def moe_decode(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gat
     return out
 
 
-def moe_combine(*, y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum over each token's ``k`` slots of ``weight * y`` where ``y`` (S, H) is in ``perm`` (sorted) order."""
+def moe_combine(*, y: torch.Tensor, perm: Optional[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Sum over each token's ``k`` slots of ``weight * y`` (each product rounded to y's dtype, the sum in
+    float32) where ``y`` (S, H) is in ``perm`` (sorted) order, or in (token, slot) order if ``perm`` is None."""
     num_tokens, top_k = weights.shape
     hidden = y.shape[1]
-    inverse = torch.empty_like(perm)
-    inverse.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
+    if perm is None:
+        inverse = weights          # not read
+    else:
+        inverse = torch.empty_like(perm)
+        inverse.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
     out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
     block = min(1024, _pow2(hidden))
     _moe_combine_kernel[(num_tokens, triton.cdiv(hidden, block))](y.contiguous(), inverse, weights.contiguous(),
-                                                                  out, hidden, top_k, BLOCK=block, num_warps=4)
+                                                                  out, hidden, top_k, SORTED=perm is not None,
+                                                                  BLOCK=block, num_warps=4)
     return out
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tiles and launch settings of the fused prefill MoE (both GEMM kernels; ``block_m`` also pads the
+    experts' row runs in ``moe_align``)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def parse(cls, text: str) -> "MoeConfig":
+        """``"BM,BN,BK,GM,warps,stages"`` (the format of ``FLEXVLM_MOE_CONFIG``)."""
+        values = [int(v) for v in text.split(",")]
+        if len(values) != 6 or min(values[:3]) < 16:
+            raise ValueError(f"MoE config {text!r}: want BM,BN,BK,GM,warps,stages with BM, BN, BK >= 16")
+        return cls(*values)
+
+
+# (largest mean pairs per expert, config); unmeasured starting points, to be replaced by
+# benchmarks/moe_kernel_bench.py's sweep on the target GPU
+MOE_CONFIGS: tuple[tuple[float, MoeConfig], ...] = (
+    (16, MoeConfig(16, 64, 64, 1, 4, 3)),
+    (128, MoeConfig(64, 64, 64, 8, 4, 3)),
+    (float("inf"), MoeConfig(64, 128, 64, 8, 8, 3)),
+)
+MOE_CONFIG_ENV = "FLEXVLM_MOE_CONFIG"
+
+
+def moe_config(*, num_pairs: int, num_experts: int) -> MoeConfig:
+    """``FLEXVLM_MOE_CONFIG`` if set, else the first ``MOE_CONFIGS`` row covering the mean pairs per expert."""
+    text = os.environ.get(MOE_CONFIG_ENV)
+    if text:
+        return MoeConfig.parse(text)
+    mean = num_pairs / num_experts
+    return next(config for limit, config in MOE_CONFIGS if mean <= limit)
+
+
+def moe_align(*, perm: torch.Tensor, offsets: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad every expert's run of sorted pairs to whole tiles of ``block_m`` rows, on the device.
+
+    ``perm`` (S,): pair indices in expert order; ``offsets`` (E,) int32: where each expert's run ends.
+    Returns ``tile_expert`` (cdiv(S, block_m) + E,) int32, the expert of each tile in expert order
+    (-1 for the tiles beyond the last used one), and ``tile_pairs`` (tiles * block_m,) int32, the pair
+    index of each padded row (S for padding). Sized for the worst case, so no count leaves the device.
+    """
+    num_pairs, num_experts = perm.numel(), offsets.numel()
+    tiles = triton.cdiv(num_pairs, block_m) + num_experts
+    tile_expert = torch.empty(tiles, dtype=torch.int32, device=perm.device)
+    tile_pairs = torch.empty(tiles * block_m, dtype=torch.int32, device=perm.device)
+    _moe_align_kernel[(tiles,)](offsets, perm, tile_expert, tile_pairs, num_pairs, num_experts,
+                                BLOCK_E=max(2, _pow2(num_experts)), BLOCK_M=block_m, num_warps=4)
+    return tile_expert, tile_pairs
+
+
+def moe_experts(*, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor, config: Optional[MoeConfig] = None) -> torch.Tensor:
+    """(T, H) ``x`` through its experts: pairs ``perm`` (sorted by expert, runs ending at ``offsets``),
+    router ``weights`` (T, k), ``gate_up`` (E, 2I, H) with gate rows first, ``down`` (E, H, I).
+
+    Rounds like the grouped path with Triton kernels: each GEMM's float32 accumulator is rounded to x's
+    dtype, then SiLU-mul and the weighted sum as ``silu_mul`` and ``moe_combine`` do; the GEMMs sum in
+    another order, so results agree to float32 summation error before each rounding.
+    """
+    num_tokens, top_k = weights.shape
+    num_experts, hidden, inter = down.shape
+    num_pairs = perm.numel()
+    config = config or moe_config(num_pairs=num_pairs, num_experts=num_experts)
+    tile_expert, tile_pairs = moe_align(perm=perm, offsets=offsets, block_m=config.block_m)
+    tiles = tile_expert.numel()
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    # float32 operands (and the interpreter, whose tl.dot misreads bfloat16): exact float32 products, no TF32
+    launch = dict(F32_DOT=x.dtype == torch.float32 or interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                  BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    act = torch.empty(tiles * config.block_m, inter, dtype=x.dtype, device=x.device)
+    grid = (tiles * triton.cdiv(inter, config.block_n),)
+    _moe_gate_up_tiles_kernel[grid](x, gate_up, tile_expert, tile_pairs, act, num_pairs, tiles, hidden, inter,
+                                    top_k, **launch)
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    grid = (tiles * triton.cdiv(hidden, config.block_n),)
+    _moe_down_tiles_kernel[grid](act, down, tile_expert, tile_pairs, y, num_pairs, tiles, hidden, inter, **launch)
+    return moe_combine(y=y, perm=None, weights=weights)

@@ -1,0 +1,146 @@
+"""One MoE layer of the fast backend's prefill at MolmoE-1B shapes: the grouped-GEMM path against the fused
+Triton path (``prefill_moe: fused``) for a sweep of tile configs, and the pair sort on int64 / int32 / uint8
+keys (GPU).
+
+For each prompt length T: random x (T, H) and router over 64 experts, top_k 8; every path timed with CUDA
+events around each call after warm-up, median of the repeats; the fused path's error against the grouped
+path as max |diff| / max |grouped| and as a norm ratio. Floors per layer: 6 * S * H * I FLOPs over the
+nominal peak, and the weights of every expert that received a pair over the nominal HBM bandwidth.
+
+    python benchmarks/moe_kernel_bench.py --out moe_kernel_bench.json
+    FLEXVLM_MOE_CONFIG=64,128,64,8,4,3 python benchmarks/runtime_bench.py --backends fast fast-fusedmoe ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flexvlm_ray.models import fused_ops  # noqa: E402
+from flexvlm_ray.models.fast_decoder import (experts_fused, experts_grouped, grouped_mm_function,  # noqa: E402
+                                             route)
+
+SWEEP = ("64,64,64,8,4,3", "64,128,64,8,4,3", "64,128,64,8,8,3", "64,128,64,8,4,4", "128,64,64,8,4,3",
+         "128,128,64,8,8,3", "128,128,64,8,8,4", "64,256,64,8,8,3", "32,128,64,8,4,4")
+
+
+def time_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls after ``warmup`` calls (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    diff = (out.double() - ref.double())
+    return {"max_rel": float(diff.abs().max() / ref.double().abs().max()),
+            "norm_rel": float(diff.norm() / ref.double().norm())}
+
+
+def layer(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Rows of one prompt length: sorts, the grouped path, and the fused path per config."""
+    gate_up, down, router = weights
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, args.hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    wts, ids = route(x=x, weight=router, top_k=args.top_k, norm_topk_prob=False)
+    pairs = tokens * args.top_k
+    used = int(torch.unique(ids).numel())
+    flops = 6 * pairs * args.hidden * args.inter
+    weight_bytes = used * 3 * args.hidden * args.inter * gate_up.element_size()
+    timing = dict(warmup=args.warmup, repeats=args.repeats)
+    flat = ids.reshape(-1)
+    sorts = {name: time_ms(lambda k=keys, s=stable: torch.sort(k, stable=s), **timing)
+             for name, keys, stable in (("int64", flat, False), ("int32", flat.to(torch.int32), False),
+                                        ("uint8_stable", flat.to(torch.uint8), True))}
+    call = dict(x=x, ids=ids, weights=wts, gate_up=gate_up, down=down)
+    grouped = lambda: experts_grouped(**call, act=F.silu, mm=grouped_mm_function(), fused=True)  # noqa: E731
+    ref = grouped()
+    row: dict[str, Any] = {"tokens": tokens, "pairs": pairs, "experts_used": used, "flops": flops,
+                           "flop_floor_ms": flops / args.peak_flops * 1e3,
+                           "weight_floor_ms": weight_bytes / args.hbm_bw * 1e3, "sort_ms": sorts,
+                           "grouped_ms": time_ms(grouped, **timing),
+                           "default_config": ",".join(map(str, astuple(
+                               fused_ops.moe_config(num_pairs=pairs, num_experts=args.experts)))),
+                           "fused": []}
+    for text in dict.fromkeys([row["default_config"], *args.configs]):
+        config = fused_ops.MoeConfig.parse(text)
+        fused = lambda c=config: experts_fused(**call, config=c)  # noqa: E731
+        try:
+            entry = {"config": text, **errors(fused(), ref), "ms": time_ms(fused, **timing)}
+        except Exception as exc:          # a config over the GPU's shared memory or registers: recorded, sweep goes on
+            entry = {"config": text, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        row["fused"].append(entry)
+    return row
+
+
+def print_row(row: dict[str, Any]) -> None:
+    s = row["sort_ms"]
+    print(f"\nT={row['tokens']} pairs={row['pairs']} experts used={row['experts_used']}  floors: "
+          f"{row['flop_floor_ms']:.3f} ms FLOPs, {row['weight_floor_ms']:.3f} ms weights")
+    print(f"  sort int64 {s['int64'] * 1e3:.1f} us, int32 {s['int32'] * 1e3:.1f} us, "
+          f"uint8 stable {s['uint8_stable'] * 1e3:.1f} us")
+    print(f"  {'path':<26}{'ms':>8}{'vs grouped':>12}{'max rel err':>13}{'norm rel err':>14}")
+    print(f"  {'grouped (fused=True)':<26}{row['grouped_ms']:>8.3f}{1.0:>12.2f}")
+    for entry in row["fused"]:
+        name = "fused " + entry["config"] + (" *" if entry["config"] == row["default_config"] else "")
+        if "error" in entry:
+            print(f"  {name:<26}  failed: {entry['error'][:80]}")
+        else:
+            print(f"  {name:<26}{entry['ms']:>8.3f}{entry['ms'] / row['grouped_ms']:>12.2f}"
+                  f"{entry['max_rel']:>13.2e}{entry['norm_rel']:>14.2e}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[747, 1377, 1900])
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=1024)
+    p.add_argument("--configs", nargs="+", default=list(SWEEP), help="BM,BN,BK,GM,warps,stages (the default is added)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=25)
+    p.add_argument("--hbm-bw", type=float, default=3.0e12)
+    p.add_argument("--peak-flops", type=float, default=790e12)
+    p.add_argument("--out", default="moe_kernel_bench.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("moe_kernel_bench needs CUDA")
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    weights = (torch.randn(args.experts, 2 * args.inter, args.hidden, device="cuda", dtype=bf) / 40,
+               torch.randn(args.experts, args.hidden, args.inter, device="cuda", dtype=bf) / 30,
+               torch.randn(args.experts, args.hidden, device="cuda", dtype=bf) / 40)
+    rows = []
+    with torch.inference_mode():
+        for tokens in args.tokens:
+            rows.append(layer(tokens=tokens, args=args, weights=weights))
+            print_row(rows[-1])
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": getattr(fused_ops.triton, "__version__", None), "shapes": {
+                  "experts": args.experts, "top_k": args.top_k, "hidden": args.hidden, "inter": args.inter},
+              "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
