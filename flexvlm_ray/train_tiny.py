@@ -52,6 +52,7 @@ import json
 import math
 import platform
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -69,7 +70,7 @@ from flexvlm_ray.data.shapes import BACKGROUNDS, COLORS, KINDS, Scene, sample_sc
 from flexvlm_ray.models.flexmoe_config import EOS_ID, PAD_ID, PRESETS, FlexMoeConfig, build_tokenizer
 from flexvlm_ray.models.flexmoe_model import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, FlexMoeModel,
                                               build_flexmoe, load_flexmoe, splice_image_embeds)
-from flexvlm_ray.models.flexmoe_preprocess import ImageLayout, build_sequence, layout_image
+from flexvlm_ray.models.flexmoe_preprocess import ImageLayout, build_sequence, layout_image, normalize_crops
 
 MIX: tuple[tuple[str, float], ...] = (
     ("shapes_vqa", 0.60), ("shapes_caption", 0.25), ("shapes_count", 0.075), ("shapes_mc", 0.075))
@@ -107,6 +108,10 @@ class Example:
     presence: Optional[np.ndarray] = None       # (len(COMBOS),) 0/1: which (colour, kind) the image shows
     num_shapes: int = -1
     grounding: tuple[tuple[int, float, int, int, int], ...] = ()   # see grounding_targets
+
+    def pin_memory(self) -> "Example":
+        """The DataLoader's pinning hook: the same example with its crops in page-locked memory."""
+        return dataclasses.replace(self, pixels=torch.as_tensor(self.pixels).pin_memory())
 
 
 COMBOS: tuple[tuple[str, str], ...] = tuple((color, kind) for color in COLORS for kind in KINDS)
@@ -202,11 +207,12 @@ def target_text(*, sample: Sample) -> str:
 
 
 def make_example(*, sample: Sample, config: FlexMoeConfig, tokenizer: Tokenizer, max_crops: int,
-                 scene: Optional[Scene] = None, ground_answers: bool = False) -> Example:
+                 scene: Optional[Scene] = None, ground_answers: bool = False, normalize: bool = True) -> Example:
     """Preprocess a sample the way the adapter's ``prepare`` does, with its target ids (and, given
     the sample's scene, the per-token attribute labels and grounding targets of the auxiliary
-    losses; ``ground_answers``: grounding targets at the teacher-forced target words too)."""
-    layout = layout_image(image=sample.image, config=config, max_crops=max_crops)
+    losses; ``ground_answers``: grounding targets at the teacher-forced target words too;
+    ``normalize=False``: uint8 crops, normalized later by ``stack_pixels``)."""
+    layout = layout_image(image=sample.image, config=config, max_crops=max_crops, normalize=normalize)
     ids, positions = build_sequence(layout=layout, prompt=sample.prompt, tokenizer=tokenizer)
     target = tokenizer.encode(target_text(sample=sample), add_special_tokens=False).ids + [EOS_ID]
     labels = None if scene is None else token_attribute_labels(scene=scene, config=config, layout=layout)
@@ -387,7 +393,7 @@ class Draw:
 
 class DrawBatches(torch.utils.data.Dataset):
     """Batch ``b`` is the examples of ``draws[b]``, built from the train split (in a loader worker
-    when ``workers`` > 0; pixels come back as tensors, which the loader passes in shared memory)."""
+    when ``workers`` > 0; pixels come back as uint8 tensors, which the loader passes in shared memory)."""
 
     def __init__(self, *, draws: list[list[Draw]], config: FlexMoeConfig, ground_answers: bool) -> None:
         self.draws, self.config, self.ground_answers = draws, config, ground_answers
@@ -409,7 +415,8 @@ class DrawBatches(torch.utils.data.Dataset):
                 sample = probe_sample(sample=sample, scene=scene, rng=np.random.default_rng(draw.probe_seed),
                                       forms=draw.forms)
             example = make_example(sample=sample, config=self.config, tokenizer=self.tokenizer,
-                                   max_crops=draw.max_crops, scene=scene, ground_answers=self.ground_answers)
+                                   max_crops=draw.max_crops, scene=scene, ground_answers=self.ground_answers,
+                                   normalize=False)
             example.pixels = torch.from_numpy(example.pixels)
             examples.append(example)
         return examples
@@ -420,18 +427,21 @@ def _as_is(batch: list[Example]) -> list[Example]:
 
 
 def example_loader(*, draws: list[list[Draw]], config: FlexMoeConfig, ground_answers: bool,
-                   workers: int) -> torch.utils.data.DataLoader:
+                   workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Batches of examples in draw order; ``workers`` processes build them ahead of the training step
-    (0: in this process, between the steps)."""
+    (0: in this process, between the steps); ``pin_memory`` (for CUDA): crops arrive page-locked, so
+    ``stack_pixels`` copies them asynchronously."""
     return torch.utils.data.DataLoader(
         DrawBatches(draws=draws, config=config, ground_answers=ground_answers), batch_size=None, shuffle=False,
         num_workers=workers, collate_fn=_as_is, prefetch_factor=4 if workers else None,
-        multiprocessing_context="spawn" if workers else None)
+        multiprocessing_context="spawn" if workers else None, pin_memory=pin_memory)
 
 
 def stack_pixels(*, examples: Sequence[Example], device: torch.device) -> torch.Tensor:
-    """The examples' crops as one (crops, 3, px, px) float32 tensor on ``device``."""
-    return torch.cat([torch.as_tensor(e.pixels) for e in examples]).to(device)
+    """The examples' crops as one normalized (crops, 3, px, px) float32 tensor on ``device`` (uint8
+    crops move as uint8 and are normalized there)."""
+    pixels = torch.cat([torch.as_tensor(e.pixels).to(device, non_blocking=True) for e in examples])
+    return normalize_crops(pixels) if pixels.dtype == torch.uint8 else pixels
 
 
 def batch_loss(*, model: FlexMoeModel, examples: Sequence[Example], aux_coef: float = AUX_COEF,
@@ -628,7 +638,8 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
         return batches
 
     def batches(draws: list[list[Draw]]) -> Iterator[list[Example]]:
-        return iter(example_loader(draws=draws, config=config, ground_answers=ground_answers, workers=workers))
+        return iter(example_loader(draws=draws, config=config, ground_answers=ground_answers, workers=workers,
+                                   pin_memory=device.type == "cuda"))
 
     # phase 1: the image side learns the attribute read-out (``phase1_cache``: a file with the image
     # side and read-out after phase 1 of the same seed and settings; loaded when present, else written)

@@ -13,7 +13,7 @@ from flexvlm_ray.models.flexmoe_config import (IM_COL_ID, IMG_ID, PRESETS, FlexM
                                                scaled_feature_layers)
 from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
 from flexvlm_ray.models.flexmoe_model import FlexMoeModel, default_dtype, save_flexmoe
-from flexvlm_ray.models.flexmoe_preprocess import layout_image
+from flexvlm_ray.models.flexmoe_preprocess import layout_image, normalize_crops
 
 
 def make_adapter(**kwargs) -> FlexMoeAdapter:
@@ -259,3 +259,17 @@ def test_tiny_preset_loads_shipped_assets_when_present(tmp_path, monkeypatch):
     assert shipped.weights_dir == tmp_path / "assets" / "tiny"
     assert torch.equal(shipped.model.decoder.lm_head.weight, trained.model.decoder.lm_head.weight)
     assert shipped.identity()["weights"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("max_crops", [1, 5, 12])
+def test_uint8_crops_normalized_later_are_bit_identical(max_crops):
+    """layout_image(normalize=False) keeps exact uint8 crops; normalize_crops gives the very floats
+    that layout_image computes, so training can move 4x fewer bytes and normalize on the device."""
+    from flexvlm_ray.data import DATASETS
+    image = DATASETS.get("shapes_vqa").load(split="validation")[3].image
+    config = PRESETS["tiny"]
+    ref = layout_image(image=image, config=config, max_crops=max_crops)
+    raw = layout_image(image=image, config=config, max_crops=max_crops, normalize=False)
+    assert raw.pixels.dtype.name == "uint8" and raw.pixels.shape == ref.pixels.shape
+    assert (raw.feature_index == ref.feature_index).all() and raw.image_tokens == ref.image_tokens
+    assert torch.equal(normalize_crops(torch.from_numpy(raw.pixels)), torch.from_numpy(ref.pixels))
