@@ -73,7 +73,8 @@ def layer(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch
     call = dict(x=x, ids=ids, weights=wts, gate_up=gate_up, down=down)
     grouped = lambda: experts_grouped(**call, act=F.silu, mm=grouped_mm_function(), fused=True)  # noqa: E731
     ref = grouped()
-    row: dict[str, Any] = {"tokens": tokens, "pairs": pairs, "experts_used": used, "flops": flops,
+    row: dict[str, Any] = {"gemm_ms": grouped_gemms(x=x, flat=flat, top_k=args.top_k, gate_up=gate_up, down=down,
+                                                    timing=timing), "tokens": tokens, "pairs": pairs, "experts_used": used, "flops": flops,
                            "flop_floor_ms": flops / args.peak_flops * 1e3,
                            "weight_floor_ms": weight_bytes / args.hbm_bw * 1e3, "sort_ms": sorts,
                            "grouped_ms": time_ms(grouped, **timing),
@@ -91,12 +92,29 @@ def layer(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch
     return row
 
 
+def grouped_gemms(*, x: torch.Tensor, flat: torch.Tensor, top_k: int, gate_up: torch.Tensor, down: torch.Tensor,
+                  timing: dict[str, int]) -> dict[str, float]:
+    """The grouped path's two GEMMs alone, with the weights as the model holds them (transposed views,
+    column-major B) and copied to row-major (E, K, N) once."""
+    mm = grouped_mm_function()
+    offs = torch.cumsum(torch.bincount(flat, minlength=gate_up.shape[0]), 0).to(torch.int32)
+    xs = x[torch.sort(flat, stable=True).indices // top_k]
+    a = mm(xs, gate_up.transpose(-2, -1), offs=offs)[:, :gate_up.shape[1] // 2].contiguous()
+    out = {}
+    for name, lhs, w in (("gate_up", xs, gate_up), ("down", a, down)):
+        col, row = w.transpose(-2, -1), w.transpose(-2, -1).contiguous()
+        out[f"{name}_colmajor"] = time_ms(lambda l=lhs, b=col: mm(l, b, offs=offs), **timing)
+        out[f"{name}_rowmajor"] = time_ms(lambda l=lhs, b=row: mm(l, b, offs=offs), **timing)
+    return out
+
+
 def print_row(row: dict[str, Any]) -> None:
     s = row["sort_ms"]
     print(f"\nT={row['tokens']} pairs={row['pairs']} experts used={row['experts_used']}  floors: "
           f"{row['flop_floor_ms']:.3f} ms FLOPs, {row['weight_floor_ms']:.3f} ms weights")
     print(f"  sort int64 {s['int64'] * 1e3:.1f} us, int32 {s['int32'] * 1e3:.1f} us, "
           f"uint8 stable {s['uint8_stable'] * 1e3:.1f} us")
+    print("  grouped GEMMs alone, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in row["gemm_ms"].items()))
     print(f"  {'path':<26}{'ms':>8}{'vs grouped':>12}{'max rel err':>13}{'norm rel err':>14}")
     print(f"  {'grouped (fused=True)':<26}{row['grouped_ms']:>8.3f}{1.0:>12.2f}")
     for entry in row["fused"]:
