@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.runtime_bench import time_calls  # noqa: E402
 from flexvlm_ray.models import fused_ops  # noqa: E402
 from flexvlm_ray.models.fast_decoder import (experts_fused, experts_grouped, grouped_mm_function,  # noqa: E402
                                              route)
@@ -35,18 +36,7 @@ SWEEP = ("64,64,64,8,4,3", "64,128,64,8,4,3", "64,128,64,8,8,3", "64,128,64,8,4,
 
 def time_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
     """Median milliseconds of ``repeats`` calls after ``warmup`` calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, cuda=True, warmup=warmup, repeats=repeats))
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
