@@ -55,7 +55,7 @@ import time
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -622,18 +622,19 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     if diag_every:
         own, shuffled = reliance_examples(config=config, tokenizer=tokenizer, count=diag_count)
 
-    def draw_batches(count: int, size: int, crops_limit: Callable[[int], Optional[int]] = lambda b: None,
-                     probe_p: Callable[[int], float] = lambda b: 0.0,
-                     forms: Callable[[int], Sequence[int]] = lambda b: (0, 1, 2)) -> list[list[Draw]]:
-        """``count`` batches of draws, drawn here in order (the same stream for any ``workers``)."""
+    def draw_batches(count: int, size: int, *, early: int = 0, probe_p: float = 0.0) -> list[list[Draw]]:
+        """``count`` batches of draws, drawn here in order (the same stream for any ``workers``). The first
+        ``early`` batches follow the curriculum (``EARLY_CROPS``: max_crops uniform in 1..N, every prompt a
+        colour probe); the rest take ``draw_max_crops`` and a probe with probability ``probe_p``."""
         batches = []
         for b in range(count):
-            limit = crops_limit(b)
+            curriculum = b < early
             batches.append([Draw(name=pool[int(i)][0], index=pool[int(i)][1],
-                                 max_crops=draw_max_crops(rng=rng, limit=config.max_crops) if limit is None
-                                 else int(rng.integers(1, limit + 1)),
-                                 probe_seed=int(rng.integers(2**62)) if rng.random() < probe_p(b) else None,
-                                 forms=tuple(forms(b)))
+                                 max_crops=int(rng.integers(1, early_crops[1] + 1)) if curriculum
+                                 else draw_max_crops(rng=rng, limit=config.max_crops),
+                                 probe_seed=int(rng.integers(2**62))
+                                 if rng.random() < (probes[0] if curriculum else probe_p) else None,
+                                 forms=(0,) if curriculum else (0, 1, 2))
                             for i in rng.integers(len(pool), size=size)])
         return batches
 
@@ -705,10 +706,7 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     for param in image_params:
         param.requires_grad_(freeze_steps == 0)
     running: list[tuple[float, float, float]] = []
-    early_forms = (0,)         # the curriculum starts with colour probes only
-    loader = batches(draw_batches(steps, batch_size, crops_limit=lambda b: early_crops[1] if b < early_steps else None,
-                                  probe_p=lambda b: probes[0] if b < early_steps else probes[1],
-                                  forms=lambda b: early_forms if b < early_steps else (0, 1, 2)))
+    loader = batches(draw_batches(steps, batch_size, early=early_steps, probe_p=probes[1]))
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = group["lr_mult"] * learning_rate(step=step, steps=steps, peak=peak_lr, warmup=warmup)
