@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.runtime_bench import time_calls  # noqa: E402
 from flexvlm_ray.models import fused_ops  # noqa: E402
 from flexvlm_ray.models.fast_decoder import (experts_fused, experts_grouped, grouped_mm_function,  # noqa: E402
-                                             route)
+                                             route, sort_pairs)
 
+SORT_LAUNCHES = ((1024, 4), (2048, 8), (4096, 8), (4096, 16))     # (pairs per step, warps) of moe_sort
 SWEEP = ("64,64,64,8,4,3", "64,128,64,8,4,3", "64,128,64,8,8,3", "64,128,64,8,4,4", "128,64,64,8,4,3",
          "128,128,64,8,8,3", "128,128,64,8,8,4", "64,256,64,8,8,3", "32,128,64,8,4,4")
 
@@ -60,6 +61,9 @@ def layer(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch
     sorts = {name: time_ms(lambda k=keys, s=stable: torch.sort(k, stable=s), **timing)
              for name, keys, stable in (("int64", flat, False), ("int32", flat.to(torch.int32), False),
                                         ("uint8_stable", flat.to(torch.uint8), True))}
+    for block, warps in SORT_LAUNCHES:
+        sorts[f"count_{block}_{warps}w"] = time_ms(
+            lambda b=block, w=warps: fused_ops.moe_sort(ids, num_experts=args.experts, block=b, num_warps=w), **timing)
     call = dict(x=x, ids=ids, weights=wts, gate_up=gate_up, down=down)
     grouped = lambda: experts_grouped(**call, act=F.silu, mm=grouped_mm_function(), fused=True)  # noqa: E731
     ref = grouped()
@@ -67,6 +71,8 @@ def layer(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch
                                                     timing=timing), "tokens": tokens, "pairs": pairs, "experts_used": used, "flops": flops,
                            "flop_floor_ms": flops / args.peak_flops * 1e3,
                            "weight_floor_ms": weight_bytes / args.hbm_bw * 1e3, "sort_ms": sorts,
+                           "glue_ms": glue(x=x, ids=ids, wts=wts, router=router, gate_up=gate_up, args=args,
+                                           timing=timing),
                            "grouped_ms": time_ms(grouped, **timing),
                            "default_config": ",".join(map(str, astuple(
                                fused_ops.moe_config(num_pairs=pairs, num_experts=args.experts)))),
@@ -80,6 +86,23 @@ def layer(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch
             entry = {"config": text, "error": f"{type(exc).__name__}: {exc}"[:300]}
         row["fused"].append(entry)
     return row
+
+
+def glue(*, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor,
+         args, timing: dict[str, int]) -> dict[str, float]:
+    """The grouped path's steps around its two GEMMs, each alone: router, pair sort (torch and counting
+    sort, each with offsets and inverse), row gather, SiLU-mul, weighted combine with the residual."""
+    experts = gate_up.shape[0]
+    pairs = sort_pairs(ids=ids, num_experts=experts, kernel=True)
+    h = torch.randn(pairs.perm.numel(), gate_up.shape[1], device=x.device, dtype=x.dtype)
+    y = torch.randn(pairs.perm.numel(), x.shape[1], device=x.device, dtype=x.dtype)
+    steps = {"route": lambda: route(x=x, weight=router, top_k=args.top_k, norm_topk_prob=False),
+             "pairs_torch": lambda: sort_pairs(ids=ids, num_experts=experts),
+             "pairs_count": lambda: sort_pairs(ids=ids, num_experts=experts, kernel=True),
+             "gather": lambda: x[pairs.perm // args.top_k],
+             "silu_mul": lambda: fused_ops.silu_mul(h),
+             "combine_residual": lambda: fused_ops.moe_combine(y=y, inverse=pairs.inverse, weights=wts, residual=x)}
+    return {name: time_ms(fn, **timing) for name, fn in steps.items()}
 
 
 def grouped_gemms(*, x: torch.Tensor, flat: torch.Tensor, top_k: int, gate_up: torch.Tensor, down: torch.Tensor,
@@ -102,8 +125,8 @@ def print_row(row: dict[str, Any]) -> None:
     s = row["sort_ms"]
     print(f"\nT={row['tokens']} pairs={row['pairs']} experts used={row['experts_used']}  floors: "
           f"{row['flop_floor_ms']:.3f} ms FLOPs, {row['weight_floor_ms']:.3f} ms weights")
-    print(f"  sort int64 {s['int64'] * 1e3:.1f} us, int32 {s['int32'] * 1e3:.1f} us, "
-          f"uint8 stable {s['uint8_stable'] * 1e3:.1f} us")
+    print("  sort, us: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in s.items()))
+    print("  glue steps, us: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["glue_ms"].items()))
     print("  grouped GEMMs alone, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in row["gemm_ms"].items()))
     print(f"  {'path':<26}{'ms':>8}{'vs grouped':>12}{'max rel err':>13}{'norm rel err':>14}")
     print(f"  {'grouped (fused=True)':<26}{row['grouped_ms']:>8.3f}{1.0:>12.2f}")

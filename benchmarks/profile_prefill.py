@@ -1,35 +1,48 @@
 """Where prefill time goes: torch.profiler over one molmoe-1b prefill per backend (GPU).
 
-Prints the top CUDA kernels and CPU ops by self time, and the number of host syncs, so that a
-flat prefill (time independent of tokens) can be traced to its cause.
-    python benchmarks/profile_prefill.py --tiles 12
+Prints the CUDA kernels and CPU ops by self time, and the number of host syncs, so that a flat
+prefill (time independent of tokens) or a slow kernel can be traced to its cause. The prompt is
+the runtime benchmark's input of about ``--tokens`` tokens (an image whose crop table lands near
+it, else text), or a wide image of ``--tiles`` crops.
+    python benchmarks/profile_prefill.py --tokens 1900 --backends fast-eager --rows 40
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.engine_stages import wide_image
-from benchmarks.runtime_bench import BACKENDS
+from benchmarks.runtime_bench import BACKENDS, prefill_input
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models.base import Knobs
 from flexvlm_ray.models.flexmoe import FlexMoeAdapter
 
 
+def prompt(*, adapter: FlexMoeAdapter, tokens: int | None, tiles: int):
+    """(prepared, image embeddings) of the prompt to profile."""
+    if tokens:
+        prepared, embeds, _ = prefill_input(adapter=adapter, target=tokens)
+        return prepared, embeds
+    sample = Sample(sample_id="p", image=wide_image(tiles), prompt="Describe this image.")
+    prepared = adapter.prepare(sample=sample, knobs=Knobs())
+    return prepared, adapter.projector(prepared, adapter.vision_encoder(prepared))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiles", type=int, default=12)
+    parser.add_argument("--tokens", type=int, default=None, help="about this many prompt tokens (overrides --tiles)")
+    parser.add_argument("--rows", type=int, default=12, help="rows of each table")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=["fast", "hf-grouped_mm"])
     args = parser.parse_args()
     adapter = FlexMoeAdapter(preset="molmoe-1b", path=None, dtype="bfloat16", device="cuda", seed=0, options={})
-    sample = Sample(sample_id="p", image=wide_image(args.tiles), prompt="Describe this image.")
     for name in args.backends:
         backend, options = BACKENDS[name]
         adapter.set_backend(backend=backend, options=options)
-        prepared = adapter.prepare(sample=sample, knobs=Knobs())
-        embeds = adapter.projector(prepared, adapter.vision_encoder(prepared))
+        prepared, embeds = prompt(adapter=adapter, tokens=args.tokens, tiles=args.tiles)
         for _ in range(3):
             adapter.prefill(prepared, embeds)
         torch.cuda.synchronize()
@@ -37,8 +50,9 @@ def main() -> None:
             adapter.prefill(prepared, embeds)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        print(f"\n==== backend {name}: {prepared.num_total_tokens} tokens")
-        print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        print(f"\n==== backend {name}: {prepared.num_total_tokens} tokens, {gpu_us / 1e3:.3f} ms of GPU time")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         syncs = sum(e.count for e in events if "Synchronize" in e.key or "synchronize" in e.key
                     or "cudaMemcpy" in e.key or "item" == e.key.split("::")[-1])

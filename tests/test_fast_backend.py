@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import Knobs
-from flexvlm_ray.models.fast_decoder import (expert_offsets, experts_gather, experts_grouped, experts_loop,
-                                             grouped_mm_function, key_dtype, route, sort_pairs)
+from flexvlm_ray.models.fast_decoder import (experts_gather, experts_grouped, experts_loop, grouped_mm_function,
+                                             key_dtype, route, sort_pairs)
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import check_semantics, load_spec_text
@@ -144,13 +144,12 @@ def test_pairs_sort_on_narrow_keys_to_the_stable_int64_permutation(num_experts, 
     ids = torch.randint(0, num_experts, (tokens, top_k), generator=gen)
     ids[0, 0] = num_experts - 1                                  # the largest id must fit the key
     assert key_dtype(num_experts) == key
-    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
-    ref_ids, ref_perm = torch.sort(ids.reshape(-1), stable=True)
-    assert sorted_ids.dtype == key and perm.dtype == torch.int64
-    assert torch.equal(perm, ref_perm) and torch.equal(sorted_ids.long(), ref_ids)
-    ends = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
-    assert ends.dtype == torch.int32
-    assert torch.equal(ends.long(), torch.cumsum(torch.bincount(ids.reshape(-1), minlength=num_experts), 0))
+    pairs = sort_pairs(ids=ids, num_experts=num_experts)
+    ref_perm = torch.sort(ids.reshape(-1), stable=True).indices
+    assert pairs.perm.dtype == torch.int64 and torch.equal(pairs.perm, ref_perm)
+    assert torch.equal(pairs.inverse[pairs.perm], torch.arange(tokens * top_k))
+    assert pairs.offsets.dtype == torch.int32
+    assert torch.equal(pairs.offsets.long(), torch.cumsum(torch.bincount(ids.reshape(-1), minlength=num_experts), 0))
 
 
 def test_router_matches_olmoe(hf):

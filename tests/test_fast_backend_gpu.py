@@ -167,7 +167,7 @@ def test_decode_paths_agree_under_graphs(molmoe, options):
 def test_fused_ops_round_like_pytorch_on_the_gpu():
     """On the GPU Triton rounds float32 to bf16 to nearest even, as PyTorch does: element-wise agreement."""
     from flexvlm_ray.models import fused_ops
-    from flexvlm_ray.models.fast_decoder import _unsort_and_combine, experts_gather, rms_norm
+    from flexvlm_ray.models.fast_decoder import _combine, experts_gather, rms_norm, sort_pairs
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     x, res = (torch.randn(37, 2048, device=dev, dtype=bf) for _ in range(2))
@@ -182,10 +182,15 @@ def test_fused_ops_round_like_pytorch_on_the_gpu():
     fused = fused_ops.moe_decode(x=x[:1], ids=ids, weights=weights, gate_up=gate_up, down=down)
     ref = experts_gather(x=x[:1], ids=ids, weights=weights, gate_up=gate_up, down=down, act=torch.nn.functional.silu)
     assert rel_err(fused, ref) < 1e-2
-    perm = torch.sort(torch.randint(0, 64, (37 * 8,), device=dev))[1]
+    ids = torch.randint(0, 64, (1900, 8), device=dev)
+    pairs = sort_pairs(ids=ids, num_experts=64, kernel=True)           # the counting sort, 15200 pairs
+    ref = sort_pairs(ids=ids, num_experts=64)                          # torch.sort on uint8 keys
+    assert all(torch.equal(a, b) for a, b in ((pairs.perm, ref.perm), (pairs.inverse, ref.inverse),
+                                              (pairs.offsets, ref.offsets)))
+    pairs = sort_pairs(ids=ids[:37], num_experts=64, kernel=True)
     y, wts = torch.randn(37 * 8, 2048, device=dev, dtype=bf), torch.rand(37, 8, device=dev).to(bf)
-    torch.testing.assert_close(fused_ops.moe_combine(y=y, perm=perm, weights=wts),
-                               _unsort_and_combine(y=y, perm=perm, weights=wts, num_tokens=37, top_k=8, dtype=bf),
+    torch.testing.assert_close(fused_ops.moe_combine(y=y, inverse=pairs.inverse, weights=wts, residual=res[:37]),
+                               _combine(y=y, pairs=pairs, weights=wts, residual=res[:37], dtype=bf),
                                rtol=8e-3, atol=2e-2)
 
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from flexvlm_ray.models import Knobs, fused_ops
 from flexvlm_ray.spec.load import SpecError, check_semantics, load_spec_text
-from flexvlm_ray.models.fast_decoder import (_unsort_and_combine, apply_rotary, check_kernels, expert_offsets,
-                                             experts_fused, experts_gather, experts_grouped, experts_loop,
-                                             grouped_mm_function, rms_norm, rotary, sort_pairs)
+from flexvlm_ray.models.fast_decoder import (_combine, apply_rotary, check_kernels, experts_fused, experts_gather,
+                                             experts_grouped, experts_loop, grouped_mm_function, rms_norm, rotary,
+                                             sort_pairs)
 from model_support import generate, make_flexmoe, rel_err, sample
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -103,15 +103,37 @@ def test_moe_decode_reads_only_the_chosen_experts():
     assert bool(torch.isfinite(out).all())
 
 
+@pytest.mark.parametrize("num_experts", [1, 5, 64])
+@pytest.mark.parametrize("tokens, top_k", [(1, 1), (5, 3), (37, 8), (300, 8)])
+def test_moe_sort_is_the_stable_sort_with_its_inverse_and_offsets(num_experts, tokens, top_k):
+    """One program per expert, in blocks of up to 2048 pairs (300 x 8 pairs take two blocks)."""
+    ids = torch.randint(0, num_experts, (tokens, top_k), generator=torch.Generator().manual_seed(tokens))
+    perm, inverse, offsets = fused_ops.moe_sort(ids, num_experts=num_experts)
+    ref = sort_pairs(ids=ids, num_experts=num_experts)            # torch.sort, searchsorted, scatter
+    assert perm.dtype == inverse.dtype == torch.int64 and offsets.dtype == torch.int32
+    assert torch.equal(perm, torch.sort(ids.reshape(-1), stable=True).indices)
+    assert torch.equal(perm, ref.perm) and torch.equal(inverse, ref.inverse) and torch.equal(offsets, ref.offsets)
+    assert torch.equal(inverse[perm], torch.arange(tokens * top_k))
+
+
+def test_moe_sort_leaves_experts_without_pairs_empty_runs():
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3]])
+    pairs = sort_pairs(ids=ids, num_experts=6, kernel=True)
+    assert pairs.perm.tolist() == [1, 4, 3, 0, 2, 5]
+    assert pairs.offsets.tolist() == [2, 3, 3, 6, 6, 6]
+
+
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_moe_combine_matches_scatter_and_sum(dtype):
+def test_moe_combine_matches_gather_and_sum(dtype, residual):
     tokens, top_k, hidden = 5, 3, 40
     ids = torch.randint(0, 6, (tokens, top_k), generator=torch.Generator().manual_seed(0))
-    _, perm = torch.sort(ids.reshape(-1))
+    pairs = sort_pairs(ids=ids, num_experts=6)
     y = randn(tokens * top_k, hidden, dtype=dtype)
     weights = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(1)).to(dtype)
-    ref = _unsort_and_combine(y=y, perm=perm, weights=weights, num_tokens=tokens, top_k=top_k, dtype=dtype)
-    assert_close(fused_ops.moe_combine(y=y, perm=perm, weights=weights), ref)
+    res = randn(tokens, hidden, dtype=dtype, seed=2) if residual else None
+    ref = _combine(y=y, pairs=pairs, weights=weights, residual=res, dtype=dtype)
+    assert_close(fused_ops.moe_combine(y=y, inverse=pairs.inverse, weights=weights, residual=res), ref)
 
 
 def test_moe_combine_in_token_slot_order():
@@ -119,7 +141,7 @@ def test_moe_combine_in_token_slot_order():
     y = randn(tokens * top_k, hidden, dtype=torch.float32)
     weights = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(1))
     ref = (y.view(tokens, top_k, hidden) * weights[..., None]).sum(dim=1)
-    assert_close(fused_ops.moe_combine(y=y, perm=None, weights=weights), ref)
+    assert_close(fused_ops.moe_combine(y=y, inverse=None, weights=weights), ref)
 
 
 # -- the fused prefill MoE -------------------------------------------------------------------------
@@ -138,9 +160,9 @@ def routed(*, tokens, num_experts, top_k, seed=0):
 @pytest.mark.parametrize("tokens, num_experts, top_k", [(1, 4, 1), (5, 8, 3), (37, 8, 2), (37, 4, 3)])
 def test_moe_align_pads_each_expert_run_to_whole_tiles(block_m, tokens, num_experts, top_k):
     ids, _ = routed(tokens=tokens, num_experts=num_experts, top_k=top_k)
-    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
-    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
-    tile_expert, tile_pairs = fused_ops.moe_align(perm=perm, offsets=offsets, block_m=block_m)
+    pairs_sorted = sort_pairs(ids=ids, num_experts=num_experts, kernel=True)
+    perm = pairs_sorted.perm
+    tile_expert, tile_pairs = fused_ops.moe_align(perm=perm, offsets=pairs_sorted.offsets, block_m=block_m)
     pairs = tokens * top_k
     assert tile_expert.shape == (-(-pairs // block_m) + num_experts,) and tile_pairs.shape == (tile_expert.numel() * block_m,)
     rows = tile_pairs.view(-1, block_m)

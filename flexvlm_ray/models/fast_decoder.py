@@ -144,77 +144,84 @@ def key_dtype(num_experts: int) -> torch.dtype:
     return torch.int16 if num_experts <= 1 << 15 else torch.int32
 
 
-def sort_pairs(*, ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-expert pairs sorted by expert: (sorted expert ids (S,) of ``key_dtype``, permutation (S,)).
+@dataclass(frozen=True)
+class SortedPairs:
+    """Token-expert pairs (pair ``p`` = token ``p // top_k``, slot ``p % top_k``) in expert order."""
 
-    Pair ``p`` is token ``p // top_k``'s slot ``p % top_k``. The sort is stable, so pairs of one expert
-    stay in pair order whatever the key width. On CUDA, torch.sort hands the keys to cub's radix sort
-    with ``end_bit = 8 * sizeof(key)``: uint8 keys take one 8-bit digit pass where int32 keys take four.
+    perm: torch.Tensor       # (S,) int64: the pair at each sorted position (stable: pair order within an expert)
+    inverse: torch.Tensor    # (S,) int64: the sorted position of each pair
+    offsets: torch.Tensor    # (E,) int32: where each expert's run ends (inclusive cumsum of the counts)
+
+
+def sort_pairs(*, ids: torch.Tensor, num_experts: int, kernel: bool = False) -> SortedPairs:
+    """The (T, k) router ids' pairs sorted by expert, on the device (no host sync).
+
+    ``kernel``: one Triton counting-sort launch (``fused_ops.moe_sort``). Otherwise a stable ``torch.sort``
+    on the narrowest integer keys that hold the ids (on CUDA, torch.sort hands the keys to cub's radix sort
+    with ``end_bit = 8 * sizeof(key)``: uint8 keys take one 8-bit digit pass where int32 keys take four),
+    a binary search per expert for the offsets, and a scatter for the inverse. Both give the same result.
     """
-    return torch.sort(ids.reshape(-1).to(key_dtype(num_experts)), stable=True)
+    if kernel:
+        return SortedPairs(*fused_ops.moe_sort(ids, num_experts=num_experts))
+    sorted_ids, perm = torch.sort(ids.reshape(-1).to(key_dtype(num_experts)), stable=True)
+    bounds = torch.arange(num_experts, device=ids.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds, right=True, out_int32=True)
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    return SortedPairs(perm=perm, inverse=inverse, offsets=offsets)
 
 
-def expert_offsets(*, sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """End of each expert's run in the sorted pairs (inclusive cumsum of the counts), int32 (E,),
-    found on the device (no host sync) by a binary search per expert."""
-    bounds = torch.arange(num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
-    return torch.searchsorted(sorted_ids, bounds, right=True, out_int32=True)
-
-
-def _unsort_and_combine(*, y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor, num_tokens: int,
-                        top_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Weight each sorted pair's output, put it back in (token, slot) order, sum over the slots."""
-    y = y * weights.reshape(-1)[perm, None]
-    out = torch.empty_like(y)
-    out[perm] = y
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+def _combine(*, y: torch.Tensor, pairs: SortedPairs, weights: torch.Tensor, residual: Optional[torch.Tensor],
+             dtype: torch.dtype) -> torch.Tensor:
+    """Put the sorted pairs' outputs back in (token, slot) order, weight them, sum over the slots
+    (each product rounded to the model dtype, as OLMoE's experts loop rounds), add ``residual``."""
+    num_tokens, top_k = weights.shape
+    y = y[pairs.inverse] * weights.reshape(-1, 1)
+    out = y.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+    return out if residual is None else residual + out
 
 
 def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor],
-                    mm: Callable[..., torch.Tensor], fused: bool = False) -> torch.Tensor:
+                    mm: Callable[..., torch.Tensor], fused: bool = False,
+                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(T, H) through the experts with two grouped GEMMs; offsets stay on the device (no host sync).
 
-    ``fused``: SiLU-and-multiply and the weighted sum over the slots as Triton kernels (act must be SiLU).
-    The pairs are sorted on the narrowest integer keys that hold the expert ids (``sort_pairs``).
+    ``fused``: the pair sort, SiLU-and-multiply and the weighted sum over the slots (with the residual
+    add) as Triton kernels (act must be SiLU). ``residual`` (T, H), if given, is added to the output.
     """
-    num_tokens, top_k = ids.shape
-    num_experts = gate_up.shape[0]
-    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
-    xs = x[perm // top_k]
-    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
-    h = mm(xs, gate_up.transpose(-2, -1), offs=offsets)               # (S, 2I)
+    top_k = ids.shape[1]
+    pairs = sort_pairs(ids=ids, num_experts=gate_up.shape[0], kernel=fused)
+    xs = x[pairs.perm // top_k]
+    h = mm(xs, gate_up.transpose(-2, -1), offs=pairs.offsets)               # (S, 2I)
     if fused:
         a = fused_ops.silu_mul(h)
     else:
         gate, up = h.chunk(2, dim=-1)
         a = act(gate) * up
-    y = mm(a, down.transpose(-2, -1), offs=offsets)                   # (S, H)
+    y = mm(a, down.transpose(-2, -1), offs=pairs.offsets)                   # (S, H)
     if fused:
-        return fused_ops.moe_combine(y=y, perm=perm, weights=weights)
-    return _unsort_and_combine(y=y, perm=perm, weights=weights, num_tokens=num_tokens, top_k=top_k,
-                               dtype=x.dtype)
+        return fused_ops.moe_combine(y=y, inverse=pairs.inverse, weights=weights, residual=residual)
+    return _combine(y=y, pairs=pairs, weights=weights, residual=residual, dtype=x.dtype)
 
 
 def experts_fused(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor, config: Optional[fused_ops.MoeConfig] = None) -> torch.Tensor:
+                  down: torch.Tensor, config: Optional[fused_ops.MoeConfig] = None,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(T, H) through the experts as the Triton MoE of ``fused_ops.moe_experts`` (no host sync, SiLU only):
     token rows gathered inside the GEMM, no per-pair copy of ``x``."""
-    num_experts = gate_up.shape[0]
-    sorted_ids, perm = sort_pairs(ids=ids, num_experts=num_experts)
-    offsets = expert_offsets(sorted_ids=sorted_ids, num_experts=num_experts)
-    return fused_ops.moe_experts(x=x, perm=perm, offsets=offsets, weights=weights, gate_up=gate_up, down=down,
-                                 config=config)
+    pairs = sort_pairs(ids=ids, num_experts=gate_up.shape[0], kernel=True)
+    return fused_ops.moe_experts(x=x, perm=pairs.perm, offsets=pairs.offsets, weights=weights, gate_up=gate_up,
+                                 down=down, config=config, residual=residual)
 
 
 def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                 down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor],
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(T, H) through the experts, one matmul pair per expert that received tokens (reads the counts)."""
-    num_tokens, top_k = ids.shape
-    sorted_ids, perm = sort_pairs(ids=ids, num_experts=gate_up.shape[0])
-    xs = x[perm // top_k]
-    ends = expert_offsets(sorted_ids=sorted_ids, num_experts=gate_up.shape[0])
-    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    top_k = ids.shape[1]
+    pairs = sort_pairs(ids=ids, num_experts=gate_up.shape[0])
+    xs = x[pairs.perm // top_k]
+    counts = torch.diff(pairs.offsets, prepend=pairs.offsets.new_zeros(1)).tolist()
     y = torch.empty(xs.shape[0], down.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for expert, n in enumerate(counts):
@@ -224,8 +231,7 @@ def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
         gate, up = F.linear(xs[seg], gate_up[expert]).chunk(2, dim=-1)
         y[seg] = F.linear(act(gate) * up, down[expert])
         start += n
-    return _unsort_and_combine(y=y, perm=perm, weights=weights, num_tokens=num_tokens, top_k=top_k,
-                               dtype=x.dtype)
+    return _combine(y=y, pairs=pairs, weights=weights, residual=residual, dtype=x.dtype)
 
 
 def check_kernels(*, kernels: str, decode_moe: str, prefill_moe: str, device: torch.device,
@@ -360,21 +366,25 @@ class FastMoe(nn.Module):
         """The router's current ``top_k`` (the knob sets it on the hf router)."""
         return int(self.moe.gate.top_k)
 
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MoE output of (T, H) ``x``, plus ``residual`` if given (the prefill paths add it in their
+        last kernel; the sum is rounded as ``residual + moe(x)`` in the model dtype)."""
         gate, experts = self.moe.gate, self.moe.experts
         weights, ids = route(x=x, weight=gate.weight, top_k=self.top_k, norm_topk_prob=gate.norm_topk_prob)
-        args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj,
-                    act=experts.act_fn)
+        args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj)
         impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
         if impl == "fused" and step.phase == "decode":     # one token: two GEMVs
-            return fused_ops.moe_decode(x=x, ids=ids, weights=weights, gate_up=args["gate_up"], down=args["down"])
-        if impl == "fused":
-            return experts_fused(x=x, ids=ids, weights=weights, gate_up=args["gate_up"], down=args["down"])
-        if impl == "gather":        # decode only: one token
-            return experts_gather(**args)
-        if impl == "loop":
-            return experts_loop(**args)
-        return experts_grouped(**args, mm=grouped_mm_function(), fused=self.fused)
+            out = fused_ops.moe_decode(**args)
+        elif impl == "gather":        # decode only: one token
+            out = experts_gather(**args, act=experts.act_fn)
+        elif impl == "fused":
+            return experts_fused(**args, residual=residual)
+        elif impl == "loop":
+            return experts_loop(**args, act=experts.act_fn, residual=residual)
+        else:
+            return experts_grouped(**args, act=experts.act_fn, mm=grouped_mm_function(), fused=self.fused,
+                                   residual=residual)
+        return out if residual is None else residual + out
 
 
 class FastBlock(nn.Module):
@@ -394,7 +404,7 @@ class FastBlock(nn.Module):
         if self.fused:   # the post-attention residual add rides in the second norm's kernel
             h = self.attention(fused_ops.rms_norm(x, n1.weight, n1.variance_epsilon)[0], step)
             normed, x = fused_ops.rms_norm(h, n2.weight, n2.variance_epsilon, residual=x)
-            return x + self.ffn(normed, step)
+            return self.ffn(normed, step, residual=x)     # the MoE's last kernel adds the residual
         x = x + self.attention(rms_norm(x, n1.weight, n1.variance_epsilon), step)
         return x + self.ffn(rms_norm(x, n2.weight, n2.variance_epsilon), step)
 

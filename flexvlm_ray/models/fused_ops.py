@@ -12,8 +12,11 @@ that dtype), so the fused and eager paths agree to the last bit or two of bf16:
 * ``moe_decode``: one token through its ``k`` experts as two GEMV kernels that read only the chosen
   experts' rows straight from the stacked ``gate_up_proj`` / ``down_proj`` (no gather copy), the
   second one summing the router-weighted expert outputs.
+* ``moe_sort``: the prefill's token-expert pairs in expert order (counting sort, stable), the inverse
+  permutation and each expert's end offset, in one launch.
 * ``moe_combine``: the grouped prefill's weighted sum over each token's ``k`` expert outputs,
-  reading them in sorted order through the inverse permutation (no scatter), or in (token, slot) order.
+  reading them in sorted order through the inverse permutation (no scatter), or in (token, slot) order,
+  optionally with the block's residual add.
 * ``moe_experts`` (prefill ``fused``, after vLLM's fused_moe): ``moe_align`` pads every expert's run of
   sorted pairs to whole ``BLOCK_M``-row tiles; one GEMM kernel gathers each tile's token rows straight
   from ``x`` and applies SiLU-mul in its epilogue, a second multiplies by the expert's down rows and
@@ -163,8 +166,8 @@ if triton is not None:
         tl.store(out_ptr + rows, total.to(dt), mask=rmask)
 
     @triton.jit
-    def _moe_combine_kernel(y_ptr, inv_ptr, wts_ptr, out_ptr, hidden, top_k: tl.constexpr, SORTED: tl.constexpr,
-                            BLOCK: tl.constexpr):
+    def _moe_combine_kernel(y_ptr, inv_ptr, wts_ptr, res_ptr, out_ptr, hidden, top_k: tl.constexpr,
+                            SORTED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -178,7 +181,33 @@ if triton is not None:
             weight = tl.load(wts_ptr + token * top_k + slot).to(tl.float32)
             y = tl.load(y_ptr + src * hidden + cols, mask=mask, other=0.0).to(tl.float32)
             total += (y * weight).to(dt).to(tl.float32)
+        if RESIDUAL:     # the block's residual add, rounded like ``residual + moe(x)`` in the model dtype
+            res = tl.load(res_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            total = total.to(dt).to(tl.float32) + res
         tl.store(out_ptr + token * hidden + cols, total.to(dt), mask=mask)
+
+    @triton.jit(do_not_specialize=["num_pairs"])   # one compile for every prompt length
+    def _moe_sort_kernel(ids_ptr, perm_ptr, inverse_ptr, offsets_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
+        expert = tl.program_id(0)
+        lanes = tl.arange(0, BLOCK)
+        before = tl.zeros([BLOCK], dtype=tl.int32)
+        start = 0               # while loops: Triton's interpreter cannot range() over a runtime bound
+        while start < num_pairs:                          # pass 1: pairs of lower experts come first
+            ids = tl.load(ids_ptr + start + lanes, mask=start + lanes < num_pairs, other=num_experts)
+            before += (ids < expert).to(tl.int32)
+            start += BLOCK
+        pos = tl.sum(before, 0)
+        start = 0
+        while start < num_pairs:                          # pass 2: this expert's pairs, in pair order
+            pairs = start + lanes
+            mine = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=num_experts) == expert
+            rank = tl.cumsum(mine.to(tl.int32), 0)
+            dest = pos + rank - 1
+            tl.store(perm_ptr + dest, pairs.to(tl.int64), mask=mine)
+            tl.store(inverse_ptr + pairs, dest.to(tl.int64), mask=mine)
+            pos += tl.sum(mine.to(tl.int32), 0)
+            start += BLOCK
+        tl.store(offsets_ptr + expert, pos)
 
     @triton.jit(do_not_specialize=["num_pairs"])   # one compile for every prompt length
     def _moe_align_kernel(offsets_ptr, perm_ptr, tile_expert_ptr, tile_pairs_ptr, num_pairs, num_experts,
@@ -345,22 +374,39 @@ def moe_decode(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gat
     return out
 
 
-def moe_combine(*, y: torch.Tensor, perm: Optional[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def moe_combine(*, y: torch.Tensor, inverse: Optional[torch.Tensor], weights: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over each token's ``k`` slots of ``weight * y`` (each product rounded to y's dtype, the sum in
-    float32) where ``y`` (S, H) is in ``perm`` (sorted) order, or in (token, slot) order if ``perm`` is None."""
+    float32) where row ``inverse[p]`` of ``y`` (S, H) is pair ``p``'s output (``y`` in sorted order), or
+    ``y`` is in (token, slot) order if ``inverse`` is None; plus ``residual`` (T, H) if given."""
     num_tokens, top_k = weights.shape
     hidden = y.shape[1]
-    if perm is None:
-        inverse = weights          # not read
-    else:
-        inverse = torch.empty_like(perm)
-        inverse.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
     out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
     block = min(1024, _pow2(hidden))
-    _moe_combine_kernel[(num_tokens, triton.cdiv(hidden, block))](y.contiguous(), inverse, weights.contiguous(),
-                                                                  out, hidden, top_k, SORTED=perm is not None,
-                                                                  BLOCK=block, num_warps=4)
+    unused = weights         # a placeholder pointer for the arguments a flag leaves unread
+    _moe_combine_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        y.contiguous(), unused if inverse is None else inverse, weights.contiguous(),
+        unused if residual is None else residual.contiguous(), out, hidden, top_k, SORTED=inverse is not None,
+        RESIDUAL=residual is not None, BLOCK=block, num_warps=4)
     return out
+
+
+def moe_sort(ids: torch.Tensor, *, num_experts: int, block: Optional[int] = None,
+             num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-expert pairs (``ids`` (S,), pair ``p`` = token ``p // k``, slot ``p % k``) in expert order by a
+    counting sort, stable: one program per expert counts the pairs of lower experts, then writes its own
+    pairs in pair order. Returns (``perm`` (S,) int64: the pair at each sorted position, ``inverse`` (S,)
+    int64: the sorted position of each pair, ``offsets`` (E,) int32: where each expert's run ends), the
+    same as a stable ``torch.sort`` with a binary search per expert, in one launch."""
+    ids = ids.reshape(-1).contiguous()
+    num_pairs = ids.numel()
+    perm = torch.empty(num_pairs, dtype=torch.int64, device=ids.device)
+    inverse = torch.empty_like(perm)
+    offsets = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    block = block or min(2048, max(16, _pow2(num_pairs)))          # pairs per step (benchmarks sweep it)
+    _moe_sort_kernel[(num_experts,)](ids, perm, inverse, offsets, num_pairs, num_experts, BLOCK=block,
+                                     num_warps=num_warps or (8 if block >= 1024 else 4))
+    return perm, inverse, offsets
 
 
 @dataclass(frozen=True)
@@ -421,9 +467,11 @@ def moe_align(*, perm: torch.Tensor, offsets: torch.Tensor, block_m: int) -> tup
 
 
 def moe_experts(*, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
-                gate_up: torch.Tensor, down: torch.Tensor, config: Optional[MoeConfig] = None) -> torch.Tensor:
+                gate_up: torch.Tensor, down: torch.Tensor, config: Optional[MoeConfig] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(T, H) ``x`` through its experts: pairs ``perm`` (sorted by expert, runs ending at ``offsets``),
-    router ``weights`` (T, k), ``gate_up`` (E, 2I, H) with gate rows first, ``down`` (E, H, I).
+    router ``weights`` (T, k), ``gate_up`` (E, 2I, H) with gate rows first, ``down`` (E, H, I); ``residual``
+    (T, H), if given, is added to the output as ``moe_combine`` adds it.
 
     Rounds like the grouped path with Triton kernels: each GEMM's float32 accumulator is rounded to x's
     dtype, then SiLU-mul and the weighted sum as ``silu_mul`` and ``moe_combine`` do; the GEMMs sum in
@@ -447,4 +495,4 @@ def moe_experts(*, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     grid = (tiles * triton.cdiv(hidden, config.block_n),)
     _moe_down_tiles_kernel[grid](act, down, tile_expert, tile_pairs, y, num_pairs, tiles, hidden, inter, **launch)
-    return moe_combine(y=y, perm=None, weights=weights)
+    return moe_combine(y=y, inverse=None, weights=weights, residual=residual)
