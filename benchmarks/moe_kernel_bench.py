@@ -1,9 +1,10 @@
 """One MoE layer of the fast backend's prefill at MolmoE-1B shapes: the grouped-GEMM path against the fused
-Triton path (``prefill_moe: fused``) for a sweep of tile configs, and the pair sort on int64 / int32 / uint8
-keys (GPU).
+Triton path (``prefill_moe: fused``) for a sweep of tile configs, the steps between the grouped path's
+GEMMs, and the pair sort (torch.sort on int64 / int32 / uint8 keys, the counting-sort kernel) (GPU).
 
-For each prompt length T: random x (T, H) and router over 64 experts, top_k 8; every path timed with CUDA
-events around each call after warm-up, median of the repeats; the fused path's error against the grouped
+For each prompt length T (by default the padded lengths the graphed prefill runs): random x (T, H) and
+router over 64 experts, top_k 8; every path timed as the graphed prefill runs it (ten calls captured in
+a CUDA graph, median replay time / 10); the fused path's error against the grouped
 path as max |diff| / max |grouped| and as a norm ratio. Floors per layer: 6 * S * H * I FLOPs over the
 nominal peak, and the weights of every expert that received a pair over the nominal HBM bandwidth.
 
@@ -35,9 +36,22 @@ SWEEP = ("64,64,64,8,4,3", "64,128,64,8,4,3", "64,128,64,8,8,3", "64,128,64,8,4,
          "128,128,64,8,8,3", "128,128,64,8,8,4", "64,256,64,8,8,3", "32,128,64,8,4,4")
 
 
-def time_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``repeats`` calls after ``warmup`` calls (CUDA events)."""
-    return statistics.median(time_calls(fn, cuda=True, warmup=warmup, repeats=repeats))
+def time_ms(fn: Callable[[], Any], *, warmup: int, repeats: int, per_graph: int = 10) -> float:
+    """GPU milliseconds of one call as the graphed prefill sees it: ``per_graph`` calls captured in one
+    CUDA graph (after ``warmup`` eager calls on a side stream), median over ``repeats`` replays (CUDA
+    events) divided by ``per_graph``, so host launch overhead is not counted."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
+    times = time_calls(graph.replay, cuda=True, warmup=2, repeats=repeats)
+    return statistics.median(times) / per_graph
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -99,7 +113,7 @@ def glue(*, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, router: torch
     steps = {"route": lambda: route(x=x, weight=router, top_k=args.top_k, norm_topk_prob=False),
              "pairs_torch": lambda: sort_pairs(ids=ids, num_experts=experts),
              "pairs_count": lambda: sort_pairs(ids=ids, num_experts=experts, kernel=True),
-             "gather": lambda: x[pairs.perm // args.top_k],
+             "gather": lambda: x[pairs.tokens],
              "silu_mul": lambda: fused_ops.silu_mul(h),
              "combine_residual": lambda: fused_ops.moe_combine(y=y, inverse=pairs.inverse, weights=wts, residual=x)}
     return {name: time_ms(fn, **timing) for name, fn in steps.items()}
@@ -141,7 +155,7 @@ def print_row(row: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[747, 1377, 1900])
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 768, 1408, 1920])
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)

@@ -5,17 +5,20 @@ prefill (time independent of tokens) or a slow kernel can be traced to its cause
 the runtime benchmark's input of about ``--tokens`` tokens (an image whose crop table lands near
 it, else text), or a wide image of ``--tiles`` crops.
     python benchmarks/profile_prefill.py --tokens 1900 --backends fast-eager --rows 40
+For a graphed backend (``fast``) it also splits the call's time: the adapter call, the fast decoder's
+call and the prefill graph's replay alone, to tell time spent around the graph from time inside it.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.engine_stages import wide_image
-from benchmarks.runtime_bench import BACKENDS, prefill_input
+from benchmarks.runtime_bench import BACKENDS, prefill_input, time_calls
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models.base import Knobs
 from flexvlm_ray.models.flexmoe import FlexMoeAdapter
@@ -29,6 +32,17 @@ def prompt(*, adapter: FlexMoeAdapter, tokens: int | None, tiles: int):
     sample = Sample(sample_id="p", image=wide_image(tiles), prompt="Describe this image.")
     prepared = adapter.prepare(sample=sample, knobs=Knobs())
     return prepared, adapter.projector(prepared, adapter.vision_encoder(prepared))
+
+
+def graphed_split(*, adapter: FlexMoeAdapter, prepared, embeds, repeats: int = 30) -> dict[str, float]:
+    """Median ms of a graphed fast prefill: the whole adapter call (embedding and splice, buffer copies,
+    replay, logits), the fast decoder's call alone, and the prefill graph's replay alone."""
+    hidden = adapter._embed_prompt(prepared, embeds)
+    graph = next(g for key, g in reversed(adapter.fast.graphs.items()) if key[0] == "prefill")
+    calls = {"adapter.prefill": lambda: adapter.prefill(prepared, embeds),
+             "fast.prefill": lambda: adapter.fast.prefill(hidden=hidden, blocks=adapter._active),
+             "graph.replay": graph.replay}
+    return {name: statistics.median(time_calls(fn, cuda=True, warmup=3, repeats=repeats)) for name, fn in calls.items()}
 
 
 def main() -> None:
@@ -57,6 +71,9 @@ def main() -> None:
         syncs = sum(e.count for e in events if "Synchronize" in e.key or "synchronize" in e.key
                     or "cudaMemcpy" in e.key or "item" == e.key.split("::")[-1])
         print(f"host syncs / copies seen: {syncs}")
+        if backend == "fast" and adapter.fast.use_graphs and any(k[0] == "prefill" for k in adapter.fast.graphs):
+            split = graphed_split(adapter=adapter, prepared=prepared, embeds=embeds)
+            print("graphed prefill, median ms: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
 
 
 if __name__ == "__main__":

@@ -192,10 +192,11 @@ BACKENDS = {
     "fast-gather": ("fast", {"kernels": "torch", "decode_moe": "gather"}),
     "fast-eager": ("fast", {"cuda_graphs": False}),
     "fast-fusedmoe": ("fast", {"prefill_moe": "fused"}),
+    "fast-grouped": ("fast", {"prefill_moe": "grouped"}),
 }
 PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast", "fast-torch", "fast-eager",   # gather: decode only
-                    "fast-fusedmoe")
-PREFILL_ONLY = ("fast-fusedmoe",)       # its decode is the defaults' (fused decode MoE)
+                    "fast-fusedmoe", "fast-grouped")
+PREFILL_ONLY = ("fast-fusedmoe", "fast-grouped")       # their decode is the defaults' (fused decode MoE)
 VISION_BACKENDS = ("hf-grouped_mm", "fast")     # the ViT does not depend on the experts kernel
 
 
@@ -266,20 +267,20 @@ def run(args) -> dict[str, Any]:
         width, height = closest_image(config=adapter.config, target=DECODE_PROMPT_TOKENS)[:2]
         decode_prompt = image_prepared(adapter=adapter, width=width, height=height, max_crops=max_crops)
         decode_embeds = adapter.projector(decode_prompt, adapter.vision_encoder(decode_prompt))
-        prefill_inputs = [prefill_input(adapter=adapter, target=t) for t in PREFILL_TOKENS]
+        prefill_inputs = [prefill_input(adapter=adapter, target=t) for t in args.prefill_tokens]
         for name in args.backends:
             backend, options = BACKENDS[name]
             adapter.set_backend(backend=backend, options=options)
-            for knobs in () if name in PREFILL_ONLY else decode_knobs(adapter.config):
+            for knobs in () if name in PREFILL_ONLY or "decode" not in args.stages else decode_knobs(adapter.config):
                 rows.append(bench_decode(adapter=adapter, name=name, knobs=knobs, prepared=decode_prompt,
                                          embeds=decode_embeds, args=args, ceilings=ceilings))
                 print(_line(rows[-1]), flush=True)
-            if name in PREFILL_BACKENDS:
+            if name in PREFILL_BACKENDS and "prefill" in args.stages:
                 for prepared, embeds, source in prefill_inputs:
                     rows.append(bench_prefill(adapter=adapter, name=name, prepared=prepared, embeds=embeds,
                                               source=source, args=args, ceilings=ceilings))
                     print(_line(rows[-1]), flush=True)
-            if name in VISION_BACKENDS:
+            if name in VISION_BACKENDS and "vision" in args.stages:
                 for crops in VISION_CROPS:
                     rows.append(bench_vision(adapter=adapter, name=name, crops=crops, args=args, ceilings=ceilings))
                     print(_line(rows[-1]), flush=True)
@@ -340,7 +341,11 @@ def parse_args(argv: Optional[list[str]] = None):
     p.add_argument("--decode-repeats", type=int, default=30, help="timed decode steps per decode point")
     p.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy source")
     p.add_argument("--matmul-n", type=int, default=8192)
-    p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS),
+                   help="in this order; a backend named twice is measured twice (its rows appear twice)")
+    p.add_argument("--stages", nargs="+", choices=("decode", "prefill", "vision"), default=["decode", "prefill", "vision"])
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=list(PREFILL_TOKENS),
+                   help="about this many prompt tokens per prefill point")
     p.add_argument("--out", default="runtime_bench.json")
     return p.parse_args(argv)
 

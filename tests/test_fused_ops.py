@@ -67,6 +67,68 @@ def test_qk_norm_rope_writes_rows_at_the_device_position(dtype, tokens, heads, d
     assert bool((cache[:, untouched] == 7.0).all())
 
 
+def test_qk_norm_rope_writes_a_token_major_buffer():
+    """q goes to a (T, heads, D) buffer seen as (heads, T, D), so attention's output needs no copy."""
+    tokens, heads, dim = 5, 3, 8
+    x, w = randn(tokens, heads * dim, dtype=torch.float32), randn(heads * dim, dtype=torch.float32, seed=1)
+    cos, sin = rotary(positions=torch.arange(tokens), inv_freq=torch.rand(dim // 2), scaling=1.0, dtype=torch.float32)
+    head_major = torch.empty(heads, tokens, dim)
+    token_major = torch.empty(tokens, heads, dim).transpose(0, 1)
+    for out in (head_major, token_major):
+        fused_ops.qk_norm_rope(x, weight=w, eps=1e-6, cos=cos, sin=sin, heads=heads, out=out, position=torch.tensor([0]))
+    assert torch.equal(head_major, token_major)
+    assert token_major.transpose(0, 1).is_contiguous()
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_qk_norm_rope_copies_the_values_to_the_same_cache_rows(strided):
+    tokens, heads, dim, start = 3, 2, 8, 4
+    qkv = randn(tokens, 3 * heads * dim, dtype=torch.bfloat16)
+    k, v = qkv[:, heads * dim:2 * heads * dim], qkv[:, 2 * heads * dim:]
+    if not strided:
+        k, v = k.contiguous(), v.contiguous()
+    cos, sin = rotary(positions=torch.arange(start, start + tokens), inv_freq=torch.ones(dim // 2), scaling=1.0,
+                      dtype=torch.bfloat16)
+    keys, values = (torch.full((heads, 16, dim), 7.0, dtype=torch.bfloat16) for _ in range(2))
+    w = randn(heads * dim, dtype=torch.bfloat16, seed=1)
+    fused_ops.qk_norm_rope(k, weight=w, eps=1e-6, cos=cos, sin=sin, heads=heads, out=keys,
+                           position=torch.tensor([start]), v=v, v_out=values)
+    assert torch.equal(values[:, start:start + tokens], v.reshape(tokens, heads, dim).transpose(0, 1))
+    assert bool((values[:, :start] == 7.0).all()) and bool((values[:, start + tokens:] == 7.0).all())
+    assert_close(keys[:, start:start + tokens],
+                 apply_rotary(rms_norm(k, w, 1e-6).view(tokens, heads, dim).transpose(0, 1), cos, sin))
+    with pytest.raises(ValueError, match="both v and v_out"):
+        fused_ops.qk_norm_rope(k, weight=w, eps=1e-6, cos=cos, sin=sin, heads=heads, out=keys,
+                               position=torch.tensor([start]), v=v)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("tokens, num_experts, top_k", [(1, 4, 1), (5, 5, 2), (37, 64, 8), (3, 64, 64)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_route_matches_softmax_topk(dtype, tokens, num_experts, top_k, norm):
+    # distinct logits (no ties), exactly representable in bfloat16
+    order = torch.stack([torch.randperm(num_experts, generator=torch.Generator().manual_seed(t))
+                         for t in range(tokens)])
+    logits = ((order - num_experts / 2) / 8).to(dtype)
+    weights, ids = fused_ops.route(logits, top_k=top_k, norm_topk_prob=norm)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    ref_w, ref_i = torch.topk(probs, top_k, dim=-1)
+    if norm:
+        ref_w = ref_w / ref_w.sum(dim=-1, keepdim=True)
+    assert ids.dtype == torch.int64 and torch.equal(ids, ref_i)
+    assert weights.dtype == dtype
+    torch.testing.assert_close(weights.float(), ref_w.to(dtype).float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-6)
+
+
+def test_route_breaks_ties_towards_the_lower_expert():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0]])
+    weights, ids = fused_ops.route(logits, top_k=4, norm_topk_prob=False)
+    assert ids.tolist() == [[1, 3, 2, 4]] and weights[0, 0] == weights[0, 1]
+    with pytest.raises(ValueError, match="top_k 6 not in 1..5"):
+        fused_ops.route(logits, top_k=6, norm_topk_prob=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_silu_mul(dtype):
     h = randn(7, 2 * 40, dtype=dtype)
@@ -108,12 +170,14 @@ def test_moe_decode_reads_only_the_chosen_experts():
 def test_moe_sort_is_the_stable_sort_with_its_inverse_and_offsets(num_experts, tokens, top_k):
     """One program per expert, in blocks of up to 2048 pairs (300 x 8 pairs take two blocks)."""
     ids = torch.randint(0, num_experts, (tokens, top_k), generator=torch.Generator().manual_seed(tokens))
-    perm, inverse, offsets = fused_ops.moe_sort(ids, num_experts=num_experts)
+    perm, inverse, rows, offsets = fused_ops.moe_sort(ids, num_experts=num_experts)
     ref = sort_pairs(ids=ids, num_experts=num_experts)            # torch.sort, searchsorted, scatter
-    assert perm.dtype == inverse.dtype == torch.int64 and offsets.dtype == torch.int32
+    assert perm.dtype == inverse.dtype == rows.dtype == torch.int64 and offsets.dtype == torch.int32
     assert torch.equal(perm, torch.sort(ids.reshape(-1), stable=True).indices)
     assert torch.equal(perm, ref.perm) and torch.equal(inverse, ref.inverse) and torch.equal(offsets, ref.offsets)
-    assert torch.equal(inverse[perm], torch.arange(tokens * top_k))
+    assert torch.equal(inverse[perm], torch.arange(tokens * top_k)) and torch.equal(rows, perm // top_k)
+    with pytest.raises(ValueError, match="tokens, top_k"):
+        fused_ops.moe_sort(ids.reshape(-1), num_experts=num_experts)
 
 
 def test_moe_sort_leaves_experts_without_pairs_empty_runs():
@@ -231,7 +295,7 @@ def test_moe_config_table_and_override(monkeypatch):
 # -- the whole decoder ----------------------------------------------------------------------------
 @pytest.mark.parametrize("knobs", [Knobs(max_crops=1), Knobs(max_crops=1, top_k=2, active_blocks=2,
                                                                  block_policy="random")], ids=["full", "reduced"])
-@pytest.mark.parametrize("prefill_moe", ["grouped", "fused"])
+@pytest.mark.parametrize("prefill_moe", ["grouped", "fused", "auto"])
 def test_triton_decoder_matches_hf(knobs, prefill_moe):
     fast = make_flexmoe(backend="fast", kernels="triton", decode_moe="fused", prefill_moe=prefill_moe)
     assert (fast.fast.kernels, fast.fast.decode_moe, fast.fast.prefill_moe) == ("triton", "fused", prefill_moe)
@@ -241,6 +305,19 @@ def test_triton_decoder_matches_hf(knobs, prefill_moe):
     assert t_fa == t_hf
     for a, b in zip(l_fa, l_hf):
         assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("max_pairs, path", [(10 ** 6, "experts_fused"), (0, "experts_grouped")])
+def test_auto_prefill_moe_picks_the_path_by_pairs_per_expert(monkeypatch, max_pairs, path):
+    from flexvlm_ray.models import fast_decoder
+    monkeypatch.setattr(fast_decoder, "AUTO_FUSED_MAX_PAIRS", max_pairs)
+    calls = []
+    for name in ("experts_fused", "experts_grouped"):
+        real = getattr(fast_decoder, name)
+        monkeypatch.setattr(fast_decoder, name, lambda *, _real=real, _name=name, **kw: calls.append(_name) or _real(**kw))
+    fast = make_flexmoe(backend="fast", kernels="triton", decode_moe="fused", prefill_moe="auto")
+    generate(fast, Knobs(max_crops=1), sample(500, 400), steps=1)
+    assert calls and set(calls) == {path}
 
 
 def test_kernel_choices_are_checked(monkeypatch):
@@ -256,7 +333,7 @@ def test_kernel_choices_are_checked(monkeypatch):
     for decode_moe, prefill_moe in (("fused", "grouped"), ("gather", "fused")):
         with pytest.raises(ValueError, match=r"need Triton on CUDA \(Triton is not installed\)"):
             check_kernels(kernels="torch", decode_moe=decode_moe, prefill_moe=prefill_moe, device=cpu, act=act)
-    with pytest.raises(ValueError, match=r"prefill_moe 'fused' need Triton on CUDA"):
+    with pytest.raises(ValueError, match=r"prefill_moe 'fused' or 'auto' need Triton on CUDA"):
         make_flexmoe(backend="fast", kernels="torch", decode_moe="gather", prefill_moe="fused")
     with pytest.raises(ValueError, match="kernels 'tpu' is not one of triton, torch"):
         make_flexmoe(backend="fast", kernels="tpu")

@@ -53,7 +53,11 @@ from torch import nn
 from flexvlm_ray.models import fused_ops
 
 DECODE_MOE = ("fused", "gather", "grouped")
-PREFILL_MOE = ("grouped", "loop", "fused")
+PREFILL_MOE = ("grouped", "loop", "fused", "auto")
+# ``auto`` runs the fused Triton MoE up to this many token-expert pairs per expert (on average) and the
+# grouped GEMMs above. On an H100 (moe_kernel_bench, 2026-11-23, session_f) one molmoe-1b MoE layer took
+# 0.45 ms fused vs 0.55 ms grouped at 93 pairs per expert (747 tokens), 0.61 vs 0.58 at 237 (1900 tokens).
+AUTO_FUSED_MAX_PAIRS = 160
 KERNELS = ("triton", "torch")
 KV_BUCKET = 512
 PREFILL_BUCKET = 128
@@ -108,10 +112,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # -- MoE -------------------------------------------------------------------------------------
-def route(*, x: torch.Tensor, weight: torch.Tensor, top_k: int,
-          norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """OLMoE's router on (T, H): (weights (T, k) in the logits' dtype, expert ids (T, k))."""
+def route(*, x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk_prob: bool,
+          kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLMoE's router on (T, H): (weights (T, k) in the logits' dtype, expert ids (T, k)).
+
+    ``kernel``: softmax, top-k and cast after the router GEMM as one Triton launch (``fused_ops.route``)."""
     logits = F.linear(x, weight)
+    if kernel:
+        return fused_ops.route(logits, top_k=top_k, norm_topk_prob=norm_topk_prob)
     probs = F.softmax(logits, dim=-1, dtype=torch.float)
     top_w, top_i = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
@@ -150,6 +158,7 @@ class SortedPairs:
 
     perm: torch.Tensor       # (S,) int64: the pair at each sorted position (stable: pair order within an expert)
     inverse: torch.Tensor    # (S,) int64: the sorted position of each pair
+    tokens: torch.Tensor     # (S,) int64: the token at each sorted position (perm // top_k)
     offsets: torch.Tensor    # (E,) int32: where each expert's run ends (inclusive cumsum of the counts)
 
 
@@ -167,7 +176,7 @@ def sort_pairs(*, ids: torch.Tensor, num_experts: int, kernel: bool = False) -> 
     bounds = torch.arange(num_experts, device=ids.device, dtype=sorted_ids.dtype)
     offsets = torch.searchsorted(sorted_ids, bounds, right=True, out_int32=True)
     inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
-    return SortedPairs(perm=perm, inverse=inverse, offsets=offsets)
+    return SortedPairs(perm=perm, inverse=inverse, tokens=perm // ids.shape[1], offsets=offsets)
 
 
 def _combine(*, y: torch.Tensor, pairs: SortedPairs, weights: torch.Tensor, residual: Optional[torch.Tensor],
@@ -189,9 +198,8 @@ def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ``fused``: the pair sort, SiLU-and-multiply and the weighted sum over the slots (with the residual
     add) as Triton kernels (act must be SiLU). ``residual`` (T, H), if given, is added to the output.
     """
-    top_k = ids.shape[1]
     pairs = sort_pairs(ids=ids, num_experts=gate_up.shape[0], kernel=fused)
-    xs = x[pairs.perm // top_k]
+    xs = x[pairs.tokens]
     h = mm(xs, gate_up.transpose(-2, -1), offs=pairs.offsets)               # (S, 2I)
     if fused:
         a = fused_ops.silu_mul(h)
@@ -218,9 +226,8 @@ def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
                  down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor],
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(T, H) through the experts, one matmul pair per expert that received tokens (reads the counts)."""
-    top_k = ids.shape[1]
     pairs = sort_pairs(ids=ids, num_experts=gate_up.shape[0])
-    xs = x[pairs.perm // top_k]
+    xs = x[pairs.tokens]
     counts = torch.diff(pairs.offsets, prepend=pairs.offsets.new_zeros(1)).tolist()
     y = torch.empty(xs.shape[0], down.shape[1], dtype=x.dtype, device=x.device)
     start = 0
@@ -239,11 +246,12 @@ def check_kernels(*, kernels: str, decode_moe: str, prefill_moe: str, device: to
     """Refuse a Triton path that cannot run here, or whose kernels would compute something else."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
-    if kernels != "triton" and decode_moe != "fused" and prefill_moe != "fused":
+    if kernels != "triton" and decode_moe != "fused" and prefill_moe not in ("fused", "auto"):
         return
     if not fused_ops.runs_on(device):
         why = "Triton is not installed" if fused_ops.triton is None else f"Triton does not run on {device}"
-        raise ValueError(f"kernels 'triton', decode_moe 'fused' and prefill_moe 'fused' need Triton on CUDA ({why}); "
+        raise ValueError(f"kernels 'triton', decode_moe 'fused' and prefill_moe 'fused' or 'auto' need Triton on CUDA "
+                         f"({why}); "
                          f"use kernels 'torch' with decode_moe 'grouped' or 'gather' and prefill_moe 'grouped' "
                          f"or 'loop'")
     if type(act).__name__ not in ("SiLU", "SiLUActivation"):
@@ -324,27 +332,31 @@ class FastAttention(nn.Module):
             self.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
         width_q, width_kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qkv = F.linear(x, self.qkv_weight)
-        q = torch.empty(self.heads, t, self.head_dim, dtype=x.dtype, device=x.device)
+        # q in (T, heads, D) memory, seen as (heads, T, D): SDPA's output takes q's layout, so the heads go
+        # back to (T, H) for o_proj without a copy
+        q = torch.empty(t, self.heads, self.head_dim, dtype=x.dtype, device=x.device).transpose(0, 1)
         fused_ops.qk_norm_rope(qkv[:, :width_q], weight=a.q_norm.weight, eps=a.q_norm.variance_epsilon, cos=step.cos,
                                sin=step.sin, heads=self.heads, out=q, position=step.zero)
         fused_ops.qk_norm_rope(qkv[:, width_q:width_q + width_kv], weight=a.k_norm.weight, eps=a.k_norm.variance_epsilon,
                                cos=step.cos, sin=step.sin, heads=self.kv_heads, out=self.cache.keys[self.index],
-                               position=step.position)
-        v = qkv[:, width_q + width_kv:].view(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        return self._attend(q=q, v=v, step=step)
+                               position=step.position, v=qkv[:, width_q + width_kv:],
+                               v_out=self.cache.values[self.index])     # keys and values written to the cache
+        return self._attend(q=q, v=None, step=step)
 
-    def _attend(self, *, q: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
-        """Write ``v`` (kv_heads, T, D) into the cache, attend ``q`` (heads, T, D) over the cached keys and
-        values (the new keys are already there), and project the heads back: (T, H)."""
+    def _attend(self, *, q: torch.Tensor, v: Optional[torch.Tensor], step: Step) -> torch.Tensor:
+        """Write ``v`` (kv_heads, T, D) into the cache (None: already there), attend ``q`` (heads, T, D)
+        over the cached keys and values (the new keys are already there), and project the heads back: (T, H)."""
         t = q.shape[1]
         keys, values = self.cache.keys[self.index], self.cache.values[self.index]
         gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}
         if step.phase == "prefill":
-            values[:, :t].copy_(v)
+            if v is not None:
+                values[:, :t].copy_(v)
             out = F.scaled_dot_product_attention(q[None], keys[None, :, :t], values[None, :, :t], is_causal=True,
                                                  **gqa)
         else:
-            values.index_copy_(1, step.position, v)
+            if v is not None:
+                values.index_copy_(1, step.position, v)
             out = F.scaled_dot_product_attention(q[None], keys[None, :, :step.bucket], values[None, :, :step.bucket],
                                                  attn_mask=step.mask, **gqa)
         return self.attn.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
@@ -370,9 +382,12 @@ class FastMoe(nn.Module):
         """The MoE output of (T, H) ``x``, plus ``residual`` if given (the prefill paths add it in their
         last kernel; the sum is rounded as ``residual + moe(x)`` in the model dtype)."""
         gate, experts = self.moe.gate, self.moe.experts
-        weights, ids = route(x=x, weight=gate.weight, top_k=self.top_k, norm_topk_prob=gate.norm_topk_prob)
+        weights, ids = route(x=x, weight=gate.weight, top_k=self.top_k, norm_topk_prob=gate.norm_topk_prob,
+                             kernel=self.fused)
         args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj)
         impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
+        if impl == "auto":          # by shape only, so one graph always takes the same path
+            impl = "fused" if ids.numel() <= AUTO_FUSED_MAX_PAIRS * experts.gate_up_proj.shape[0] else "grouped"
         if impl == "fused" and step.phase == "decode":     # one token: two GEMVs
             out = fused_ops.moe_decode(**args)
         elif impl == "gather":        # decode only: one token

@@ -8,6 +8,7 @@ that dtype), so the fused and eager paths agree to the last bit or two of bf16:
 * ``qk_norm_rope``: the q/k RMSNorm over the full projection width, then rotary embedding, written
   straight into a ``(heads, T, head_dim)`` layout at an offset read from the device (for ``k`` the
   static KV cache itself, at the decode position).
+* ``route``: the router's softmax (float32), top-k and weight cast after its GEMM, one launch.
 * ``silu_mul``: ``silu(gate) * up`` of the experts' first GEMM.
 * ``moe_decode``: one token through its ``k`` experts as two GEMV kernels that read only the chosen
   experts' rows straight from the stacked ``gate_up_proj`` / ``down_proj`` (no gather copy), the
@@ -76,7 +77,8 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + cols, (w * h).to(dt), mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, pos_ptr, row_stride, head_stride, eps,
+    def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, pos_ptr, row_stride, head_stride, pos_stride, eps,
+                             v_ptr, v_out_ptr, v_row_stride, v_head_stride, HAS_V: tl.constexpr,
                              HEADS: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         dim = 2 * HALF
@@ -101,9 +103,42 @@ if triton is not None:
         o1 = (y1 * c1).to(dt).to(tl.float32) + (-y2 * s1).to(dt).to(tl.float32)
         o2 = (y2 * c2).to(dt).to(tl.float32) + (y1 * s2).to(dt).to(tl.float32)
         pos = tl.load(pos_ptr) + t
-        dest = out_ptr + h * head_stride + pos * dim + d
+        dest = out_ptr + h * head_stride + pos * pos_stride + d
         tl.store(dest, o1.to(dt), mask=mask)
         tl.store(dest + HALF, o2.to(dt), mask=mask)
+        if HAS_V:       # the values of the same heads, copied as they are to the same rows
+            v_src = v_ptr + t * v_row_stride + first
+            v_dest = v_out_ptr + h * v_head_stride + pos * dim + d
+            tl.store(v_dest, tl.load(v_src, mask=mask, other=0.0), mask=mask)
+            tl.store(v_dest + HALF, tl.load(v_src + HALF, mask=mask, other=0.0), mask=mask)
+
+    @triton.jit
+    def _route_kernel(logits_ptr, wts_ptr, ids_ptr, num_tokens, num_experts, TOP_K: tl.constexpr,
+                      NORM: tl.constexpr, BLOCK_T: tl.constexpr, BE: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BE)
+        rmask = rows < num_tokens
+        mask = rmask[:, None] & (cols[None, :] < num_experts)
+        logits = tl.load(logits_ptr + rows[:, None].to(tl.int64) * num_experts + cols[None, :], mask=mask,
+                         other=float("-inf")).to(tl.float32)
+        top = tl.where(rmask, tl.max(logits, axis=1), 0.0)                 # rows past the end: no 0/0
+        e = tl.where(mask, tl.exp(logits - top[:, None]), 0.0)
+        total = tl.where(rmask, tl.sum(e, axis=1), 1.0)
+        probs = tl.where(mask, e / total[:, None], -1.0)     # softmax in float32; padding below every prob
+        denom = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+        if NORM:            # norm_topk_prob: the k largest renormalised to sum to one
+            rest, denom = probs, tl.zeros([BLOCK_T], dtype=tl.float32)
+            for _ in tl.static_range(TOP_K):
+                best = tl.max(rest, axis=1)
+                first = tl.min(tl.where(rest == best[:, None], cols[None, :], BE), axis=1)
+                denom += best
+                rest = tl.where(cols[None, :] == first[:, None], -1.0, rest)
+        for slot in tl.static_range(TOP_K):        # the largest first; equal values: the lowest expert first
+            best = tl.max(probs, axis=1)
+            first = tl.min(tl.where(probs == best[:, None], cols[None, :], BE), axis=1)
+            tl.store(wts_ptr + rows * TOP_K + slot, (best / denom).to(wts_ptr.dtype.element_ty), mask=rmask)
+            tl.store(ids_ptr + rows * TOP_K + slot, first.to(tl.int64), mask=rmask)
+            probs = tl.where(cols[None, :] == first[:, None], -1.0, probs)
 
     @triton.jit
     def _silu_mul_kernel(h_ptr, out_ptr, inter, BLOCK: tl.constexpr):
@@ -187,7 +222,8 @@ if triton is not None:
         tl.store(out_ptr + token * hidden + cols, total.to(dt), mask=mask)
 
     @triton.jit(do_not_specialize=["num_pairs"])   # one compile for every prompt length
-    def _moe_sort_kernel(ids_ptr, perm_ptr, inverse_ptr, offsets_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
+    def _moe_sort_kernel(ids_ptr, perm_ptr, inverse_ptr, tokens_ptr, offsets_ptr, num_pairs, num_experts, top_k,
+                         BLOCK: tl.constexpr):
         expert = tl.program_id(0)
         lanes = tl.arange(0, BLOCK)
         before = tl.zeros([BLOCK], dtype=tl.int32)
@@ -205,6 +241,7 @@ if triton is not None:
             dest = pos + rank - 1
             tl.store(perm_ptr + dest, pairs.to(tl.int64), mask=mine)
             tl.store(inverse_ptr + pairs, dest.to(tl.int64), mask=mine)
+            tl.store(tokens_ptr + dest, (pairs // top_k).to(tl.int64), mask=mine)
             pos += tl.sum(mine.to(tl.int32), 0)
             start += BLOCK
         tl.store(offsets_ptr + expert, pos)
@@ -327,22 +364,53 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def qk_norm_rope(x: torch.Tensor, *, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                 heads: int, out: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+                 heads: int, out: torch.Tensor, position: torch.Tensor, v: Optional[torch.Tensor] = None,
+                 v_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RMSNorm of (T, heads * D) ``x`` (rows may be strided, e.g. a column slice of a fused qkv output) over
     the full width, then RoPE with (T, D) ``cos``/``sin``, written into ``out`` (heads, L, D) at rows
-    ``position[0] .. position[0] + T - 1``."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    ``position[0] .. position[0] + T - 1`` (``out`` may be a (T, heads, D) buffer seen as (heads, T, D)).
+    With ``v`` (T, heads * D) and ``v_out`` (heads, L, D) (the values and their cache, rows of D contiguous
+    values), ``v`` is copied unchanged to the same rows of ``v_out`` in the same launch."""
+    x = _unit_stride(x)
     tokens, width = x.shape
     dim = width // heads
-    if out.stride(-1) != 1 or out.stride(-2) != dim:
-        raise ValueError("qk_norm_rope writes rows of head_dim contiguous values")
+    if out.stride(-1) != 1 or (v_out is not None and (v_out.stride(-1) != 1 or v_out.stride(-2) != dim)):
+        raise ValueError("qk_norm_rope writes head_dim contiguous values (and v_out rows of head_dim values)")
+    if (v is None) != (v_out is None):
+        raise ValueError("qk_norm_rope copies values only with both v and v_out")
+    if v is not None:
+        v = _unit_stride(v)
+        if v.shape != x.shape or v_out.shape[0] != heads:
+            raise ValueError(f"qk_norm_rope: v {tuple(v.shape)} / v_out {tuple(v_out.shape)} do not match "
+                             f"x {tuple(x.shape)} with {heads} heads")
     half = dim // 2
+    v_args = (v, v_out, v.stride(0), v_out.stride(0)) if v is not None else (x, out, 0, 0)
     _qk_norm_rope_kernel[(tokens,)](x, weight, cos.contiguous(), sin.contiguous(), out, position, x.stride(0),
-                                    out.stride(0),
-                                    float(eps), HEADS=heads, HALF=half, BH=_pow2(heads), BHALF=_pow2(half),
-                                    num_warps=4)
+                                    out.stride(0), out.stride(1), float(eps), *v_args, HAS_V=v is not None,
+                                    HEADS=heads, HALF=half, BH=_pow2(heads), BHALF=_pow2(half), num_warps=4)
     return out
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its rows are unit-stride (row stride free), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def route(logits: torch.Tensor, *, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLMoE's routing after the router GEMM, in one launch: softmax of (T, E) ``logits`` in float32, the
+    ``top_k`` largest (largest first; equal values: lowest expert first), renormalised if
+    ``norm_topk_prob``. Returns (weights (T, k) in the logits' dtype, expert ids (T, k) int64)."""
+    logits = logits.contiguous()
+    num_tokens, num_experts = logits.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"route: top_k {top_k} not in 1..{num_experts}")
+    weights = torch.empty(num_tokens, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    block_t = 16
+    _route_kernel[(triton.cdiv(num_tokens, block_t),)](logits, weights, ids, num_tokens, num_experts, TOP_K=top_k,
+                                                       NORM=norm_topk_prob, BLOCK_T=block_t,
+                                                       BE=max(2, _pow2(num_experts)), num_warps=4)
+    return weights, ids
 
 
 def silu_mul(h: torch.Tensor) -> torch.Tensor:
@@ -392,21 +460,25 @@ def moe_combine(*, y: torch.Tensor, inverse: Optional[torch.Tensor], weights: to
 
 
 def moe_sort(ids: torch.Tensor, *, num_experts: int, block: Optional[int] = None,
-             num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-expert pairs (``ids`` (S,), pair ``p`` = token ``p // k``, slot ``p % k``) in expert order by a
-    counting sort, stable: one program per expert counts the pairs of lower experts, then writes its own
-    pairs in pair order. Returns (``perm`` (S,) int64: the pair at each sorted position, ``inverse`` (S,)
-    int64: the sorted position of each pair, ``offsets`` (E,) int32: where each expert's run ends), the
-    same as a stable ``torch.sort`` with a binary search per expert, in one launch."""
-    ids = ids.reshape(-1).contiguous()
+             num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token-expert pairs of (T, k) router ``ids`` (pair ``p`` = token ``p // k``, slot ``p % k``) in
+    expert order by a counting sort, stable: one program per expert counts the pairs of lower experts,
+    then writes its own pairs in pair order. Returns (``perm`` (S,): the pair at each sorted position,
+    ``inverse`` (S,): the sorted position of each pair, ``tokens`` (S,): the token at each sorted
+    position, all int64; ``offsets`` (E,) int32: where each expert's run ends), as a stable ``torch.sort``
+    with a binary search per expert would, in one launch."""
+    if ids.dim() != 2:
+        raise ValueError(f"moe_sort takes (tokens, top_k) expert ids, not shape {tuple(ids.shape)}")
+    top_k = ids.shape[1]
+    ids = ids.contiguous()
     num_pairs = ids.numel()
-    perm = torch.empty(num_pairs, dtype=torch.int64, device=ids.device)
-    inverse = torch.empty_like(perm)
+    perm, inverse, tokens = (torch.empty(num_pairs, dtype=torch.int64, device=ids.device) for _ in range(3))
     offsets = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
-    block = block or min(2048, max(16, _pow2(num_pairs)))          # pairs per step (benchmarks sweep it)
-    _moe_sort_kernel[(num_experts,)](ids, perm, inverse, offsets, num_pairs, num_experts, BLOCK=block,
+    # pairs per step: on an H100 (moe_kernel_bench) 4096 was fastest from ~11k pairs, 2048 below
+    block = block or (4096 if num_pairs > 8192 else min(2048, max(16, _pow2(num_pairs))))
+    _moe_sort_kernel[(num_experts,)](ids, perm, inverse, tokens, offsets, num_pairs, num_experts, top_k, BLOCK=block,
                                      num_warps=num_warps or (8 if block >= 1024 else 4))
-    return perm, inverse, offsets
+    return perm, inverse, tokens, offsets
 
 
 @dataclass(frozen=True)
@@ -430,12 +502,12 @@ class MoeConfig:
         return cls(*values)
 
 
-# (largest mean pairs per expert, config); unmeasured starting points, to be replaced by
-# benchmarks/moe_kernel_bench.py's sweep on the target GPU
+# (largest mean pairs per expert, config). On an H100 (moe_kernel_bench, 2026-11-23) 128x128 tiles with
+# 8 warps were the fastest measured at 93 and 237 pairs per expert (0.45 / 0.61 ms per molmoe-1b layer,
+# against 0.56 / 0.72 ms for the 64-row tiles); small M keeps 16-row tiles
 MOE_CONFIGS: tuple[tuple[float, MoeConfig], ...] = (
     (16, MoeConfig(16, 64, 64, 1, 4, 3)),
-    (128, MoeConfig(64, 64, 64, 8, 4, 3)),
-    (float("inf"), MoeConfig(64, 128, 64, 8, 8, 3)),
+    (float("inf"), MoeConfig(128, 128, 64, 8, 8, 3)),
 )
 MOE_CONFIG_ENV = "FLEXVLM_MOE_CONFIG"
 
