@@ -93,12 +93,15 @@ def layer(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch
                            "fused": []}
     for text in dict.fromkeys([row["default_config"], *args.configs]):
         config = fused_ops.MoeConfig.parse(text)
-        fused = lambda c=config: experts_fused(**call, config=c)  # noqa: E731
-        try:
-            entry = {"config": text, **errors(fused(), ref), "ms": time_ms(fused, **timing)}
-        except Exception as exc:          # a config over the GPU's shared memory or registers: recorded, sweep goes on
-            entry = {"config": text, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        row["fused"].append(entry)
+        # weight tiles through TMA descriptors where they apply (the default), and without for the default config
+        for tma in (None, False) if text == row["default_config"] else (None,):
+            fused = lambda c=config, t=tma: experts_fused(**call, config=c, tma=t)  # noqa: E731
+            used = fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=config, enabled=tma) is not None
+            try:
+                entry = {"config": text, "tma": used, **errors(fused(), ref), "ms": time_ms(fused, **timing)}
+            except Exception as exc:      # a config over the GPU's shared memory or registers: recorded, sweep goes on
+                entry = {"config": text, "tma": used, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            row["fused"].append(entry)
     return row
 
 
@@ -142,14 +145,15 @@ def print_row(row: dict[str, Any]) -> None:
     print("  sort, us: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in s.items()))
     print("  glue steps, us: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["glue_ms"].items()))
     print("  grouped GEMMs alone, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in row["gemm_ms"].items()))
-    print(f"  {'path':<26}{'ms':>8}{'vs grouped':>12}{'max rel err':>13}{'norm rel err':>14}")
-    print(f"  {'grouped (fused=True)':<26}{row['grouped_ms']:>8.3f}{1.0:>12.2f}")
+    print(f"  {'path':<30}{'ms':>8}{'vs grouped':>12}{'max rel err':>13}{'norm rel err':>14}")
+    print(f"  {'grouped (fused=True)':<30}{row['grouped_ms']:>8.3f}{1.0:>12.2f}")
     for entry in row["fused"]:
-        name = "fused " + entry["config"] + (" *" if entry["config"] == row["default_config"] else "")
+        name = ("fused " + entry["config"] + (" tma" if entry.get("tma") else "")
+                + (" *" if entry["config"] == row["default_config"] else ""))
         if "error" in entry:
-            print(f"  {name:<26}  failed: {entry['error'][:80]}")
+            print(f"  {name:<30}  failed: {entry['error'][:80]}")
         else:
-            print(f"  {name:<26}{entry['ms']:>8.3f}{entry['ms'] / row['grouped_ms']:>12.2f}"
+            print(f"  {name:<30}{entry['ms']:>8.3f}{entry['ms'] / row['grouped_ms']:>12.2f}"
                   f"{entry['max_rel']:>13.2e}{entry['norm_rel']:>14.2e}")
 
 

@@ -12,6 +12,11 @@ import re
 from analysis.plots import plt, save
 
 
+# one colour per backend in every panel
+COLORS = {"hf-eager": "tab:gray", "hf-grouped_mm": "tab:blue", "fast-torch": "tab:orange", "fast-gather": "tab:brown",
+          "fast-eager": "tab:purple", "fast": "tab:green"}
+
+
 def decode_rows(bench: dict) -> dict[str, list[tuple[int, float]]]:
     """{backend: [(top_k, ms)]} for the 16-block decode rows."""
     out: dict[str, list[tuple[int, float]]] = {}
@@ -31,7 +36,8 @@ def main() -> None:
     for ax, path in zip(axes[0], args.benches):
         bench = json.load(open(path))
         for backend, points in decode_rows(bench).items():
-            ax.plot([k for k, _ in points], [ms for _, ms in points], marker="o", label=backend)
+            ax.plot([k for k, _ in points], [ms for _, ms in points], marker="o", label=backend,
+                    color=COLORS.get(backend))
         roof = [(r["top_k"], r["roofline_ms"]) for r in bench.get("rows", bench.get("results", []))
                 if r.get("stage") == "decode" and r.get("blocks", 16) == 16 and r["backend"] == "fast"]
         if roof:
@@ -39,10 +45,11 @@ def main() -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("MoE top_k (experts per token)")
-        ax.set_title(path.split("/")[-2])
+        date = re.search(r"\d{4}-\d{2}-\d{2}", path)
+        ax.set_title(f"{bench.get('device', '')} {date.group(0) if date else ''}".strip(), fontsize=10)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("decode latency (ms per token), 16 blocks")
-    axes[0][-1].legend(fontsize=7)
     save(fig, args.out)
 
 

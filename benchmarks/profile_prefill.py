@@ -37,12 +37,15 @@ def prompt(*, adapter: FlexMoeAdapter, tokens: int | None, tiles: int):
 def graphed_split(*, adapter: FlexMoeAdapter, prepared, embeds, repeats: int = 30) -> dict[str, float]:
     """Median ms of a graphed fast prefill: the whole adapter call (embedding and splice, buffer copies,
     replay, logits), the fast decoder's call alone, and the prefill graph's replay alone."""
-    hidden = adapter._embed_prompt(prepared, embeds)
+    with torch.inference_mode():
+        hidden = adapter._embed_prompt(prepared, embeds)
     graph = next(g for key, g in reversed(adapter.fast.graphs.items()) if key[0] == "prefill")
     calls = {"adapter.prefill": lambda: adapter.prefill(prepared, embeds),
              "fast.prefill": lambda: adapter.fast.prefill(hidden=hidden, blocks=adapter._active),
              "graph.replay": graph.replay}
-    return {name: statistics.median(time_calls(fn, cuda=True, warmup=3, repeats=repeats)) for name, fn in calls.items()}
+    with torch.inference_mode():
+        return {name: statistics.median(time_calls(fn, cuda=True, warmup=3, repeats=repeats))
+                for name, fn in calls.items()}
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def test_vision_graph_per_crop_count_matches_eager(molmoe):
 
 
 def test_defaults_on_cuda_are_the_triton_kernels(molmoe):
-    assert (molmoe.fast.kernels, molmoe.fast.decode_moe, molmoe.fast.prefill_moe) == ("triton", "fused", "auto")
+    assert (molmoe.fast.kernels, molmoe.fast.decode_moe, molmoe.fast.prefill_moe) == ("triton", "fused", "fused")
 
 
 @pytest.mark.parametrize("options", [{"decode_moe": "grouped"}, {"decode_moe": "gather"},
@@ -222,8 +222,9 @@ def test_fused_prefill_moe_matches_grouped_in_bf16():
     ref = experts_grouped(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, act=torch.nn.functional.silu,
                           mm=grouped_mm_function(), fused=True)
     for config in (None, fused_ops.MoeConfig(16, 64, 64, 1, 4, 3), fused_ops.MoeConfig(128, 128, 64, 8, 8, 3)):
-        out = experts_fused(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, config=config)
-        assert rel_err(out, ref) < 1e-2, config
+        for tma in (None, False):         # weight tiles through TMA descriptors (the default on Hopper) or not
+            out = experts_fused(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, config=config, tma=tma)
+            assert rel_err(out, ref) < 1e-2, (config, tma)
 
 
 def test_fused_prefill_moe_under_graphs(molmoe):

@@ -271,6 +271,28 @@ def test_fused_prefill_moe_matches_grouped_and_loop(dtype, tokens, num_experts, 
             assert_close(out, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_prefill_moe_loads_weight_tiles_through_tma_descriptors(dtype):
+    """Tiles that divide I and H go through TMA descriptors (the interpreter emulates them): same result."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 48, generator=gen).to(dtype)
+    gate_up, down = (torch.randn(8, 64, 48, generator=gen) / 4).to(dtype), (torch.randn(8, 48, 32, generator=gen) / 4).to(dtype)
+    ids, weights = routed(tokens=37, num_experts=8, top_k=2, seed=3)
+    args = dict(x=x, ids=ids, weights=weights.to(dtype), gate_up=gate_up, down=down, config=SMALL)
+    assert fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=SMALL) is not None
+    assert fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=SMALL, enabled=False) is None
+    out = experts_fused(**args, tma=True)
+    ref = experts_fused(**args, tma=False)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(out, ref)
+    wide = fused_ops.MoeConfig(32, 64, 16, 2, 4, 3)       # 64-row tiles would cross I = 32
+    assert fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=wide) is None
+    with pytest.raises(ValueError, match="do not divide I=32 and H=48"):
+        experts_fused(**{**args, "config": wide}, tma=True)
+
+
 def test_fused_prefill_moe_reads_only_routed_experts():
     gate_up, down = experts()
     ids = torch.tensor([[4, 1], [1, 2], [4, 2]])
@@ -295,7 +317,7 @@ def test_moe_config_table_and_override(monkeypatch):
 # -- the whole decoder ----------------------------------------------------------------------------
 @pytest.mark.parametrize("knobs", [Knobs(max_crops=1), Knobs(max_crops=1, top_k=2, active_blocks=2,
                                                                  block_policy="random")], ids=["full", "reduced"])
-@pytest.mark.parametrize("prefill_moe", ["grouped", "fused", "auto"])
+@pytest.mark.parametrize("prefill_moe", ["grouped", "fused"])
 def test_triton_decoder_matches_hf(knobs, prefill_moe):
     fast = make_flexmoe(backend="fast", kernels="triton", decode_moe="fused", prefill_moe=prefill_moe)
     assert (fast.fast.kernels, fast.fast.decode_moe, fast.fast.prefill_moe) == ("triton", "fused", prefill_moe)
@@ -305,19 +327,6 @@ def test_triton_decoder_matches_hf(knobs, prefill_moe):
     assert t_fa == t_hf
     for a, b in zip(l_fa, l_hf):
         assert rel_err(a, b) < 1e-4
-
-
-@pytest.mark.parametrize("max_pairs, path", [(10 ** 6, "experts_fused"), (0, "experts_grouped")])
-def test_auto_prefill_moe_picks_the_path_by_pairs_per_expert(monkeypatch, max_pairs, path):
-    from flexvlm_ray.models import fast_decoder
-    monkeypatch.setattr(fast_decoder, "AUTO_FUSED_MAX_PAIRS", max_pairs)
-    calls = []
-    for name in ("experts_fused", "experts_grouped"):
-        real = getattr(fast_decoder, name)
-        monkeypatch.setattr(fast_decoder, name, lambda *, _real=real, _name=name, **kw: calls.append(_name) or _real(**kw))
-    fast = make_flexmoe(backend="fast", kernels="triton", decode_moe="fused", prefill_moe="auto")
-    generate(fast, Knobs(max_crops=1), sample(500, 400), steps=1)
-    assert calls and set(calls) == {path}
 
 
 def test_kernel_choices_are_checked(monkeypatch):
@@ -333,7 +342,7 @@ def test_kernel_choices_are_checked(monkeypatch):
     for decode_moe, prefill_moe in (("fused", "grouped"), ("gather", "fused")):
         with pytest.raises(ValueError, match=r"need Triton on CUDA \(Triton is not installed\)"):
             check_kernels(kernels="torch", decode_moe=decode_moe, prefill_moe=prefill_moe, device=cpu, act=act)
-    with pytest.raises(ValueError, match=r"prefill_moe 'fused' or 'auto' need Triton on CUDA"):
+    with pytest.raises(ValueError, match=r"prefill_moe 'fused' need Triton on CUDA"):
         make_flexmoe(backend="fast", kernels="torch", decode_moe="gather", prefill_moe="fused")
     with pytest.raises(ValueError, match="kernels 'tpu' is not one of triton, torch"):
         make_flexmoe(backend="fast", kernels="tpu")

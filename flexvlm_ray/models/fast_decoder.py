@@ -19,11 +19,12 @@ work is issued:
   (``index_select`` on the stacked tensors) and multiplied with ``torch.bmm``, so the bytes read
   grow with ``k``; ``grouped``: the same ``k`` rows go through the grouped GEMM of the prefill
   path, which reads only the experts whose group is non-empty and copies no weights.
-* **MoE prefill**: token-expert pairs are sorted by expert; ``grouped`` runs two grouped GEMMs
+* **MoE prefill**: token-expert pairs are sorted by expert on the device (``sort_pairs``: a Triton
+  counting sort, or torch.sort on uint8 keys); ``fused`` runs ``fused_ops.moe_experts`` (Triton GEMMs
+  over expert-padded tiles that gather the token rows themselves, SiLU-mul in the first one's epilogue,
+  weight tiles through TMA on Hopper; no host sync); ``grouped`` runs two grouped GEMMs
   (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``) with per-expert offsets computed
-  on the device; ``loop`` runs one matmul per expert that received tokens (host sync on the counts);
-  ``fused`` runs ``fused_ops.moe_experts`` (Triton GEMMs over expert-padded tiles that gather the
-  token rows themselves, SiLU-mul in the first one's epilogue; no host sync).
+  on the device; ``loop`` runs one matmul per expert that received tokens (host sync on the counts).
 * **CUDA graphs** (CUDA only): a decode step is captured lazily once per
   ``(active blocks, top_k per block, kv bucket)`` after two warm-up runs on a side stream, into
   one shared memory pool, and replayed; token and position enter through static device buffers,
@@ -32,9 +33,10 @@ work is issued:
   time its blocks, and the ViT per crop count. On the CPU the same bodies run eagerly.
 * **Triton kernels** (``kernels: triton``, ``decode_moe: fused``, ``prefill_moe: fused``;
   ``flexvlm_ray.models.fused_ops``):
-  fused RMSNorm (with the residual add), q/k norm + RoPE written into the cache, SiLU-mul, the
-  prefill MoE's weighted combine, and the decode MoE as two GEMVs over the chosen experts; q, k and v
-  weights are concatenated once so their projection is one GEMM.
+  fused RMSNorm (with the residual add), q/k norm + RoPE written into the cache (with v), the router's
+  softmax + top-k, the pair sort, SiLU-mul, the prefill MoE's weighted combine (with the residual), and
+  the decode MoE as two GEMVs over the chosen experts; q, k and v weights are concatenated once so their
+  projection is one GEMM.
 
 ``FastBlock`` and its ``attention`` / ``ffn`` parts are ``nn.Module`` objects called through
 ``__call__`` in eager runs (a prefill with hooks registered always runs eagerly), so the engine's
@@ -53,11 +55,7 @@ from torch import nn
 from flexvlm_ray.models import fused_ops
 
 DECODE_MOE = ("fused", "gather", "grouped")
-PREFILL_MOE = ("grouped", "loop", "fused", "auto")
-# ``auto`` runs the fused Triton MoE up to this many token-expert pairs per expert (on average) and the
-# grouped GEMMs above. On an H100 (moe_kernel_bench, 2026-11-23, session_f) one molmoe-1b MoE layer took
-# 0.45 ms fused vs 0.55 ms grouped at 93 pairs per expert (747 tokens), 0.61 vs 0.58 at 237 (1900 tokens).
-AUTO_FUSED_MAX_PAIRS = 160
+PREFILL_MOE = ("grouped", "loop", "fused")
 KERNELS = ("triton", "torch")
 KV_BUCKET = 512
 PREFILL_BUCKET = 128
@@ -214,12 +212,13 @@ def experts_grouped(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 
 def experts_fused(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                   down: torch.Tensor, config: Optional[fused_ops.MoeConfig] = None,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, tma: Optional[bool] = None) -> torch.Tensor:
     """(T, H) through the experts as the Triton MoE of ``fused_ops.moe_experts`` (no host sync, SiLU only):
-    token rows gathered inside the GEMM, no per-pair copy of ``x``."""
+    token rows gathered inside the GEMM, no per-pair copy of ``x``; ``tma``: weight tiles through TMA
+    descriptors (None: where they apply)."""
     pairs = sort_pairs(ids=ids, num_experts=gate_up.shape[0], kernel=True)
     return fused_ops.moe_experts(x=x, perm=pairs.perm, offsets=pairs.offsets, weights=weights, gate_up=gate_up,
-                                 down=down, config=config, residual=residual)
+                                 down=down, config=config, residual=residual, tma=tma)
 
 
 def experts_loop(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
@@ -246,12 +245,11 @@ def check_kernels(*, kernels: str, decode_moe: str, prefill_moe: str, device: to
     """Refuse a Triton path that cannot run here, or whose kernels would compute something else."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
-    if kernels != "triton" and decode_moe != "fused" and prefill_moe not in ("fused", "auto"):
+    if kernels != "triton" and decode_moe != "fused" and prefill_moe != "fused":
         return
     if not fused_ops.runs_on(device):
         why = "Triton is not installed" if fused_ops.triton is None else f"Triton does not run on {device}"
-        raise ValueError(f"kernels 'triton', decode_moe 'fused' and prefill_moe 'fused' or 'auto' need Triton on CUDA "
-                         f"({why}); "
+        raise ValueError(f"kernels 'triton', decode_moe 'fused' and prefill_moe 'fused' need Triton on CUDA ({why}); "
                          f"use kernels 'torch' with decode_moe 'grouped' or 'gather' and prefill_moe 'grouped' "
                          f"or 'loop'")
     if type(act).__name__ not in ("SiLU", "SiLUActivation"):
@@ -386,8 +384,6 @@ class FastMoe(nn.Module):
                              kernel=self.fused)
         args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj)
         impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
-        if impl == "auto":          # by shape only, so one graph always takes the same path
-            impl = "fused" if ids.numel() <= AUTO_FUSED_MAX_PAIRS * experts.gate_up_proj.shape[0] else "grouped"
         if impl == "fused" and step.phase == "decode":     # one token: two GEMVs
             out = fused_ops.moe_decode(**args)
         elif impl == "gather":        # decode only: one token

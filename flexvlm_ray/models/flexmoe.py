@@ -15,10 +15,9 @@ Options:
     attn_implementation: 'sdpa' (default) | 'eager'.
     decode_moe (fast only): 'fused' (default on CUDA with Triton: two GEMV kernels over the chosen experts)
         | 'grouped' (default on CUDA without Triton) | 'gather' (default elsewhere)   MoE of one decode token.
-    prefill_moe (fast only): 'auto' (default on CUDA with Triton where the grouped GEMM runs: 'fused' up to
-        ``fast_decoder.AUTO_FUSED_MAX_PAIRS`` token-expert pairs per expert, 'grouped' above) | 'grouped'
-        (default where the grouped GEMM runs without Triton) | 'loop' | 'fused' (Triton GEMMs that gather
-        token rows and apply SiLU-mul in their epilogue; needs Triton).
+    prefill_moe (fast only): 'fused' (default on CUDA with Triton: Triton GEMMs that gather token rows
+        and apply SiLU-mul in their epilogue, weight tiles through TMA on Hopper) | 'grouped' (default where
+        the grouped GEMM runs without Triton) | 'loop' (default elsewhere).
     kernels (fast only): 'triton' (default on CUDA with Triton: fused norms, q/k norm + RoPE, SiLU-mul,
         MoE combine) | 'torch' (default elsewhere: the same math as chains of PyTorch ops).
     cuda_graphs (fast only): true (default) | false   decode steps as CUDA graphs (CUDA only).
@@ -218,13 +217,14 @@ class FlexMoeAdapter(ModelAdapter):
         """The fast decoder on the hf model's own parameters (the static KV cache is its only allocation)."""
         grouped_ok = self.device.type == "cuda" and grouped_mm_runs(device=self.device, dtype=self.dtype)
         triton_ok = self.device.type == "cuda" and fused_ops.runs_on(self.device)
-        prefill_moe = options.get("prefill_moe") or ("auto" if grouped_ok and triton_ok else
-                                                      "grouped" if grouped_ok else "loop")
+        # the fused Triton MoE measured as fast as the grouped GEMMs or faster from 256 to 3072 tokens on an
+        # H100, and faster end to end (fewer launches; docs/FAST_RUNTIME.md)
+        prefill_moe = options.get("prefill_moe") or ("fused" if triton_ok else "grouped" if grouped_ok else "loop")
         # grouped decode measured faster than gather on an H100 (4.2 vs 6.6 ms/token at top_k 8,
         # results/reference/h100-2026-11-22/runtime_bench.txt); the fused Triton GEMVs beat both (docs/FAST_RUNTIME.md)
         decode_moe = options.get("decode_moe") or ("fused" if triton_ok else "grouped" if grouped_ok else "gather")
         kernels = options.get("kernels") or ("triton" if triton_ok else "torch")
-        if ({"grouped", "auto"} & {prefill_moe, decode_moe}) and not grouped_mm_runs(device=self.device, dtype=self.dtype):
+        if "grouped" in (prefill_moe, decode_moe) and not grouped_mm_runs(device=self.device, dtype=self.dtype):
             raise RuntimeError(f"the grouped GEMM does not run on {self.device} in {self.dtype}; "
                                f"use prefill_moe 'loop' and decode_moe 'gather'")
         return FastDecoder(causal_lm=self.model.decoder, max_len=self.config.max_positions, decode_moe=decode_moe,

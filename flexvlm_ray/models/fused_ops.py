@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -40,6 +40,10 @@ try:
 except ImportError:                       # CPU installs without Triton: the eager path runs
     triton = None
     tl = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:                       # no Triton, or one without host-side TMA descriptors
+    TensorDescriptor = None
 
 
 def interpreting() -> bool:
@@ -278,7 +282,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
     def _moe_gate_up_tiles_kernel(x_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
                                   hidden: tl.constexpr, inter: tl.constexpr, top_k: tl.constexpr,
-                                  F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  F32_DOT: tl.constexpr, W_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         pid_m, pid_n = _tile_grid(tl.program_id(0), num_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
         expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
@@ -292,15 +296,21 @@ if triton is not None:
         nmask = cols < inter
         k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tokens[:, None] * hidden + k[None, :]
-        g_ptrs = w_ptr + expert * 2 * inter * hidden + cols[None, :].to(tl.int64) * hidden + k[:, None]
-        u_ptrs = g_ptrs + inter * hidden
+        if W_DESC:      # the tile's first gate row in (E * 2I, H)
+            g_row = (expert * 2 * inter + pid_n * BLOCK_N).to(tl.int32)
+        else:
+            g_ptrs = w_ptr + expert * 2 * inter * hidden + cols[None, :].to(tl.int64) * hidden + k[:, None]
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             kmask = k < hidden - k0
             a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if W_DESC:          # TMA tile loads (the wrapper checks that tiles stay inside one expert)
+                wg = tl.trans(w_ptr.load([g_row, k0]))
+                wu = tl.trans(w_ptr.load([g_row + inter, k0]))
+            else:
+                wg = tl.load(g_ptrs + k0, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                wu = tl.load(g_ptrs + k0 + inter * hidden, mask=kmask[:, None] & nmask[None, :], other=0.0)
             if F32_DOT:
                 a = a.to(tl.float32)
                 acc_g = tl.dot(a, wg.to(tl.float32), acc_g, input_precision="ieee")
@@ -309,8 +319,6 @@ if triton is not None:
                 acc_g = tl.dot(a, wg, acc_g)
                 acc_u = tl.dot(a, wu, acc_u)
             a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
         dt = out_ptr.dtype.element_ty
         g = acc_g.to(dt).to(tl.float32)           # the eager path's GEMM output is in the model dtype
         u = acc_u.to(dt).to(tl.float32)
@@ -320,7 +328,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
     def _moe_down_tiles_kernel(a_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
                                hidden: tl.constexpr, inter: tl.constexpr, F32_DOT: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         pid_m, pid_n = _tile_grid(tl.program_id(0), num_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
         expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
@@ -332,19 +340,24 @@ if triton is not None:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < hidden
         k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * inter + k[None, :]
-        w_ptrs = w_ptr + expert * hidden * inter + cols[None, :].to(tl.int64) * inter + k[:, None]
+        if W_DESC:      # the tile's first row in (E * H, I)
+            w_row = (expert * hidden + pid_n * BLOCK_N).to(tl.int32)
+        else:
+            a_ptrs = a_ptr + rows[:, None].to(tl.int64) * inter + k[None, :]
+            w_ptrs = w_ptr + expert * hidden * inter + cols[None, :].to(tl.int64) * inter + k[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, inter, BLOCK_K):
             kmask = k < inter - k0
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if W_DESC:      # the activation rows of a tile are contiguous: TMA loads them too
+                a = a_ptr.load([(pid_m * BLOCK_M).to(tl.int32), k0])
+                w = tl.trans(w_ptr.load([w_row, k0]))
+            else:
+                a = tl.load(a_ptrs + k0, mask=kmask[None, :], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=kmask[:, None] & nmask[None, :], other=0.0)
             if F32_DOT:
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w, acc)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
         dest = out_ptr + pairs[:, None].to(tl.int64) * hidden + cols[None, :]
         tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
@@ -538,9 +551,36 @@ def moe_align(*, perm: torch.Tensor, offsets: torch.Tensor, block_m: int) -> tup
     return tile_expert, tile_pairs
 
 
+def weight_descriptors(*, gate_up: torch.Tensor, down: torch.Tensor, config: MoeConfig,
+                       enabled: Optional[bool] = None) -> Optional[tuple[Any, Any]]:
+    """TMA descriptors of the stacked expert weights as 2-D (E * 2I, H) and (E * H, I) matrices, with
+    (BLOCK_N, BLOCK_K) tiles, for the fused MoE GEMMs to load weight tiles with the Hopper tensor-memory
+    accelerator; None where they do not apply: ``enabled`` False, no ``TensorDescriptor`` in this
+    Triton, a GPU older than Hopper (the interpreter takes them), or a tile that would cross from one
+    expert's (or gate/up half's) rows into the next (``I`` and ``H`` must be multiples of BLOCK_N).
+    ``enabled`` None: on where they apply."""
+    if enabled is False or TensorDescriptor is None:
+        return None
+    hopper = gate_up.device.type == "cuda" and torch.cuda.get_device_capability(gate_up.device)[0] >= 9
+    if not (hopper or interpreting()):
+        if enabled:
+            raise ValueError("TMA weight descriptors need a Hopper (sm90+) GPU or Triton's interpreter")
+        return None
+    num_experts, hidden, inter = down.shape
+    fits = inter % config.block_n == 0 and hidden % config.block_n == 0 and gate_up.is_contiguous() \
+        and down.is_contiguous()
+    if not fits:
+        if enabled:
+            raise ValueError(f"TMA weight tiles of {config.block_n} rows do not divide I={inter} and H={hidden}")
+        return None
+    block = [config.block_n, config.block_k]
+    return (TensorDescriptor.from_tensor(gate_up.view(num_experts * 2 * inter, hidden), block_shape=block),
+            TensorDescriptor.from_tensor(down.view(num_experts * hidden, inter), block_shape=block))
+
+
 def moe_experts(*, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
                 gate_up: torch.Tensor, down: torch.Tensor, config: Optional[MoeConfig] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, tma: Optional[bool] = None) -> torch.Tensor:
     """(T, H) ``x`` through its experts: pairs ``perm`` (sorted by expert, runs ending at ``offsets``),
     router ``weights`` (T, k), ``gate_up`` (E, 2I, H) with gate rows first, ``down`` (E, H, I); ``residual``
     (T, H), if given, is added to the output as ``moe_combine`` adds it.
@@ -560,11 +600,16 @@ def moe_experts(*, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w
     launch = dict(F32_DOT=x.dtype == torch.float32 or interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
                   num_stages=config.num_stages)
+    descriptors = weight_descriptors(gate_up=gate_up, down=down, config=config, enabled=tma)
+    w_gate_up, w_down = descriptors or (gate_up, down)
     act = torch.empty(tiles * config.block_m, inter, dtype=x.dtype, device=x.device)
     grid = (tiles * triton.cdiv(inter, config.block_n),)
-    _moe_gate_up_tiles_kernel[grid](x, gate_up, tile_expert, tile_pairs, act, num_pairs, tiles, hidden, inter,
-                                    top_k, **launch)
+    _moe_gate_up_tiles_kernel[grid](x, w_gate_up, tile_expert, tile_pairs, act, num_pairs, tiles, hidden, inter,
+                                    top_k, W_DESC=descriptors is not None, **launch)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     grid = (tiles * triton.cdiv(hidden, config.block_n),)
-    _moe_down_tiles_kernel[grid](act, down, tile_expert, tile_pairs, y, num_pairs, tiles, hidden, inter, **launch)
+    a_down = act if descriptors is None else TensorDescriptor.from_tensor(act, block_shape=[config.block_m,
+                                                                                             config.block_k])
+    _moe_down_tiles_kernel[grid](a_down, w_down, tile_expert, tile_pairs, y, num_pairs, tiles, hidden, inter,
+                                 W_DESC=descriptors is not None, **launch)
     return moe_combine(y=y, inverse=None, weights=weights, residual=residual)
