@@ -133,16 +133,20 @@ if triton is not None:
         if NORM:            # norm_topk_prob: the k largest renormalised to sum to one
             rest, denom = probs, tl.zeros([BLOCK_T], dtype=tl.float32)
             for _ in tl.static_range(TOP_K):
-                best = tl.max(rest, axis=1)
-                first = tl.min(tl.where(rest == best[:, None], cols[None, :], BE), axis=1)
+                best, _, rest = _pop_largest(rest, cols, BE)
                 denom += best
-                rest = tl.where(cols[None, :] == first[:, None], -1.0, rest)
-        for slot in tl.static_range(TOP_K):        # the largest first; equal values: the lowest expert first
-            best = tl.max(probs, axis=1)
-            first = tl.min(tl.where(probs == best[:, None], cols[None, :], BE), axis=1)
+        for slot in tl.static_range(TOP_K):
+            best, first, probs = _pop_largest(probs, cols, BE)
             tl.store(wts_ptr + rows * TOP_K + slot, (best / denom).to(wts_ptr.dtype.element_ty), mask=rmask)
             tl.store(ids_ptr + rows * TOP_K + slot, first.to(tl.int64), mask=rmask)
-            probs = tl.where(cols[None, :] == first[:, None], -1.0, probs)
+
+    @triton.jit
+    def _pop_largest(probs, cols, BE: tl.constexpr):
+        """Each row's largest value (equal values: the lowest column first), its column, and the rows with
+        that entry set below every probability."""
+        best = tl.max(probs, axis=1)
+        first = tl.min(tl.where(probs == best[:, None], cols[None, :], BE), axis=1)
+        return best, first, tl.where(cols[None, :] == first[:, None], -1.0, probs)
 
     @triton.jit
     def _silu_mul_kernel(h_ptr, out_ptr, inter, BLOCK: tl.constexpr):
@@ -279,20 +283,27 @@ if triton is not None:
         size_m = tl.minimum(num_m - first_m, GROUP_M)
         return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
 
+    @triton.jit
+    def _tile(tile_expert_ptr, num_tiles, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP_M: tl.constexpr):
+        """This program's (tile, column block, the tile's expert (-1: unused tile), its padded rows, its
+        output columns) for a GEMM over ``width`` output columns."""
+        pid_m, pid_n = _tile_grid(tl.program_id(0), num_tiles, tl.cdiv(width, BLOCK_N), GROUP_M)
+        expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+        return (pid_m, pid_n, expert, pid_m * BLOCK_M + tl.arange(0, BLOCK_M),
+                pid_n * BLOCK_N + tl.arange(0, BLOCK_N))
+
     @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
     def _moe_gate_up_tiles_kernel(x_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
                                   hidden: tl.constexpr, inter: tl.constexpr, top_k: tl.constexpr,
                                   F32_DOT: tl.constexpr, W_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        pid_m, pid_n = _tile_grid(tl.program_id(0), num_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
-        expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+        pid_m, pid_n, expert, rows, cols = _tile(tile_expert_ptr, num_tiles, inter, BLOCK_M, BLOCK_N, GROUP_M)
         if expert < 0:
             return
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pairs = tl.load(tile_pairs_ptr + rows)
         valid = pairs < num_pairs
         tokens = (pairs // top_k).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < inter
         k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tokens[:, None] * hidden + k[None, :]
@@ -330,14 +341,11 @@ if triton is not None:
                                hidden: tl.constexpr, inter: tl.constexpr, F32_DOT: tl.constexpr,
                                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        pid_m, pid_n = _tile_grid(tl.program_id(0), num_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-        expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+        pid_m, pid_n, expert, rows, cols = _tile(tile_expert_ptr, num_tiles, hidden, BLOCK_M, BLOCK_N, GROUP_M)
         if expert < 0:
             return
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pairs = tl.load(tile_pairs_ptr + rows)
         valid = pairs < num_pairs
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < hidden
         k = tl.arange(0, BLOCK_K)
         if W_DESC:      # the tile's first row in (E * H, I)
