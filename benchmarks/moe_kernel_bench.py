@@ -1,6 +1,9 @@
 """One MoE layer of the fast backend's prefill at MolmoE-1B shapes: the grouped-GEMM path against the fused
 Triton path (``prefill_moe: fused``) for a sweep of tile configs, the steps between the grouped path's
 GEMMs, and the pair sort (torch.sort on int64 / int32 / uint8 keys, the counting-sort kernel) (GPU).
+``--kernel-sweep`` instead times the fused path's two GEMM kernels one at a time over a grid of tiles
+(``GATE_UP_GRID`` / ``DOWN_GRID``, then GROUP_M for each BM's fastest), and the whole layer with the
+fastest pair that shares a BM against the default.
 
 For each prompt length T (by default the padded lengths the graphed prefill runs): random x (T, H) and
 router over 64 experts, top_k 8; every path timed as the graphed prefill runs it (ten calls captured in
@@ -9,6 +12,7 @@ path as max |diff| / max |grouped| and as a norm ratio. Floors per layer: 6 * S 
 nominal peak, and the weights of every expert that received a pair over the nominal HBM bandwidth.
 
     python benchmarks/moe_kernel_bench.py --out moe_kernel_bench.json
+    python benchmarks/moe_kernel_bench.py --kernel-sweep --tokens 1408 1920 --out moe_kernel_sweep.json
     FLEXVLM_MOE_CONFIG=64,128,64,8,4,3 python benchmarks/runtime_bench.py --backends fast fast-fusedmoe ...
 """
 from __future__ import annotations
@@ -34,6 +38,22 @@ from flexvlm_ray.models.fast_decoder import (experts_fused, experts_grouped, gro
 SORT_LAUNCHES = ((1024, 4), (2048, 8), (4096, 8), (4096, 16))     # (pairs per step, warps) of moe_sort
 SWEEP = ("64,64,64,8,4,3", "64,128,64,8,4,3", "64,128,64,8,8,3", "64,128,64,8,4,4", "128,64,64,8,4,3",
          "128,128,64,8,8,3", "128,128,64,8,8,4", "64,256,64,8,8,3", "32,128,64,8,4,4")
+
+# BM,BN,BK,GM,warps,stages per GEMM kernel (GM swept afterwards); ``fits`` drops the ones over an H100's
+# shared memory per block or with over 128 float32 accumulator values per thread (register spills)
+GATE_UP_GRID = tuple(f"{bm},{bn},{bk},8,{w},{st}" for bm in (64, 128) for bn in (64, 128) for bk in (64, 128)
+                     for w in (4, 8) for st in (3, 4, 5))
+DOWN_GRID = tuple(f"{bm},{bn},{bk},8,{w},{st}" for bm in (64, 128) for bn in (64, 128, 256) for bk in (64, 128)
+                  for w in (4, 8) for st in (3, 4, 5))
+SMEM_BYTES = 227 * 1024
+
+
+def fits(config: fused_ops.MoeConfig, *, weight_tiles: int) -> bool:
+    """Whether a GEMM kernel with ``weight_tiles`` (BN, BK) tiles per K step (gate/up: 2) fits its
+    pipeline in shared memory and its accumulators in registers (bf16 operands)."""
+    c = config
+    stage = 2 * c.block_k * (c.block_m + weight_tiles * c.block_n)
+    return stage * c.num_stages <= SMEM_BYTES and weight_tiles * c.block_m * c.block_n <= 128 * 32 * c.num_warps
 
 
 def time_ms(fn: Callable[[], Any], *, warmup: int, repeats: int, per_graph: int = 10) -> float:
@@ -138,6 +158,76 @@ def grouped_gemms(*, x: torch.Tensor, flat: torch.Tensor, top_k: int, gate_up: t
     return out
 
 
+def kernel_sweep(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Each fused GEMM kernel alone over its grid at one prompt length, GROUP_M for the fastest per BM,
+    then the layer with the fastest gate/up and down configs that share a BM against the default."""
+    gate_up, down, router = weights
+    experts, hidden, inter = down.shape
+    gen = torch.Generator(device=down.device).manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device=down.device, generator=gen).to(down.dtype)
+    wts, ids = route(x=x, weight=router, top_k=args.top_k, norm_topk_prob=False)
+    pairs = sort_pairs(ids=ids, num_experts=experts, kernel=True)
+    num_pairs = pairs.perm.numel()
+    timing = dict(warmup=args.warmup, repeats=args.repeats)
+    aligned = {bm: fused_ops.moe_align(perm=pairs.perm, offsets=pairs.offsets, block_m=bm) for bm in (64, 128)}
+
+    def gemm(kind: str, config: fused_ops.MoeConfig) -> Callable[[], torch.Tensor]:
+        tile_expert, tile_pairs = aligned[config.block_m]
+        common = dict(tile_expert=tile_expert, tile_pairs=tile_pairs, num_pairs=num_pairs)
+        w_gate_up, w_down = fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=config) or (gate_up, down)
+        if kind == "gate_up":
+            return lambda: fused_ops.moe_gate_up(x=x, **common, top_k=args.top_k, gate_up=w_gate_up, inter=inter,
+                                                 config=config)
+        act = fused_ops.moe_gate_up(x=x, **common, top_k=args.top_k, gate_up=gate_up, inter=inter,
+                                    config=fused_ops.MoeConfig(config.block_m, 64, 64, 8, 4, 3))
+        return lambda: fused_ops.moe_down(act=act, **common, down=w_down, hidden=hidden, config=config)
+
+    def timed(kind: str, text: str) -> dict[str, Any]:
+        try:
+            return {"config": text, "ms": time_ms(gemm(kind, fused_ops.MoeConfig.parse(text)), **timing)}
+        except Exception as exc:     # over the GPU's shared memory or registers after all: recorded, sweep goes on
+            return {"config": text, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    flops = {"gate_up": 4 * num_pairs * hidden * inter, "down": 2 * num_pairs * hidden * inter}
+    row: dict[str, Any] = {"tokens": tokens, "pairs": num_pairs, "flops": flops}
+    for kind, grid, tiles in (("gate_up", GATE_UP_GRID, 2), ("down", DOWN_GRID, 1)):
+        entries = [timed(kind, t) for t in grid if fits(fused_ops.MoeConfig.parse(t), weight_tiles=tiles)]
+        for bm in (64, 128):      # GROUP_M around the fastest of each BM
+            ok = [e for e in entries if "ms" in e and e["config"].startswith(f"{bm},")]
+            if ok:
+                best = min(ok, key=lambda e: e["ms"])["config"].split(",")
+                entries += [timed(kind, ",".join(best[:3] + [str(gm)] + best[4:])) for gm in (1, 4, 16)]
+        row[kind] = sorted(entries, key=lambda e: e.get("ms", float("inf")))
+    pick = {}
+    for bm in (64, 128):
+        best = [next((e for e in row[k] if "ms" in e and e["config"].startswith(f"{bm},")), None)
+                for k in ("gate_up", "down")]
+        if all(best):
+            pick[bm] = (best[0]["ms"] + best[1]["ms"], best[0]["config"] + "/" + best[1]["config"].split(",", 1)[1])
+    call = dict(x=x, ids=ids, weights=wts, gate_up=gate_up, down=down)
+    ref = experts_grouped(**call, act=F.silu, mm=grouped_mm_function(), fused=True)
+    default = str(fused_ops.moe_config(num_pairs=num_pairs, num_experts=experts))
+    row["layer"] = []
+    for text in dict.fromkeys([default, *(t for _, t in sorted(pick.values()))]):
+        fused = lambda c=fused_ops.MoeConfig.parse(text): experts_fused(**call, config=c)  # noqa: E731
+        row["layer"].append({"config": text, "default": text == default, **errors(fused(), ref),
+                             "ms": time_ms(fused, **timing)})
+    return row
+
+
+def print_sweep(row: dict[str, Any], *, top: int = 8) -> None:
+    print(f"\nT={row['tokens']} pairs={row['pairs']}: each GEMM kernel alone, fastest {top}")
+    for kind in ("gate_up", "down"):
+        print(f"  {kind:<8}" + "   ".join(f"{e['config']} {e['ms'] * 1e3:.0f}us {row['flops'][kind] / e['ms'] / 1e9:.0f}TF"
+                                       for e in row[kind][:top] if "ms" in e))
+        failed = [e["config"] for e in row[kind] if "error" in e]
+        if failed:
+            print(f"  {kind} failed: {', '.join(failed)}")
+    for e in row["layer"]:
+        print(f"  layer {e['config']:<34}{e['ms']:.3f} ms{' (default)' if e['default'] else ''}  "
+              f"max rel err {e['max_rel']:.1e}")
+
+
 def print_row(row: dict[str, Any]) -> None:
     s = row["sort_ms"]
     print(f"\nT={row['tokens']} pairs={row['pairs']} experts used={row['experts_used']}  floors: "
@@ -164,6 +254,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=1024)
+    p.add_argument("--kernel-sweep", action="store_true", help="time each fused GEMM kernel alone over its grid")
     p.add_argument("--configs", nargs="+", default=list(SWEEP), help="BM,BN,BK,GM,warps,stages (the default is added)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=25)
@@ -181,8 +272,12 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         for tokens in args.tokens:
-            rows.append(layer(tokens=tokens, args=args, weights=weights))
-            print_row(rows[-1])
+            if args.kernel_sweep:
+                rows.append(kernel_sweep(tokens=tokens, args=args, weights=weights))
+                print_sweep(rows[-1])
+            else:
+                rows.append(layer(tokens=tokens, args=args, weights=weights))
+                print_row(rows[-1])
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": getattr(fused_ops.triton, "__version__", None), "shapes": {
                   "experts": args.experts, "top_k": args.top_k, "hidden": args.hidden, "inter": args.inter},

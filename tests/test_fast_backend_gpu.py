@@ -221,7 +221,8 @@ def test_fused_prefill_moe_matches_grouped_in_bf16():
     weights = torch.softmax(torch.randn(300, 8, device=dev), -1).to(bf)
     ref = experts_grouped(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, act=torch.nn.functional.silu,
                           mm=grouped_mm_function(), fused=True)
-    for config in (None, fused_ops.MoeConfig(16, 64, 64, 1, 4, 3), fused_ops.MoeConfig(128, 128, 64, 8, 8, 3)):
+    for config in (None, fused_ops.MoeConfig(16, 64, 64, 1, 4, 3), fused_ops.MoeConfig(128, 128, 64, 8, 8, 3),
+                   *(config for _, config in fused_ops.MOE_CONFIGS)):
         for tma in (None, False):         # weight tiles through TMA descriptors (the default on Hopper) or not
             out = experts_fused(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, config=config, tma=tma)
             assert rel_err(out, ref) < 1e-2, (config, tma)

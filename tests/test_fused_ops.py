@@ -248,13 +248,14 @@ def test_moe_align_pads_each_expert_run_to_whole_tiles(block_m, tokens, num_expe
 
 
 SMALL = fused_ops.MoeConfig(32, 16, 16, 2, 4, 3)     # several K steps, N blocks and tile groups on small shapes
+SPLIT = fused_ops.MoeConfig.parse("32,16,16,2,4,3/32,32,1,4,2")     # the down GEMM with tiles of its own
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens, num_experts, top_k, hidden, inter, config",
                          [(1, 4, 1, 32, 16, None), (1, 8, 3, 64, 48, None), (5, 4, 2, 32, 16, None),
                           (5, 8, 3, 48, 40, SMALL), (37, 8, 2, 64, 48, None), (37, 4, 3, 32, 24, SMALL),
-                          (37, 8, 1, 48, 32, SMALL)])
+                          (37, 8, 1, 48, 32, SMALL), (37, 4, 3, 64, 32, SPLIT)])
 def test_fused_prefill_moe_matches_grouped_and_loop(dtype, tokens, num_experts, top_k, hidden, inter, config):
     gen = torch.Generator().manual_seed(tokens + top_k)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
@@ -306,12 +307,34 @@ def test_fused_prefill_moe_reads_only_routed_experts():
 def test_moe_config_table_and_override(monkeypatch):
     monkeypatch.delenv(fused_ops.MOE_CONFIG_ENV, raising=False)
     assert fused_ops.moe_config(num_pairs=8, num_experts=64).block_m == 16
-    assert fused_ops.moe_config(num_pairs=1900 * 8, num_experts=64) == fused_ops.MOE_CONFIGS[-1][1]
+    assert fused_ops.moe_config(num_pairs=1900 * 8, num_experts=64) == fused_ops.MOE_CONFIGS[1][1]   # 237.5 per expert
+    assert fused_ops.moe_config(num_pairs=3000 * 8, num_experts=64) == fused_ops.MOE_CONFIGS[-1][1]
     monkeypatch.setenv(fused_ops.MOE_CONFIG_ENV, "128,64,32,4,8,4")
     assert fused_ops.moe_config(num_pairs=8, num_experts=64) == fused_ops.MoeConfig(128, 64, 32, 4, 8, 4)
     monkeypatch.setenv(fused_ops.MOE_CONFIG_ENV, "8,64,64,1,4,3")
     with pytest.raises(ValueError, match="BM,BN,BK,GM,warps,stages with BM, BN, BK >= 16"):
         fused_ops.moe_config(num_pairs=8, num_experts=64)
+
+
+@pytest.mark.parametrize("text, gate_up, down", [
+    ("128,128,64,8,8,3", (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)),
+    ("128,128,64,8,8,3/256,64,4,8,4", (128, 128, 64, 8, 8, 3), (128, 256, 64, 4, 8, 4)),
+])
+def test_moe_config_text_gives_each_gemm_its_tiles(text, gate_up, down):
+    config = fused_ops.MoeConfig.parse(text)
+    fields = lambda c: (c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages)  # noqa: E731
+    assert fields(config) == gate_up and fields(config.down_gemm) == down
+    assert str(config) == text and fused_ops.MoeConfig.parse(str(config)) == config
+
+
+@pytest.mark.parametrize("text, problem", [("128,128,64,8,8", "want BM,BN,BK"), ("128,128,64,8,8,3/256,64,4,8", "want BM,BN,BK"),
+                                           ("128,x,64,8,8,3", "want BM,BN,BK"), ("128,128,64,8,8,3/8,64,4,8,4", "BN, BK >= 16"),
+                                           ("128,128,64,0,8,3", "others >= 1")])
+def test_moe_config_rejects_bad_text(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        fused_ops.MoeConfig.parse(text)
+    with pytest.raises(ValueError, match="shares BM=128"):
+        fused_ops.MoeConfig(128, 128, 64, 8, 8, 3, down=fused_ops.MoeConfig(64, 128, 64, 8, 8, 3))
 
 
 # -- the whole decoder ----------------------------------------------------------------------------

@@ -504,8 +504,9 @@ def moe_sort(ids: torch.Tensor, *, num_experts: int, block: Optional[int] = None
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """Tiles and launch settings of the fused prefill MoE (both GEMM kernels; ``block_m`` also pads the
-    experts' row runs in ``moe_align``)."""
+    """Tiles and launch settings of the fused prefill MoE's gate/up GEMM kernel, and of its down GEMM
+    kernel unless ``down`` gives that one its own; ``block_m`` is shared (it also pads the experts' row
+    runs in ``moe_align``, whose tiles both kernels walk)."""
 
     block_m: int
     block_n: int
@@ -513,22 +514,53 @@ class MoeConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    down: Optional["MoeConfig"] = None
+
+    def __post_init__(self) -> None:
+        if min(self.block_m, self.block_n, self.block_k) < 16 or min(self.group_m, self.num_warps,
+                                                                      self.num_stages) < 1:
+            raise ValueError(f"MoE config {self}: want BM,BN,BK,GM,warps,stages with BM, BN, BK >= 16 "
+                             "and the others >= 1")
+        if self.down is not None and (self.down.block_m != self.block_m or self.down.down is not None):
+            raise ValueError(f"MoE config {self}: the down GEMM shares BM={self.block_m} and has no config of its own")
+
+    @property
+    def down_gemm(self) -> "MoeConfig":
+        """The down GEMM kernel's settings."""
+        return self.down or self
+
+    def __str__(self) -> str:
+        head = f"{self.block_m},{self.block_n},{self.block_k},{self.group_m},{self.num_warps},{self.num_stages}"
+        if self.down is None:
+            return head
+        d = self.down
+        return f"{head}/{d.block_n},{d.block_k},{d.group_m},{d.num_warps},{d.num_stages}"
 
     @classmethod
     def parse(cls, text: str) -> "MoeConfig":
-        """``"BM,BN,BK,GM,warps,stages"`` (the format of ``FLEXVLM_MOE_CONFIG``)."""
-        values = [int(v) for v in text.split(",")]
-        if len(values) != 6 or min(values[:3]) < 16:
-            raise ValueError(f"MoE config {text!r}: want BM,BN,BK,GM,warps,stages with BM, BN, BK >= 16")
-        return cls(*values)
+        """``"BM,BN,BK,GM,warps,stages"`` for both GEMM kernels, or with ``"/BN,BK,GM,warps,stages"`` after
+        it for the down kernel (the format of ``FLEXVLM_MOE_CONFIG``)."""
+        head, _, tail = text.partition("/")
+        try:
+            values = [int(v) for v in head.split(",")]
+            down = [int(v) for v in tail.split(",")] if tail else None
+        except ValueError:
+            values = down = []
+        if len(values) != 6 or (down is not None and len(down) != 5):
+            raise ValueError(f"MoE config {text!r}: want BM,BN,BK,GM,warps,stages (then optionally "
+                             "/BN,BK,GM,warps,stages for the down GEMM) with BM, BN, BK >= 16")
+        return cls(*values, down=cls(values[0], *down) if down else None)
 
 
-# (largest mean pairs per expert, config). On an H100 (moe_kernel_bench, 2026-11-23) 128x128 tiles with
-# 8 warps were the fastest measured at 93 and 237 pairs per expert (0.45 / 0.61 ms per molmoe-1b layer,
-# against 0.56 / 0.72 ms for the 64-row tiles); small M keeps 16-row tiles
+# (largest mean pairs per expert, config). On an H100 (moe_kernel_bench --kernel-sweep, 2026-11-23,
+# session g run 1, each GEMM kernel timed alone over its grid): 128-row tiles, the gate/up GEMM 64 columns
+# wide per half up to ~256 pairs per expert and 128 above, the down GEMM 256 wide; per molmoe-1b layer
+# 0.442 / 0.509 / 0.729 ms at 1280 / 1920 / 3072 tokens against 0.455 / 0.521 / 0.772 for the earlier
+# single 128,128,64,8,8,3 config. Small M keeps 16-row tiles.
 MOE_CONFIGS: tuple[tuple[float, MoeConfig], ...] = (
     (16, MoeConfig(16, 64, 64, 1, 4, 3)),
-    (float("inf"), MoeConfig(128, 128, 64, 8, 8, 3)),
+    (256, MoeConfig.parse("128,64,64,1,8,3/256,64,1,8,4")),
+    (float("inf"), MoeConfig.parse("128,128,64,16,8,4/256,64,1,8,4")),
 )
 MOE_CONFIG_ENV = "FLEXVLM_MOE_CONFIG"
 
@@ -562,11 +594,11 @@ def moe_align(*, perm: torch.Tensor, offsets: torch.Tensor, block_m: int) -> tup
 def weight_descriptors(*, gate_up: torch.Tensor, down: torch.Tensor, config: MoeConfig,
                        enabled: Optional[bool] = None) -> Optional[tuple[Any, Any]]:
     """TMA descriptors of the stacked expert weights as 2-D (E * 2I, H) and (E * H, I) matrices, with
-    (BLOCK_N, BLOCK_K) tiles, for the fused MoE GEMMs to load weight tiles with the Hopper tensor-memory
-    accelerator; None where they do not apply: ``enabled`` False, no ``TensorDescriptor`` in this
-    Triton, a GPU older than Hopper (the interpreter takes them), or a tile that would cross from one
-    expert's (or gate/up half's) rows into the next (``I`` and ``H`` must be multiples of BLOCK_N).
-    ``enabled`` None: on where they apply."""
+    (BLOCK_N, BLOCK_K) tiles of each GEMM's config, for the fused MoE GEMMs to load weight tiles with the
+    Hopper tensor-memory accelerator; None where they do not apply: ``enabled`` False, no
+    ``TensorDescriptor`` in this Triton, a GPU older than Hopper (the interpreter takes them), or a tile
+    that would cross from one expert's (or gate/up half's) rows into the next (``I`` must be a multiple
+    of the gate/up GEMM's BLOCK_N, ``H`` of the down GEMM's). ``enabled`` None: on where they apply."""
     if enabled is False or TensorDescriptor is None:
         return None
     hopper = gate_up.device.type == "cuda" and torch.cuda.get_device_capability(gate_up.device)[0] >= 9
@@ -575,15 +607,55 @@ def weight_descriptors(*, gate_up: torch.Tensor, down: torch.Tensor, config: Moe
             raise ValueError("TMA weight descriptors need a Hopper (sm90+) GPU or Triton's interpreter")
         return None
     num_experts, hidden, inter = down.shape
-    fits = inter % config.block_n == 0 and hidden % config.block_n == 0 and gate_up.is_contiguous() \
+    up_cfg, down_cfg = config, config.down_gemm
+    fits = inter % up_cfg.block_n == 0 and hidden % down_cfg.block_n == 0 and gate_up.is_contiguous() \
         and down.is_contiguous()
     if not fits:
         if enabled:
-            raise ValueError(f"TMA weight tiles of {config.block_n} rows do not divide I={inter} and H={hidden}")
+            raise ValueError(f"TMA weight tiles of {up_cfg.block_n} (gate/up) and {down_cfg.block_n} (down) rows "
+                             f"do not divide I={inter} and H={hidden}")
         return None
-    block = [config.block_n, config.block_k]
-    return (TensorDescriptor.from_tensor(gate_up.view(num_experts * 2 * inter, hidden), block_shape=block),
-            TensorDescriptor.from_tensor(down.view(num_experts * hidden, inter), block_shape=block))
+    return (TensorDescriptor.from_tensor(gate_up.view(num_experts * 2 * inter, hidden),
+                                         block_shape=[up_cfg.block_n, up_cfg.block_k]),
+            TensorDescriptor.from_tensor(down.view(num_experts * hidden, inter),
+                                         block_shape=[down_cfg.block_n, down_cfg.block_k]))
+
+
+def _launch(config: MoeConfig, *, f32: bool) -> dict[str, Any]:
+    """One fused GEMM kernel's tile constants and launch settings."""
+    # float32 operands (and the interpreter, whose tl.dot misreads bfloat16): exact float32 products, no TF32
+    return dict(F32_DOT=f32 or interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+
+
+def moe_gate_up(*, x: torch.Tensor, tile_expert: torch.Tensor, tile_pairs: torch.Tensor, num_pairs: int,
+                top_k: int, gate_up: Any, inter: int, config: MoeConfig) -> torch.Tensor:
+    """The fused MoE's first GEMM: each ``moe_align`` tile's token rows of (T, H) ``x`` gathered and
+    multiplied by its expert's gate and up rows (``gate_up``: the (E, 2I, H) tensor, or its TMA
+    descriptor), SiLU-mul in the epilogue. Returns (tiles * BLOCK_M, I), a row per padded tile row."""
+    tiles, hidden = tile_expert.numel(), x.shape[1]
+    act = torch.empty(tiles * config.block_m, inter, dtype=x.dtype, device=x.device)
+    grid = (tiles * triton.cdiv(inter, config.block_n),)
+    _moe_gate_up_tiles_kernel[grid](x, gate_up, tile_expert, tile_pairs, act, num_pairs, tiles, hidden, inter,
+                                    top_k, W_DESC=not torch.is_tensor(gate_up),
+                                    **_launch(config, f32=x.dtype == torch.float32))
+    return act
+
+
+def moe_down(*, act: torch.Tensor, tile_expert: torch.Tensor, tile_pairs: torch.Tensor, num_pairs: int,
+             down: Any, hidden: int, config: MoeConfig) -> torch.Tensor:
+    """The fused MoE's second GEMM: ``moe_gate_up``'s rows by their expert's down rows (``down``: the
+    (E, H, I) tensor, or its TMA descriptor, then the activation rows load through TMA too), each pair's
+    output written at its (token, slot) row. Returns (num_pairs, H)."""
+    tiles, inter = tile_expert.numel(), act.shape[1]
+    y = torch.empty(num_pairs, hidden, dtype=act.dtype, device=act.device)
+    grid = (tiles * triton.cdiv(hidden, config.block_n),)
+    tma = not torch.is_tensor(down)
+    a = TensorDescriptor.from_tensor(act, block_shape=[config.block_m, config.block_k]) if tma else act
+    _moe_down_tiles_kernel[grid](a, down, tile_expert, tile_pairs, y, num_pairs, tiles, hidden, inter,
+                                 W_DESC=tma, **_launch(config, f32=act.dtype == torch.float32))
+    return y
 
 
 def moe_experts(*, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
@@ -602,22 +674,9 @@ def moe_experts(*, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w
     num_pairs = perm.numel()
     config = config or moe_config(num_pairs=num_pairs, num_experts=num_experts)
     tile_expert, tile_pairs = moe_align(perm=perm, offsets=offsets, block_m=config.block_m)
-    tiles = tile_expert.numel()
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
-    # float32 operands (and the interpreter, whose tl.dot misreads bfloat16): exact float32 products, no TF32
-    launch = dict(F32_DOT=x.dtype == torch.float32 or interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                  BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
-    descriptors = weight_descriptors(gate_up=gate_up, down=down, config=config, enabled=tma)
-    w_gate_up, w_down = descriptors or (gate_up, down)
-    act = torch.empty(tiles * config.block_m, inter, dtype=x.dtype, device=x.device)
-    grid = (tiles * triton.cdiv(inter, config.block_n),)
-    _moe_gate_up_tiles_kernel[grid](x, w_gate_up, tile_expert, tile_pairs, act, num_pairs, tiles, hidden, inter,
-                                    top_k, W_DESC=descriptors is not None, **launch)
-    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    grid = (tiles * triton.cdiv(hidden, config.block_n),)
-    a_down = act if descriptors is None else TensorDescriptor.from_tensor(act, block_shape=[config.block_m,
-                                                                                             config.block_k])
-    _moe_down_tiles_kernel[grid](a_down, w_down, tile_expert, tile_pairs, y, num_pairs, tiles, hidden, inter,
-                                 W_DESC=descriptors is not None, **launch)
+    w_gate_up, w_down = weight_descriptors(gate_up=gate_up, down=down, config=config, enabled=tma) or (gate_up, down)
+    tiles = dict(tile_expert=tile_expert, tile_pairs=tile_pairs, num_pairs=num_pairs)
+    act = moe_gate_up(x=x, **tiles, top_k=top_k, gate_up=w_gate_up, inter=inter, config=config)
+    y = moe_down(act=act, **tiles, down=w_down, hidden=hidden, config=config.down_gemm)
     return moe_combine(y=y, inverse=None, weights=weights, residual=residual)
