@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from flexvlm_ray.data.base import Sample
+from flexvlm_ray.measure import engine
 from flexvlm_ray.measure.engine import measure_pass, run_unit
 from flexvlm_ray.models.simulated import EOS, SimulatedAdapter
 from flexvlm_ray.spec.expand import expand
@@ -93,3 +94,42 @@ def test_seed_flops_formula():
 def test_rows_to_table_rejects_unknown_fields():
     with pytest.raises(KeyError, match="not in the run schema"):
         rows_to_table([{"unit_id": "a", "T_bogus": 1.0}])
+
+
+def _capturing(adapter, *, always=False):
+    """The adapter 'captures a graph' in the first pass of every crop count it sees (in every pass if ``always``)."""
+    seen, count = set(), [0]
+    vision = adapter.vision_encoder
+
+    def vision_encoder(prepared):
+        if always or prepared.num_crops not in seen:
+            seen.add(prepared.num_crops)
+            count[0] += 1
+        return vision(prepared)
+
+    adapter.vision_encoder = vision_encoder
+    adapter.setup_count = lambda: count[0]
+    return adapter
+
+
+@pytest.mark.parametrize("widths, warmup, expected", [
+    ((672, 672, 1344), 0, [1, 0, 1]),       # a new crop count: its first pass is run again
+    ((672, 672, 1344), 1, [0, 0, 1]),       # the warm-up pass captured the first shape
+    ((336,), 0, [1]),
+])
+def test_passes_that_did_one_time_setup_are_run_again(widths, warmup, expected):
+    unit = expand(load_spec_text(SPEC.replace("warmup: 1, runs_per_sample: 2", f"warmup: {warmup}"), source="x"))[2]
+    samples = [(i, _sample(width)) for i, width in enumerate(widths)]
+    rows = run_unit(adapter=_capturing(_adapter()), unit=unit, samples=samples, metric=None, context={})
+    assert [r["setup_passes"] for r in rows] == expected
+    assert all(r["status"] == "ok" for r in rows)
+    assert rows_to_table(rows).column("setup_passes").to_pylist() == expected
+
+
+def test_a_pass_that_always_does_setup_is_kept_as_an_error_row():
+    unit = expand(load_spec_text(SPEC.replace("warmup: 1, runs_per_sample: 2", "warmup: 0"), source="x"))[2]
+    rows = run_unit(adapter=_capturing(_adapter(), always=True), unit=unit, samples=[(0, _sample())], metric=None,
+                    context={})
+    assert len(rows) == 1 and rows[0]["status"] == "error" and rows[0]["error_type"] == "SteadyStateError"
+    assert rows[0]["setup_passes"] == engine.MAX_SETUP_PASSES - 1 and rows[0]["T_total"] > 0
+    assert "one-time setup" in rows[0]["error_message"]

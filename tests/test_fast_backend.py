@@ -294,6 +294,16 @@ def test_engine_hooks_time_the_fast_blocks(fast):
     assert len(row["T_attention_per_block"]) == 4 and all(ms > 0 for ms in row["T_ffn_per_block"])
 
 
+def test_setup_count_counts_the_fast_decoders_graphs(fast):
+    """On the CPU nothing is captured; each graph a fast decoder holds counts once."""
+    assert fast.setup_count() == 0
+    fast.fast.graphs[("prefill", "test")] = object()
+    try:
+        assert fast.setup_count() == 1
+    finally:
+        del fast.fast.graphs[("prefill", "test")]
+
+
 def test_fast_options_need_the_fast_backend():
     with pytest.raises(ValueError, match=r"need backend 'fast'"):
         make(decode_moe="gather")

@@ -247,3 +247,25 @@ def test_fused_prefill_moe_under_graphs(molmoe):
         molmoe.set_backend(backend="fast")
     assert rel_err(logits[0], ref_logits[0]) < BF16_REL
     assert rel_err(logits[0], eager_logits[0]) < 1e-2
+
+
+def test_engine_times_the_replay_not_the_capture(molmoe):
+    """A sample of a shape the fast backend has not run captures its graphs in a first pass, which the
+    engine discards (``setup_passes`` 1); the same shape again replays them (0)."""
+    from flexvlm_ray.measure.engine import run_unit
+    from flexvlm_ray.spec.expand import expand
+    from flexvlm_ray.spec.load import load_spec_text
+    spec = """
+name: g
+experiment: g
+model: {family: flexmoe, preset: molmoe-1b, dtype: bfloat16, backend: fast}
+datasets: [{name: probe_grid, num_samples: 1}]
+knobs: {top_k: [3], max_new_tokens: [4]}
+measure: {warmup: 0, prefill_hook: false}
+"""
+    unit = expand(load_spec_text(spec, source="x"))[0]
+    before = molmoe.setup_count()
+    samples = [(0, sample(width=1000, height=333)), (1, sample(width=1000, height=333))]
+    rows = run_unit(adapter=molmoe, unit=unit, samples=samples, metric=None, context={})
+    assert [r["setup_passes"] for r in rows] == [1, 0] and all(r["status"] == "ok" for r in rows)
+    assert molmoe.setup_count() > before

@@ -151,6 +151,11 @@ class ModelAdapter(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (CUDA); a no-op on the CPU."""
 
+    def setup_count(self) -> int:
+        """One-time setups done so far that a later pass of the same shapes skips (a CUDA graph captured
+        for a new shape); a pass during which it grows timed that setup as well (the engine runs it again)."""
+        return 0
+
 
 MODELS: Registry[type[ModelAdapter]] = Registry("model")
 

@@ -425,6 +425,10 @@ class FlexMoeAdapter(ModelAdapter):
                              num_output_tokens=num_output_tokens, top_k=knobs.top_k or c.top_k,
                              num_active_blocks=n_blocks)
 
+    def setup_count(self) -> int:
+        """CUDA graphs captured so far by every fast decoder of this model (vision, prefill, decode)."""
+        return sum(len(decoder.graphs) for decoder in self._fast_decoders.values())
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -33,6 +33,8 @@ ROW_SCHEMA = pa.schema([
     # where it ran
     ("gpu_name", _str), ("gpu_type", _str), ("worker", _str), ("hostname", _str),
     ("status", _str), ("error_type", _str), ("error_message", _str),
+    # passes of this sample discarded because the model did one-time setup in them (measure.engine)
+    ("setup_passes", _i64),
     # token counts
     ("num_crops", _i64), ("num_vision_tokens", _i64), ("num_language_tokens", _i64),
     ("num_total_tokens", _i64), ("num_output_tokens", _i64),
