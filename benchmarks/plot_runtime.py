@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 
 from analysis.plots import plt, save
 
@@ -18,13 +19,14 @@ COLORS = {"hf-eager": "tab:gray", "hf-grouped_mm": "tab:blue", "fast-torch": "ta
 
 
 def decode_rows(bench: dict) -> dict[str, list[tuple[int, float]]]:
-    """{backend: [(top_k, ms)]} for the 16-block decode rows."""
-    out: dict[str, list[tuple[int, float]]] = {}
+    """{backend: [(top_k, ms)]} for the 16-block decode rows; a backend measured in several passes
+    gives the median of its passes at each top_k."""
+    out: dict[str, dict[int, list[float]]] = {}
     for row in bench["rows"] if "rows" in bench else bench["results"]:
         if row.get("stage") != "decode" or row.get("blocks", 16) != 16:
             continue
-        out.setdefault(row["backend"], []).append((int(row["top_k"]), float(row["ms"])))
-    return {b: sorted(v) for b, v in out.items()}
+        out.setdefault(row["backend"], {}).setdefault(int(row["top_k"]), []).append(float(row["ms"]))
+    return {b: [(k, statistics.median(v)) for k, v in sorted(by_k.items())] for b, by_k in out.items()}
 
 
 def main() -> None:
@@ -38,10 +40,11 @@ def main() -> None:
         for backend, points in decode_rows(bench).items():
             ax.plot([k for k, _ in points], [ms for _, ms in points], marker="o", label=backend,
                     color=COLORS.get(backend))
-        roof = [(r["top_k"], r["roofline_ms"]) for r in bench.get("rows", bench.get("results", []))
-                if r.get("stage") == "decode" and r.get("blocks", 16) == 16 and r["backend"] == "fast"]
+        roof = {r["top_k"]: r["roofline_ms"] for r in bench.get("rows", bench.get("results", []))
+                if r.get("stage") == "decode" and r.get("blocks", 16) == 16 and r["backend"] == "fast"}
         if roof:
-            ax.plot(*zip(*sorted(roof)), "k--", label="memory roofline (3.0 TB/s nominal)")
+            bw = bench.get("nominal", {}).get("hbm_bw", 3.0e12)
+            ax.plot(*zip(*sorted(roof.items())), "k--", label=f"memory roofline ({bw / 1e12:.1f} TB/s nominal)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("MoE top_k (experts per token)")
