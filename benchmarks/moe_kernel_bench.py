@@ -197,6 +197,9 @@ def kernel_sweep(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor
             if ok:
                 best = min(ok, key=lambda e: e["ms"])["config"].split(",")
                 entries += [timed(kind, ",".join(best[:3] + [str(gm)] + best[4:])) for gm in (1, 4, 16)]
+        if kind == "gate_up":     # the four fastest again with gate and up tiles loaded and multiplied as one
+            ok = sorted((e for e in entries if "ms" in e), key=lambda e: e["ms"])[:4]
+            entries += [timed(kind, e["config"] + ",paired") for e in ok]
         row[kind] = sorted(entries, key=lambda e: e.get("ms", float("inf")))
     pick = {}
     for bm in (64, 128):

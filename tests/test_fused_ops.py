@@ -3,6 +3,8 @@ each kernel against the eager code it replaces, in float32 and bfloat16, and the
 triton`` + ``decode_moe: fused`` decoder against the hf backend."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -282,12 +284,14 @@ def test_fused_prefill_moe_loads_weight_tiles_through_tma_descriptors(dtype):
     args = dict(x=x, ids=ids, weights=weights.to(dtype), gate_up=gate_up, down=down, config=SMALL)
     assert fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=SMALL) is not None
     assert fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=SMALL, enabled=False) is None
-    out = experts_fused(**args, tma=True)
     ref = experts_fused(**args, tma=False)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    else:
-        assert torch.equal(out, ref)
+    paired = dataclasses.replace(SMALL, paired=True)     # gate and up tiles in one TMA load and one dot
+    assert fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=paired)[0].block_shape == [2, 16, 16]
+    for out in (experts_fused(**args, tma=True), experts_fused(**{**args, "config": paired}, tma=True)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(out, ref)
     wide = fused_ops.MoeConfig(32, 64, 16, 2, 4, 3)       # 64-row tiles would cross I = 32
     assert fused_ops.weight_descriptors(gate_up=gate_up, down=down, config=wide) is None
     with pytest.raises(ValueError, match="do not divide I=32 and H=48"):
@@ -307,7 +311,7 @@ def test_fused_prefill_moe_reads_only_routed_experts():
 def test_moe_config_table_and_override(monkeypatch):
     monkeypatch.delenv(fused_ops.MOE_CONFIG_ENV, raising=False)
     assert fused_ops.moe_config(num_pairs=8, num_experts=64).block_m == 16
-    assert fused_ops.moe_config(num_pairs=1900 * 8, num_experts=64) == fused_ops.MOE_CONFIGS[1][1]   # 237.5 per expert
+    assert fused_ops.moe_config(num_pairs=1900 * 8, num_experts=64) == fused_ops.MOE_CONFIGS[2][1]   # 237.5 per expert
     assert fused_ops.moe_config(num_pairs=3000 * 8, num_experts=64) == fused_ops.MOE_CONFIGS[-1][1]
     monkeypatch.setenv(fused_ops.MOE_CONFIG_ENV, "128,64,32,4,8,4")
     assert fused_ops.moe_config(num_pairs=8, num_experts=64) == fused_ops.MoeConfig(128, 64, 32, 4, 8, 4)
@@ -319,12 +323,14 @@ def test_moe_config_table_and_override(monkeypatch):
 @pytest.mark.parametrize("text, gate_up, down", [
     ("128,128,64,8,8,3", (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)),
     ("128,128,64,8,8,3/256,64,4,8,4", (128, 128, 64, 8, 8, 3), (128, 256, 64, 4, 8, 4)),
+    ("128,64,64,1,8,3,paired/256,64,1,8,4", (128, 64, 64, 1, 8, 3), (128, 256, 64, 1, 8, 4)),
 ])
 def test_moe_config_text_gives_each_gemm_its_tiles(text, gate_up, down):
     config = fused_ops.MoeConfig.parse(text)
     fields = lambda c: (c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages)  # noqa: E731
     assert fields(config) == gate_up and fields(config.down_gemm) == down
     assert str(config) == text and fused_ops.MoeConfig.parse(str(config)) == config
+    assert config.paired == ("paired" in text) and not config.down_gemm.paired
 
 
 @pytest.mark.parametrize("text, problem", [("128,128,64,8,8", "want BM,BN,BK"), ("128,128,64,8,8,3/256,64,4,8", "want BM,BN,BK"),

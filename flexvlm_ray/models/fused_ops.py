@@ -296,8 +296,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_pairs", "num_tiles"])   # one compile for every prompt length
     def _moe_gate_up_tiles_kernel(x_ptr, w_ptr, tile_expert_ptr, tile_pairs_ptr, out_ptr, num_pairs, num_tiles,
                                   hidden: tl.constexpr, inter: tl.constexpr, top_k: tl.constexpr,
-                                  F32_DOT: tl.constexpr, W_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                                  F32_DOT: tl.constexpr, W_DESC: tl.constexpr, PAIRED: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  GROUP_M: tl.constexpr):
         pid_m, pid_n, expert, rows, cols = _tile(tile_expert_ptr, num_tiles, inter, BLOCK_M, BLOCK_N, GROUP_M)
         if expert < 0:
             return
@@ -313,23 +314,35 @@ if triton is not None:
             g_ptrs = w_ptr + expert * 2 * inter * hidden + cols[None, :].to(tl.int64) * hidden + k[:, None]
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)     # PAIRED: gate columns, then up columns
         for k0 in range(0, hidden, BLOCK_K):
             kmask = k < hidden - k0
             a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-            if W_DESC:          # TMA tile loads (the wrapper checks that tiles stay inside one expert)
-                wg = tl.trans(w_ptr.load([g_row, k0]))
-                wu = tl.trans(w_ptr.load([g_row + inter, k0]))
-            else:
-                wg = tl.load(g_ptrs + k0, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                wu = tl.load(g_ptrs + k0 + inter * hidden, mask=kmask[:, None] & nmask[None, :], other=0.0)
             if F32_DOT:
                 a = a.to(tl.float32)
-                acc_g = tl.dot(a, wg.to(tl.float32), acc_g, input_precision="ieee")
-                acc_u = tl.dot(a, wu.to(tl.float32), acc_u, input_precision="ieee")
+            if PAIRED:          # one (2, BN, BK) TMA tile of the (2E, I, H) view: gate and up rows, one dot
+                w = tl.trans(tl.reshape(w_ptr.load([(expert * 2).to(tl.int32), (pid_n * BLOCK_N).to(tl.int32), k0]),
+                                        [2 * BLOCK_N, BLOCK_K]))
+                if F32_DOT:
+                    acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w, acc)
             else:
-                acc_g = tl.dot(a, wg, acc_g)
-                acc_u = tl.dot(a, wu, acc_u)
+                if W_DESC:          # TMA tile loads (the wrapper checks that tiles stay inside one expert)
+                    wg = tl.trans(w_ptr.load([g_row, k0]))
+                    wu = tl.trans(w_ptr.load([g_row + inter, k0]))
+                else:
+                    wg = tl.load(g_ptrs + k0, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                    wu = tl.load(g_ptrs + k0 + inter * hidden, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                if F32_DOT:
+                    acc_g = tl.dot(a, wg.to(tl.float32), acc_g, input_precision="ieee")
+                    acc_u = tl.dot(a, wu.to(tl.float32), acc_u, input_precision="ieee")
+                else:
+                    acc_g = tl.dot(a, wg, acc_g)
+                    acc_u = tl.dot(a, wu, acc_u)
             a_ptrs += BLOCK_K
+        if PAIRED:
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
         dt = out_ptr.dtype.element_ty
         g = acc_g.to(dt).to(tl.float32)           # the eager path's GEMM output is in the model dtype
         u = acc_u.to(dt).to(tl.float32)
@@ -515,14 +528,17 @@ class MoeConfig:
     num_warps: int
     num_stages: int
     down: Optional["MoeConfig"] = None
+    paired: bool = False     # gate/up GEMM with TMA: one (2, BN, BK) tile of gate and up rows, one dot of 2*BN columns
 
     def __post_init__(self) -> None:
         if min(self.block_m, self.block_n, self.block_k) < 16 or min(self.group_m, self.num_warps,
                                                                       self.num_stages) < 1:
             raise ValueError(f"MoE config {self}: want BM,BN,BK,GM,warps,stages with BM, BN, BK >= 16 "
                              "and the others >= 1")
-        if self.down is not None and (self.down.block_m != self.block_m or self.down.down is not None):
-            raise ValueError(f"MoE config {self}: the down GEMM shares BM={self.block_m} and has no config of its own")
+        if self.down is not None and (self.down.block_m != self.block_m or self.down.down is not None
+                                      or self.down.paired):
+            raise ValueError(f"MoE config {self}: the down GEMM shares BM={self.block_m} and has no config "
+                             "of its own and no pairing")
 
     @property
     def down_gemm(self) -> "MoeConfig":
@@ -531,6 +547,7 @@ class MoeConfig:
 
     def __str__(self) -> str:
         head = f"{self.block_m},{self.block_n},{self.block_k},{self.group_m},{self.num_warps},{self.num_stages}"
+        head += ",paired" if self.paired else ""
         if self.down is None:
             return head
         d = self.down
@@ -538,9 +555,12 @@ class MoeConfig:
 
     @classmethod
     def parse(cls, text: str) -> "MoeConfig":
-        """``"BM,BN,BK,GM,warps,stages"`` for both GEMM kernels, or with ``"/BN,BK,GM,warps,stages"`` after
-        it for the down kernel (the format of ``FLEXVLM_MOE_CONFIG``)."""
+        """``"BM,BN,BK,GM,warps,stages"`` for both GEMM kernels (``",paired"`` after it: the gate/up GEMM
+        loads gate and up tiles as one), or with ``"/BN,BK,GM,warps,stages"`` after it for the down kernel
+        (the format of ``FLEXVLM_MOE_CONFIG``)."""
         head, _, tail = text.partition("/")
+        paired = head.endswith(",paired")
+        head = head.removesuffix(",paired")
         try:
             values = [int(v) for v in head.split(",")]
             down = [int(v) for v in tail.split(",")] if tail else None
@@ -549,18 +569,22 @@ class MoeConfig:
         if len(values) != 6 or (down is not None and len(down) != 5):
             raise ValueError(f"MoE config {text!r}: want BM,BN,BK,GM,warps,stages (then optionally "
                              "/BN,BK,GM,warps,stages for the down GEMM) with BM, BN, BK >= 16")
-        return cls(*values, down=cls(values[0], *down) if down else None)
+        return cls(*values, down=cls(values[0], *down) if down else None, paired=paired)
 
 
-# (largest mean pairs per expert, config). On an H100 (moe_kernel_bench --kernel-sweep, 2026-11-23,
-# session g run 1, each GEMM kernel timed alone over its grid): 128-row tiles, the gate/up GEMM 64 columns
-# wide per half up to ~256 pairs per expert and 128 above, the down GEMM 256 wide; per molmoe-1b layer
-# 0.442 / 0.509 / 0.729 ms at 1280 / 1920 / 3072 tokens against 0.455 / 0.521 / 0.772 for the earlier
-# single 128,128,64,8,8,3 config. Small M keeps 16-row tiles.
+# (largest mean pairs per expert, config). On an H100 (moe_kernel_bench --kernel-sweep, 2026-11-23, session g
+# runs 1 and 4: each GEMM kernel timed alone over its grid, then the layer with the fastest pair): 128-row
+# tiles; the gate/up GEMM with its gate and up tiles in one TMA load and one dot ("paired": 3 to 6% faster
+# than two dots), 64 columns per half up to 128 pairs per expert and 128 above; the down GEMM 128 columns
+# wide, then 256. Per molmoe-1b layer 0.335 / 0.425 / 0.495 / 0.709 ms at 768 / 1280 / 1920 / 3072 padded
+# tokens (run 4), against 0.344 / 0.438 / 0.524 / 0.744 for the unpaired configs of run 1 on the same
+# machine, and 0.349 / 0.455 / 0.521 / 0.772 (run 1) for the earlier single 128,128,64,8,8,3 config.
+# Small M keeps 16-row tiles. Without TMA (before Hopper) "paired" falls back to two pointer-loaded tiles.
 MOE_CONFIGS: tuple[tuple[float, MoeConfig], ...] = (
     (16, MoeConfig(16, 64, 64, 1, 4, 3)),
-    (256, MoeConfig.parse("128,64,64,1,8,3/256,64,1,8,4")),
-    (float("inf"), MoeConfig.parse("128,128,64,16,8,4/256,64,1,8,4")),
+    (128, MoeConfig.parse("128,64,64,4,8,3,paired/128,64,8,8,5")),
+    (256, MoeConfig.parse("128,128,64,8,8,4,paired/256,64,8,8,4")),
+    (float("inf"), MoeConfig.parse("128,128,64,1,8,4,paired/256,64,1,8,4")),
 )
 MOE_CONFIG_ENV = "FLEXVLM_MOE_CONFIG"
 
@@ -615,8 +639,13 @@ def weight_descriptors(*, gate_up: torch.Tensor, down: torch.Tensor, config: Moe
             raise ValueError(f"TMA weight tiles of {up_cfg.block_n} (gate/up) and {down_cfg.block_n} (down) rows "
                              f"do not divide I={inter} and H={hidden}")
         return None
-    return (TensorDescriptor.from_tensor(gate_up.view(num_experts * 2 * inter, hidden),
-                                         block_shape=[up_cfg.block_n, up_cfg.block_k]),
+    if up_cfg.paired:     # (2E, I, H): rows 2e and 2e + 1 are expert e's gate and up halves
+        w_gate_up = TensorDescriptor.from_tensor(gate_up.view(num_experts * 2, inter, hidden),
+                                                 block_shape=[2, up_cfg.block_n, up_cfg.block_k])
+    else:
+        w_gate_up = TensorDescriptor.from_tensor(gate_up.view(num_experts * 2 * inter, hidden),
+                                                 block_shape=[up_cfg.block_n, up_cfg.block_k])
+    return (w_gate_up,
             TensorDescriptor.from_tensor(down.view(num_experts * hidden, inter),
                                          block_shape=[down_cfg.block_n, down_cfg.block_k]))
 
@@ -637,8 +666,9 @@ def moe_gate_up(*, x: torch.Tensor, tile_expert: torch.Tensor, tile_pairs: torch
     tiles, hidden = tile_expert.numel(), x.shape[1]
     act = torch.empty(tiles * config.block_m, inter, dtype=x.dtype, device=x.device)
     grid = (tiles * triton.cdiv(inter, config.block_n),)
+    tma = not torch.is_tensor(gate_up)
     _moe_gate_up_tiles_kernel[grid](x, gate_up, tile_expert, tile_pairs, act, num_pairs, tiles, hidden, inter,
-                                    top_k, W_DESC=not torch.is_tensor(gate_up),
+                                    top_k, W_DESC=tma, PAIRED=tma and len(gate_up.block_shape) == 3,
                                     **_launch(config, f32=x.dtype == torch.float32))
     return act
 
