@@ -2,8 +2,8 @@
 Triton path (``prefill_moe: fused``) for a sweep of tile configs, the steps between the grouped path's
 GEMMs, and the pair sort (torch.sort on int64 / int32 / uint8 keys, the counting-sort kernel) (GPU).
 ``--kernel-sweep`` instead times the fused path's two GEMM kernels one at a time over a grid of tiles
-(``GATE_UP_GRID`` / ``DOWN_GRID``, then GROUP_M for each BM's fastest), and the whole layer with the
-fastest pair that shares a BM against the default.
+(``GATE_UP_GRID`` with and without paired gate/up tiles, ``DOWN_GRID``; then GROUP_M for each BM's
+fastest), and the whole layer with the fastest pair that shares a BM against the default.
 
 For each prompt length T (by default the padded lengths the graphed prefill runs): random x (T, H) and
 router over 64 experts, top_k 8; every path timed as the graphed prefill runs it (ten calls captured in
@@ -41,9 +41,10 @@ SWEEP = ("64,64,64,8,4,3", "64,128,64,8,4,3", "64,128,64,8,8,3", "64,128,64,8,4,
 
 # BM,BN,BK,GM,warps,stages per GEMM kernel (GM swept afterwards); ``fits`` drops the ones over an H100's
 # shared memory per block or with over 128 float32 accumulator values per thread (register spills)
-GATE_UP_GRID = tuple(f"{bm},{bn},{bk},8,{w},{st}" for bm in (64, 128) for bn in (64, 128) for bk in (64, 128)
-                     for w in (4, 8) for st in (3, 4, 5))
-DOWN_GRID = tuple(f"{bm},{bn},{bk},8,{w},{st}" for bm in (64, 128) for bn in (64, 128, 256) for bk in (64, 128)
+BLOCK_MS = (64, 128, 256)
+GATE_UP_GRID = tuple(f"{bm},{bn},{bk},8,{w},{st}{pair}" for bm in BLOCK_MS for bn in (64, 128) for bk in (64, 128)
+                     for w in (4, 8) for st in (3, 4, 5) for pair in ("", ",paired"))
+DOWN_GRID = tuple(f"{bm},{bn},{bk},8,{w},{st}" for bm in BLOCK_MS for bn in (64, 128, 256) for bk in (64, 128)
                   for w in (4, 8) for st in (3, 4, 5))
 SMEM_BYTES = 227 * 1024
 
@@ -169,7 +170,7 @@ def kernel_sweep(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor
     pairs = sort_pairs(ids=ids, num_experts=experts, kernel=True)
     num_pairs = pairs.perm.numel()
     timing = dict(warmup=args.warmup, repeats=args.repeats)
-    aligned = {bm: fused_ops.moe_align(perm=pairs.perm, offsets=pairs.offsets, block_m=bm) for bm in (64, 128)}
+    aligned = {bm: fused_ops.moe_align(perm=pairs.perm, offsets=pairs.offsets, block_m=bm) for bm in BLOCK_MS}
 
     def gemm(kind: str, config: fused_ops.MoeConfig) -> Callable[[], torch.Tensor]:
         tile_expert, tile_pairs = aligned[config.block_m]
@@ -192,17 +193,14 @@ def kernel_sweep(*, tokens: int, args, weights: tuple[torch.Tensor, torch.Tensor
     row: dict[str, Any] = {"tokens": tokens, "pairs": num_pairs, "flops": flops}
     for kind, grid, tiles in (("gate_up", GATE_UP_GRID, 2), ("down", DOWN_GRID, 1)):
         entries = [timed(kind, t) for t in grid if fits(fused_ops.MoeConfig.parse(t), weight_tiles=tiles)]
-        for bm in (64, 128):      # GROUP_M around the fastest of each BM
+        for bm in BLOCK_MS:      # GROUP_M around the fastest of each BM
             ok = [e for e in entries if "ms" in e and e["config"].startswith(f"{bm},")]
             if ok:
                 best = min(ok, key=lambda e: e["ms"])["config"].split(",")
                 entries += [timed(kind, ",".join(best[:3] + [str(gm)] + best[4:])) for gm in (1, 4, 16)]
-        if kind == "gate_up":     # the four fastest again with gate and up tiles loaded and multiplied as one
-            ok = sorted((e for e in entries if "ms" in e), key=lambda e: e["ms"])[:4]
-            entries += [timed(kind, e["config"] + ",paired") for e in ok]
         row[kind] = sorted(entries, key=lambda e: e.get("ms", float("inf")))
     pick = {}
-    for bm in (64, 128):
+    for bm in BLOCK_MS:
         best = [next((e for e in row[k] if "ms" in e and e["config"].startswith(f"{bm},")), None)
                 for k in ("gate_up", "down")]
         if all(best):
@@ -227,7 +225,7 @@ def print_sweep(row: dict[str, Any], *, top: int = 8) -> None:
         if failed:
             print(f"  {kind} failed: {', '.join(failed)}")
     for e in row["layer"]:
-        print(f"  layer {e['config']:<34}{e['ms']:.3f} ms{' (default)' if e['default'] else ''}  "
+        print(f"  layer {e['config']:<42} {e['ms']:.3f} ms{' (default)' if e['default'] else ''}  "
               f"max rel err {e['max_rel']:.1e}")
 
 
