@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 from torch.autograd import DeviceType
@@ -22,6 +23,7 @@ from benchmarks.runtime_bench import BACKENDS, prefill_input, time_calls
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models.base import Knobs
 from flexvlm_ray.models.flexmoe import FlexMoeAdapter
+from flexvlm_ray.models.hf_common import greedy_token
 
 
 def prompt(*, adapter: FlexMoeAdapter, tokens: int | None, tiles: int):
@@ -36,16 +38,33 @@ def prompt(*, adapter: FlexMoeAdapter, tokens: int | None, tiles: int):
 
 def graphed_split(*, adapter: FlexMoeAdapter, prepared, embeds, repeats: int = 30) -> dict[str, float]:
     """Median ms of a graphed fast prefill: the whole adapter call (embedding and splice, buffer copies,
-    replay, logits), the fast decoder's call alone, and the prefill graph's replay alone."""
+    replay, the first token), its parts alone (the embedding and splice, the fast decoder's call, the
+    prefill graph's replay, the first token's argmax and read), each timed with CUDA events; and the
+    host time to issue the fast decoder's call and the replay (perf_counter, no synchronize), which the
+    GPU waits out when nothing is queued ahead of them."""
     with torch.inference_mode():
         hidden = adapter._embed_prompt(prepared, embeds)
     graph = next(g for key, g in reversed(adapter.fast.graphs.items()) if key[0] == "prefill")
+    fast_call = lambda: adapter.fast.prefill(hidden=hidden, blocks=adapter._active)  # noqa: E731
     calls = {"adapter.prefill": lambda: adapter.prefill(prepared, embeds),
-             "fast.prefill": lambda: adapter.fast.prefill(hidden=hidden, blocks=adapter._active),
-             "graph.replay": graph.replay}
+             "embed+splice": lambda: adapter._embed_prompt(prepared, embeds),
+             "fast.prefill": fast_call,
+             "graph.replay": graph.replay,
+             "first token": lambda: greedy_token(adapter.fast.prefill_logits)}
+    out = {}
     with torch.inference_mode():
-        return {name: statistics.median(time_calls(fn, cuda=True, warmup=3, repeats=repeats))
-                for name, fn in calls.items()}
+        for name, fn in calls.items():
+            out[name] = statistics.median(time_calls(fn, cuda=True, warmup=3, repeats=repeats))
+        for name, fn in (("fast.prefill host", fast_call), ("graph.replay host", graph.replay)):
+            host = []
+            for _ in range(repeats):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                host.append((time.perf_counter() - t0) * 1e3)
+            out[name] = statistics.median(host)
+    torch.cuda.synchronize()
+    return out
 
 
 def main() -> None:
