@@ -13,7 +13,7 @@ nominal peak, and the weights of every expert that received a pair over the nomi
 
     python benchmarks/moe_kernel_bench.py --out moe_kernel_bench.json
     python benchmarks/moe_kernel_bench.py --kernel-sweep --tokens 1408 1920 --out moe_kernel_sweep.json
-    FLEXVLM_MOE_CONFIG=64,128,64,8,4,3 python benchmarks/runtime_bench.py --backends fast fast-fusedmoe ...
+    FLEXVLM_MOE_CONFIG=64,128,64,8,4,3 python benchmarks/runtime_bench.py --backends fast fast-grouped ...
 """
 from __future__ import annotations
 

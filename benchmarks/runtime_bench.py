@@ -4,7 +4,7 @@ Backends (``--backends``): ``hf-eager`` and ``hf-grouped_mm`` (transformers' exp
 (the fast backend's defaults: on CUDA the Triton kernels, the fused decode MoE, CUDA graphs for decode and
 for prefill), ``fast-torch`` (plain PyTorch ops and the grouped-GEMM decode MoE), ``fast-gather`` and
 ``fast-eager`` (the defaults without CUDA graphs, as the engine's prefill runs when block hooks time it),
-``fast-fusedmoe`` (the defaults with ``prefill_moe: fused``, the Triton prefill MoE; prefill only).
+``fast-grouped`` (the defaults with ``prefill_moe: grouped``, the grouped-GEMM prefill MoE; prefill only).
 Points:
 
 * decode ms/token at top_k 1/2/4/8/16/32 (all blocks) and at blocks 4/8/16 (default top_k), after a
@@ -191,12 +191,11 @@ BACKENDS = {
     "fast-torch": ("fast", {"kernels": "torch", "decode_moe": "grouped"}),
     "fast-gather": ("fast", {"kernels": "torch", "decode_moe": "gather"}),
     "fast-eager": ("fast", {"cuda_graphs": False}),
-    "fast-fusedmoe": ("fast", {"prefill_moe": "fused"}),
     "fast-grouped": ("fast", {"prefill_moe": "grouped"}),
 }
 PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast", "fast-torch", "fast-eager",   # gather: decode only
-                    "fast-fusedmoe", "fast-grouped")
-PREFILL_ONLY = ("fast-fusedmoe", "fast-grouped")       # their decode is the defaults' (fused decode MoE)
+                    "fast-grouped")
+PREFILL_ONLY = ("fast-grouped",)       # its decode is the defaults' (fused decode MoE)
 VISION_BACKENDS = ("hf-grouped_mm", "fast")     # the ViT does not depend on the experts kernel
 
 

@@ -312,9 +312,11 @@ if triton is not None:
             g_row = (expert * 2 * inter + pid_n * BLOCK_N).to(tl.int32)
         else:
             g_ptrs = w_ptr + expert * 2 * inter * hidden + cols[None, :].to(tl.int64) * hidden + k[:, None]
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)     # PAIRED: gate columns, then up columns
+        if PAIRED:          # gate columns, then up columns
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        else:
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             kmask = k < hidden - k0
             a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
