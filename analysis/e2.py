@@ -20,12 +20,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.pareto import pareto_mask
-from analysis.plots import save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.pareto import pareto_mask
+from flexvlm_ray.knobs.base import KNOB_NAMES, MODEL_KNOBS
+from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.registry import register_analysis
 
-KNOBS = ["max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens"]
-NUMERIC_KNOBS = ["max_crops", "top_k", "active_blocks"]
+KNOBS = list(KNOB_NAMES)
+NUMERIC_KNOBS = list(MODEL_KNOBS)
 LATENCIES = {"p50": "T_total_p50", "p95": "T_total_p95"}
 RANDOM_ORDERS = 20
 REPLAY_BUDGET = 48  # configs the replayed searcher may evaluate (its curve stops there)

@@ -37,10 +37,10 @@ def register_combined_analysis(name: str, *, inputs: tuple[str, ...]) -> Callabl
 
 def _import_all() -> None:
     """Import every module of the analysis package, so each registers its experiments."""
-    import analysis
+    import flexvlm_ray.analysis as analysis
 
     for module in pkgutil.iter_modules(analysis.__path__):
-        importlib.import_module(f"analysis.{module.name}")
+        importlib.import_module(f"{analysis.__name__}.{module.name}")
 
 
 def analyze_run(run_dir: str | Path) -> list[Path]:

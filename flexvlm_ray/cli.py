@@ -124,7 +124,7 @@ def launch(spec: Optional[str], num_gpus: Optional[int], address: Optional[str],
 
 
 def _report(*, run_dir: Path, summary, analyze: bool) -> None:
-    from analysis.summary import format_summary
+    from flexvlm_ray.analysis.summary import format_summary
     from flexvlm_ray.store.reader import load_frame
 
     click.echo(f"\nrun: {run_dir}")
@@ -132,7 +132,7 @@ def _report(*, run_dir: Path, summary, analyze: bool) -> None:
                f"{summary.failed} failed; {summary.rows} rows in {summary.wall_s:.1f} s")
     click.echo(format_summary(load_frame(run_dir)))
     if analyze:
-        from analysis.registry import analyze_run
+        from flexvlm_ray.analysis.registry import analyze_run
         written = analyze_run(run_dir)
         if written:
             click.echo(f"analysis: {len(written)} files in {Path(run_dir) / 'analysis'}")
@@ -176,7 +176,7 @@ def status(run_dir: str, as_json: bool) -> None:
 def analyze(run_dirs: tuple[str, ...], combine: Optional[str], out_dir: Optional[str]) -> None:
     """Write each run's analysis (JSON and 300-DPI figures) into RUN_DIR/analysis/, or with
     --combine NAME --out DIR one analysis over several runs into DIR."""
-    from analysis.registry import analyze_combined, analyze_run, combined_names
+    from flexvlm_ray.analysis.registry import analyze_combined, analyze_run, combined_names
 
     if combine is None and out_dir is not None:
         _fail("--out goes with --combine (a single run's analysis goes to RUN_DIR/analysis/)")
@@ -209,7 +209,7 @@ def analyze(run_dirs: tuple[str, ...], combine: Optional[str], out_dir: Optional
               help="HTML file (default: RUN_DIR/report.html for one folder, ./report.html for several)")
 def report(folders: tuple[str, ...], out_file: Optional[str]) -> None:
     """One self-contained HTML page (figures embedded) over run folders and combined-analysis folders."""
-    from analysis.report import build_report
+    from flexvlm_ray.analysis.report import build_report
 
     out = out_file or (str(Path(folders[0]) / "report.html") if len(folders) == 1 else "report.html")
     try:

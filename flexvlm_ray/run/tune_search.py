@@ -20,12 +20,13 @@ from collections import deque
 from types import SimpleNamespace
 from typing import Any, Optional
 
+from flexvlm_ray.knobs.base import INT_KNOBS, KNOB_NAMES
 from flexvlm_ray.run.scheduler import RunSummary, SweepDriver, _progress, _say
 from flexvlm_ray.spec.expand import WorkUnit, expand, knob_grid
 from flexvlm_ray.spec.schema import KnobGrid, SweepSpec, TuneSpec, grid_values
 from flexvlm_ray.store.writer import RunStore, atomic_write_bytes, atomic_write_json
 
-KNOBS = ("max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens")
+KNOBS = KNOB_NAMES
 METRICS = ["latency", "quality"]
 MODES = ["min", "max"]
 SUGGESTIONS_PER_SAMPLE = 20  # a searcher that keeps repeating itself stops after this many
@@ -34,8 +35,7 @@ SUGGESTIONS_PER_SAMPLE = 20  # a searcher that keeps repeating itself stops afte
 def search_space(spec: SweepSpec) -> dict[str, list]:
     """Every knob's values in the grid (block_policy only where active_blocks is set)."""
     k = spec.knobs
-    space = {name: grid_values(getattr(k, name)) for name in ("max_crops", "top_k", "active_blocks",
-                                                             "max_new_tokens")}
+    space = {name: grid_values(getattr(k, name)) for name in INT_KNOBS}
     space["block_policy"] = list(k.block_policy) if k.active_blocks is not None else ["prefix"]
     return space
 
@@ -69,7 +69,7 @@ def config_key(config: dict[str, Any]) -> tuple:
 def units_of(spec: SweepSpec, *, config: dict[str, Any], dataset_index: int) -> list[WorkUnit]:
     """The config's units for one dataset: the grid expansion of a one-config, one-dataset spec."""
     knobs = KnobGrid(**{name: ([config[name]] if config[name] is not None else None)
-                        for name in ("max_crops", "top_k", "active_blocks", "max_new_tokens")},
+                        for name in INT_KNOBS},
                      block_policy=[config["block_policy"]])
     one = spec.model_copy(update={"knobs": knobs, "datasets": [spec.datasets[dataset_index]]})
     return expand(one)
