@@ -10,7 +10,7 @@ from flexvlm_ray.registry import Registry
 
 # fn(rows DataFrame, out_dir Path, manifest dict) -> list of written paths
 AnalysisFn = Callable[..., list[Path]]
-ANALYSES: Registry[AnalysisFn] = Registry("analysis")
+ANALYSES: Registry[AnalysisFn] = Registry("analysis", group="flexvlm_ray.analyses")
 # fn(runs {experiment: (rows, manifest)}, out_dir Path) -> list of written paths
 COMBINED: Registry[AnalysisFn] = Registry("combined analysis")
 COMBINED_INPUTS: dict[str, tuple[str, ...]] = {}

@@ -155,7 +155,7 @@ class ModelAdapter(ABC):
         return 0
 
 
-MODELS: Registry[type[ModelAdapter]] = Registry("model")
+MODELS: Registry[type[ModelAdapter]] = Registry("model", group="flexvlm_ray.models", base=ModelAdapter)
 # every `model.backend` a family may implement ('hf': the model's own modules); a family lists its
 # own in ModelAdapter.backends and spec.load checks the choice against it
 BACKENDS = ("hf", "fast")
