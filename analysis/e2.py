@@ -136,7 +136,7 @@ def replay_search(part: pd.DataFrame, *, searcher: str, seed: int, budget: int) 
     """The order in which an adaptive searcher (Ray Tune OptunaSearch, as in search: tune)
     would measure the configs of a fully measured grid: each suggestion is answered with the
     config's measured P50 and score. Returns the distinct configs in order of evaluation."""
-    from flexvlm_ray.run.tune_search import KNOBS as TUNE_KNOBS, config_key, full_config, make_searcher
+    from flexvlm_ray.searchers import KNOBS as TUNE_KNOBS, config_key, full_config, make_searcher
 
     space = {k: sorted(part[k].dropna().unique().tolist(), key=str) if part[k].notna().any() else [None]
              for k in TUNE_KNOBS}

@@ -219,8 +219,8 @@ def report(folders: tuple[str, ...], out_file: Optional[str]) -> None:
 
 
 def _register_plugin_commands() -> None:
-    from flexvlm_ray.estimator_cli import calibrate_command
-    from flexvlm_ray.knobs.verify import verify_knobs_command
+    from flexvlm_ray.commands.calibrate import calibrate_command
+    from flexvlm_ray.commands.verify_knobs import verify_knobs_command
 
     main.add_command(verify_knobs_command, name="verify-knobs")
     main.add_command(calibrate_command, name="calibrate")

@@ -1,6 +1,5 @@
 """``flexvlm-ray calibrate``: fit the E3 stage estimator on a run, report held-out error,
-optionally recalibrate it to another GPU type's run from K rows. Wire into cli.py with
-``main.add_command(calibrate_command)``."""
+optionally recalibrate it to another GPU type's run from K rows."""
 from __future__ import annotations
 
 import sys
