@@ -226,6 +226,28 @@ def _register_plugin_commands() -> None:
     main.add_command(calibrate_command, name="calibrate")
 
 
+_PASS_THROUGH = {"context_settings": {"ignore_unknown_options": True, "allow_extra_args": True,
+                                      "help_option_names": []}}
+
+
+@main.command("train-tiny", **_PASS_THROUGH)
+@click.pass_context
+def train_tiny(ctx: click.Context) -> None:
+    """Train the tiny flexmoe model on the synthetic sets (--help lists its options)."""
+    from flexvlm_ray.tiny.train import main as train_main
+
+    train_main(ctx.args)
+
+
+@main.command("eval-tiny", **_PASS_THROUGH)
+@click.pass_context
+def eval_tiny(ctx: click.Context) -> None:
+    """Score a trained tiny model folder at full and reduced knobs (--help lists its options)."""
+    from flexvlm_ray.tiny.evaluate import main as eval_main
+
+    eval_main(ctx.args)
+
+
 _register_plugin_commands()
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The tiny-model training loop (``flexvlm_ray.train_tiny``) on a toy config: it runs, writes a
+"""The tiny-model training loop (``flexvlm_ray.tiny``) on a toy config: it runs, writes a
 folder the adapter loads, and its teacher-forced forward gives the adapter's prefill logits."""
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import numpy as np
 from flexvlm_ray.data.shapes import COLORS, sample_scene, shapes_vocabulary
 from flexvlm_ray.models.flexmoe_config import PRESETS
 from flexvlm_ray.models.flexmoe_preprocess import CLIP_MEAN, CLIP_STD
-from flexvlm_ray.eval_tiny import predict
+from flexvlm_ray.tiny.evaluate import predict
 from flexvlm_ray.models import MODELS, Knobs
 from flexvlm_ray.models.flexmoe_config import SPECIAL_TOKENS, UNK_ID, WORDS, FlexMoeConfig
 from flexvlm_ray.models.flexmoe_model import load_flexmoe
-from flexvlm_ray.train_tiny import (ATTRIBUTES, Draw, batch_loss, dct_patch_embedding, example_loader,
-                                    grounding_targets, make_example, probe_sample, stack_pixels, tiny_tokenizer,
-                                    train)
+from flexvlm_ray.tiny.examples import (ATTRIBUTES, Draw, example_loader, grounding_targets, make_example,
+                                       probe_sample, stack_pixels, tiny_tokenizer)
+from flexvlm_ray.tiny.heads import dct_patch_embedding
+from flexvlm_ray.tiny.train import batch_loss, train
 
 TOY = FlexMoeConfig(name="toy", crop_px=168, vit_patch_px=42, pool_margin=0, max_crops=4, vit_hidden=8,
                     vit_intermediate=16, vit_layers=1, vit_heads=1, vit_feature_layers=(-1, -1), pool_dim=8,
