@@ -275,63 +275,22 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
         return iter(example_loader(draws=draws, config=config, ground_answers=ground_answers, workers=workers,
                                    pin_memory=device.type == "cuda"))
 
-    # phase 1: the image side learns the attribute read-out (``phase1_cache``: a file with the image
-    # side and read-out after phase 1 of the same seed and settings; loaded when present, else written)
+    # phase 1: the image side learns the attribute read-out
     phase1_key = {"seed": seed, "pretrain_steps": pretrain_steps, "pretrain_batch": pretrain_batch,
                   "peak_lr": peak_lr, "pool_size": pool_size, "config": config.to_dict()}
-    phase1_loaded = False
-    if phase1_cache is not None and Path(phase1_cache).is_file():
-        cached = torch.load(phase1_cache, weights_only=False, map_location=device)
-        if cached["key"] == phase1_key:
-            model.load_state_dict(cached["model"])
-            head.load_state_dict(cached["head"])
-            history += cached["history"]
-            rng.bit_generator.state = cached["rng"]
-            phase1_loaded = True
-            print(f"phase 1 loaded from {phase1_cache}", flush=True)
+    phase1_loaded = _load_phase1(cache=phase1_cache, key=phase1_key, model=model, head=head, history=history,
+                                 rng=rng, device=device)
     if pretrain_steps and not phase1_loaded:
-        optimizer = torch.optim.AdamW([{"params": image_params + list(head.parameters())}], lr=peak_lr,
-                                      betas=(0.9, 0.98), weight_decay=0.0)
-        loader = batches(draw_batches(pretrain_steps, pretrain_batch))
-        running_attr: list[tuple[float, float]] = []
-        for step in range(pretrain_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step=step, steps=pretrain_steps, peak=peak_lr,
-                                            warmup=max(1, pretrain_steps // 20))
-            examples = next(loader)
-            pixels = stack_pixels(examples=examples, device=device)
-            loss, acc = head.loss(embeds=model.pool_and_project(model.encode_crops(pixels)), examples=examples)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(image_params + list(head.parameters()), 1.0)
-            optimizer.step()
-            running_attr.append((loss.item(), acc.item()))
-            if (step + 1) % log_every == 0 or step + 1 == pretrain_steps:
-                elapsed = time.perf_counter() - begin
-                attr, acc = np.mean(running_attr, axis=0)
-                history.append({"pretrain_step": step + 1, "attr": round(float(attr), 4),
-                                "attr_acc": round(float(acc), 4), "seconds": round(elapsed, 1)})
-                print(f"pretrain {step + 1}/{pretrain_steps} attr {attr:.4f} acc {acc:.3f} {elapsed:.0f}s", flush=True)
-                running_attr.clear()
-
+        _pretrain_image_side(model=model, head=head, params=image_params, steps=pretrain_steps, peak_lr=peak_lr,
+                             loader=batches(draw_batches(pretrain_steps, pretrain_batch)), device=device,
+                             log_every=log_every, history=history, begin=begin)
         if phase1_cache is not None:
             torch.save({"key": phase1_key, "model": model.state_dict(), "head": head.state_dict(),
                         "history": history, "rng": rng.bit_generator.state}, phase1_cache)
 
     # phase 2: the whole model on the task targets
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        image_side = not name.startswith("decoder.")          # vision tower, pooling, projector
-        decayed = param.ndim >= 2 and "norm" not in name
-        groups.setdefault((image_side, decayed), []).append(param)
-    param_groups = [{"params": params, "weight_decay": 0.01 if decayed else 0.0,
-                     "lr_mult": vision_lr_mult if image_side else 1.0}
-                    for (image_side, decayed), params in groups.items()]
-    param_groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "lr_mult": vision_lr_mult})
-    param_groups.append({"params": list(summary_head.parameters()) + list(ground_head.parameters()),
-                         "weight_decay": 0.0, "lr_mult": 1.0})
+    param_groups = _task_param_groups(model=model, image_heads=[head], decoder_heads=[summary_head, ground_head],
+                                      vision_lr_mult=vision_lr_mult)
     early_steps = int(round(early_crops[0] * steps))
     optimizer = torch.optim.AdamW(param_groups, lr=peak_lr, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -386,17 +345,89 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
               "attr_coef": attr_coef, "summary_coef": summary_coef, "summary_layer": summary_layer,
               "ground_coef": ground_coef, "ground_layer": ground_layer, "ground_extra": ground_extra,
               "ground_answers": ground_answers, "probes": list(probes),
-              "early_crops": list(early_crops), "init_from": None if init_from is None else str(init_from), "phase1_loaded_from_cache": phase1_loaded, "warmup_steps": warmup,
-              "schedule": "linear warm-up, cosine to 0.1 x peak", "optimizer": "AdamW(0.9, 0.98), wd 0.01, clip 1.0",
-              "aux_coef": AUX_COEF, "mix": dict(MIX), "pool_size": pool_size, "full_crops_p": FULL_CROPS_P,
-              "caption_reference": CAPTION_REFERENCE, "threads": threads, "workers": workers,
-              "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)}, TF32)",
-              "wall_seconds": round(wall, 1),
-              "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}",
-              "history": history, "image_reliance": diagnostics}
+              "early_crops": list(early_crops), "init_from": None if init_from is None else str(init_from),
+              "phase1_loaded_from_cache": phase1_loaded, "warmup_steps": warmup,
+              "pool_size": pool_size, "threads": threads, "workers": workers, "wall_seconds": round(wall, 1),
+              **_fixed_settings(device=device), "history": history, "image_reliance": diagnostics}
     model.eval()
     save_trained(model=model, tokenizer=tokenizer, directory=Path(out), report=report)
     return report
+
+
+
+def _load_phase1(*, cache: Optional[Path], key: dict[str, Any], model: FlexMoeModel, head: AttributeHead,
+                 history: list[dict[str, float]], rng: np.random.Generator, device: torch.device) -> bool:
+    """Restore model, head, history and draw stream after phase 1 from ``cache`` when it was written by a
+    run of the same seed and settings (``key``); False when there is none to use. The file holds tensors
+    and plain data only, so it loads with ``weights_only=True``."""
+    if cache is None or not Path(cache).is_file():
+        return False
+    cached = torch.load(cache, weights_only=True, map_location=device)
+    if cached["key"] != key:
+        return False
+    model.load_state_dict(cached["model"])
+    head.load_state_dict(cached["head"])
+    history += cached["history"]
+    rng.bit_generator.state = cached["rng"]
+    print(f"phase 1 loaded from {cache}", flush=True)
+    return True
+
+
+def _pretrain_image_side(*, model: FlexMoeModel, head: AttributeHead, params: list[torch.nn.Parameter], steps: int,
+                         peak_lr: float, loader: Iterator[list[Example]], device: torch.device, log_every: int,
+                         history: list[dict[str, float]], begin: float) -> None:
+    """Phase 1: the vision tower, pooling and projector (``params``) learn the attribute read-out alone."""
+    optimizer = torch.optim.AdamW([{"params": params + list(head.parameters())}], lr=peak_lr,
+                                  betas=(0.9, 0.98), weight_decay=0.0)
+    running_attr: list[tuple[float, float]] = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step=step, steps=steps, peak=peak_lr, warmup=max(1, steps // 20))
+        examples = next(loader)
+        pixels = stack_pixels(examples=examples, device=device)
+        loss, acc = head.loss(embeds=model.pool_and_project(model.encode_crops(pixels)), examples=examples)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params + list(head.parameters()), 1.0)
+        optimizer.step()
+        running_attr.append((loss.item(), acc.item()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - begin
+            attr, acc = np.mean(running_attr, axis=0)
+            history.append({"pretrain_step": step + 1, "attr": round(float(attr), 4),
+                            "attr_acc": round(float(acc), 4), "seconds": round(elapsed, 1)})
+            print(f"pretrain {step + 1}/{steps} attr {attr:.4f} acc {acc:.3f} {elapsed:.0f}s", flush=True)
+            running_attr.clear()
+
+
+def _task_param_groups(*, model: FlexMoeModel, image_heads: Sequence[torch.nn.Module],
+                       decoder_heads: Sequence[torch.nn.Module], vision_lr_mult: float) -> list[dict[str, Any]]:
+    """Phase 2's AdamW groups: image side vs decoder (the image side at ``vision_lr_mult`` of the rate),
+    decayed (matrices) vs not (norms, biases); the read-out heads undecayed."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        image_side = not name.startswith("decoder.")          # vision tower, pooling, projector
+        decayed = param.ndim >= 2 and "norm" not in name
+        groups.setdefault((image_side, decayed), []).append(param)
+    param_groups = [{"params": params, "weight_decay": 0.01 if decayed else 0.0,
+                     "lr_mult": vision_lr_mult if image_side else 1.0}
+                    for (image_side, decayed), params in groups.items()]
+    param_groups.append({"params": [p for h in image_heads for p in h.parameters()], "weight_decay": 0.0,
+                         "lr_mult": vision_lr_mult})
+    param_groups.append({"params": [p for h in decoder_heads for p in h.parameters()], "weight_decay": 0.0,
+                         "lr_mult": 1.0})
+    return param_groups
+
+
+def _fixed_settings(*, device: torch.device) -> dict[str, Any]:
+    """The report's settings that no argument of ``train`` changes, and the machine."""
+    return {"schedule": "linear warm-up, cosine to 0.1 x peak", "optimizer": "AdamW(0.9, 0.98), wd 0.01, clip 1.0",
+            "aux_coef": AUX_COEF, "mix": dict(MIX), "full_crops_p": FULL_CROPS_P,
+            "caption_reference": CAPTION_REFERENCE,
+            "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)}, TF32)",
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
