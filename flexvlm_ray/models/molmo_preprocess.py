@@ -105,7 +105,8 @@ def select_tiling(*, height: float, width: float, tile: int, max_crops: int) -> 
     tilings = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1)
                       if i * j <= max_crops), key=lambda t: (t[0] * t[1], t[0]))
     resolutions = (np.array(tilings, dtype=np.int32) * tile).astype(np.float32)
-    scale = np.min(resolutions / np.array([height, width], dtype=np.float32), axis=-1)
+    with np.errstate(divide="ignore"):           # an image exactly the margins' size: infinite scale, as in numpy there
+        scale = np.min(resolutions / np.array([height, width], dtype=np.float32), axis=-1)
     if np.all(scale < 1):
         ix = int(np.argmax(scale))
     else:
