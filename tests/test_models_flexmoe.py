@@ -60,10 +60,12 @@ def test_unknown_preset_and_option_fail_clearly():
 
 def test_molmoe_preset_shape():
     c = PRESETS["molmoe-1b"]
-    assert (c.vit_patch_px, c.crop_px, c.patches_per_side, c.vit_layers, c.vit_hidden) == (14, 336, 24, 24, 1024)
-    assert c.vit_feature_layers == (-2, -9)
+    assert (c.vit_patch_px, c.crop_px, c.patches_per_side, c.vit_layers, c.vit_hidden) == (14, 336, 24, 23, 1024)
+    assert c.vit_feature_layers == (-2, -9) and not c.vit_post_layernorm
     assert (c.num_blocks, c.hidden_size, c.num_heads, c.num_experts, c.top_k, c.expert_width) == (
         16, 2048, 16, 64, 8, 1024)
+    assert (c.pool_dim, c.projector_hidden, c.vocab_size, c.extra_embeddings) == (1024, 1024, 50304, 128)
+    assert (c.pad_embed, c.image_embed_mode, c.preprocess) == (True, "add", "molmo")
 
 
 @pytest.mark.parametrize("layers, expected", [(24, (-2, -9)), (3, (-1, -2)), (12, (-1, -5)), (1, (-1, -1))])
@@ -79,7 +81,7 @@ def test_molmoe_param_counts_on_meta_device():
     assert counts["vision_encoder"] + counts["projector"] + counts["llm"] == total
     assert 7.0e9 < total < 7.5e9                       # MolmoE-1B: 7.2B total
     assert 1.2e9 < counts["llm_active"] < 1.4e9        # OLMoE-1B-7B: ~1.3B active
-    assert 2.9e8 < counts["vision_encoder"] < 3.1e8    # CLIP ViT-L/14-336: ~303M
+    assert 2.85e8 < counts["vision_encoder"] < 2.95e8  # CLIP ViT-L/14-336 without its last layer: ~291M
 
 
 # -- crops and token counts ----------------------------------------------------------------

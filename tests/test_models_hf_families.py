@@ -273,3 +273,26 @@ def test_active_llm_params(active, num_experts, top_k, expected):
     blocks = [torch.nn.Linear(10, 10, bias=False) for _ in range(3)]     # 100 parameters each
     assert active_llm_params(llm=300, blocks=blocks, active=active, num_experts=num_experts, top_k=top_k,
                              expert_params=lambda block: 80) == expected
+
+
+def test_local_checkpoint_folder_loads_and_runs_with_knobs(tiny, tmp_path):
+    """A Qwen3-VL-MoE checkpoint from a local folder (save_pretrained layout: config.json, safetensors,
+    tokenizer files) gives the logits of the model that wrote it, under the knobs."""
+    from transformers import PreTrainedTokenizerFast
+
+    from flexvlm_ray.models.qwen3_vl_moe import TINY_MAX_PIXELS
+
+    folder = tmp_path / "qwen3-ckpt"
+    tiny.model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tiny.tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    loaded = MODELS.get("qwen3_vl_moe")(preset=None, path=str(folder), dtype="float32", device="cpu", seed=1,
+                                        options={"max_pixels": TINY_MAX_PIXELS})
+    for knobs in (Knobs(), Knobs(top_k=1, active_blocks=2, block_policy="prefix")):
+        results = []
+        for adapter in (tiny, loaded):
+            adapter.apply_knobs(knobs)
+            try:
+                results.append(run(adapter, sample(), knobs)[1].extras["logits"])
+            finally:
+                adapter.restore_knobs()
+        assert torch.allclose(results[0], results[1], atol=1e-5, rtol=1e-5)

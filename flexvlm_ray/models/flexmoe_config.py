@@ -6,9 +6,17 @@ back by ``load_flexmoe``. ``PRESETS`` holds the two built-in shapes:
 * ``tiny``: a CPU-sized model with Molmo's crop geometry (336 px crops, tiling decided with
   Molmo's 14 px patches and 4+4 patch margins) but a 42 px ViT patch (8x8 patches per crop), so a
   2x2 pooling gives 16 tokens per crop.
-* ``molmoe-1b``: the seed model's shape: CLIP ViT-L/14 at 336 px (24 layers, hidden 1024), 2x2
-  pooling to 144 tokens per crop, and an OLMoE-1B-7B decoder (16 blocks, hidden 2048, 64 experts,
-  top-8, expert width 1024, vocab 50304).
+* ``molmoe-1b``: the seed model's exact shape (what ``flexmoe_checkpoint`` builds from the released
+  MolmoE-1B config.json): a CLIP ViT-L/14 at 336 px cut to 23 layers (hidden 1024, no
+  post-layernorm), features of layers -2 and -9 (2048 wide), ``pad_embed`` by the image mask, 2x2
+  attention pooling (q/k/v from 2048 to 1024) to 144 tokens per crop, a SwiGLU projector
+  1024 -> 1024 -> 2048, image features *added* to the token embeddings, and an OLMoE-1B-7B decoder
+  (16 blocks, hidden 2048, 64 experts, top-8 without renormalisation, expert width 1024, 50304 + 128
+  token embeddings, an untied 50304-row head); Molmo's own preprocessing and prompt
+  (``flexvlm_ray.models.molmo_preprocess``) with this module's word-level tokenizer.
+
+The fields after ``rope_theta`` (``num_kv_heads`` .. ``image_std``) default to the ``tiny`` preset's
+behaviour, so configs saved before they existed load unchanged.
 
 The tokenizer is word level (``tokenizers.models.WordLevel``): special tokens, a fixed list of
 English words, then ``[unusedN]`` fillers up to the decoder's vocabulary size, so every id decodes.
@@ -21,6 +29,9 @@ from typing import Any, Sequence
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
+
+IMAGE_EMBED_MODES = ("replace", "add")
+PREPROCESSORS = ("flexmoe", "molmo")
 
 # Special tokens: the order fixes their ids.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[IMG]", "[IM_START]", "[IM_END]", "[IM_COL]")
@@ -82,6 +93,16 @@ class FlexMoeConfig:
     vocab_size: int = 50304
     max_positions: int = 4096
     rope_theta: float = 10000.0
+    # MolmoE details (defaults: the tiny preset's behaviour)
+    num_kv_heads: int = 0              # decoder key/value heads; 0: num_heads
+    rms_norm_eps: float = 1e-5         # decoder RMSNorm epsilon
+    extra_embeddings: int = 0          # token embedding rows after vocab_size (MolmoE: 128); never predicted
+    vit_post_layernorm: bool = True    # CLIP's post-layernorm module (never used for the features); MolmoE has none
+    pad_embed: bool = False            # MolmoE 'pad_and_partial_pad': two embeddings added to ViT features by image mask
+    image_embed_mode: str = "replace"  # 'replace': features replace the [IMG] embeddings; 'add': added to them (MolmoE)
+    preprocess: str = "flexmoe"        # 'flexmoe' (flexmoe_preprocess) | 'molmo' (molmo_preprocess, the checkpoint's own)
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)   # CLIP
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
         if self.crop_px % self.vit_patch_px:
@@ -92,11 +113,23 @@ class FlexMoeConfig:
             raise ValueError(f"pool_margin {self.pool_margin} leaves no window in {self.pooled_per_side} pooled tokens")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k {self.top_k} is not in 1..{self.num_experts}")
-        if self.vocab_size < len(SPECIAL_TOKENS) + len(WORDS):
+        if self.image_embed_mode not in IMAGE_EMBED_MODES:
+            raise ValueError(f"image_embed_mode '{self.image_embed_mode}' is not one of {', '.join(IMAGE_EMBED_MODES)}")
+        if self.preprocess not in PREPROCESSORS:
+            raise ValueError(f"preprocess '{self.preprocess}' is not one of {', '.join(PREPROCESSORS)}")
+        if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        if self.extra_embeddings < 0:
+            raise ValueError(f"extra_embeddings must be >= 0, got {self.extra_embeddings}")
+        if self.preprocess == "flexmoe" and self.vocab_size < len(SPECIAL_TOKENS) + len(WORDS):
             raise ValueError(f"vocab_size {self.vocab_size} < {len(SPECIAL_TOKENS) + len(WORDS)} (specials + words)")
         for layer in self.vit_feature_layers:
             if not -self.vit_layers <= layer <= self.vit_layers or layer == 0:
                 raise ValueError(f"vit_feature_layers {self.vit_feature_layers} out of range for {self.vit_layers} layers")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def patches_per_side(self) -> int:
@@ -119,7 +152,7 @@ class FlexMoeConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown flexmoe config keys: {sorted(unknown)}")
-        tuples = {"tiling_margins", "vit_feature_layers"}
+        tuples = {"tiling_margins", "vit_feature_layers", "image_mean", "image_std"}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
 
     def to_json(self) -> str:
@@ -148,7 +181,9 @@ PRESETS: dict[str, FlexMoeConfig] = {
         vit_heads=4, vit_feature_layers=scaled_feature_layers(num_layers=3), pool_dim=64, pool_heads=4,
         projector_hidden=256, projector_out_norm=True, hidden_size=128, num_blocks=4, num_heads=4, num_experts=8, top_k=2,
         expert_width=192, vocab_size=512, max_positions=4096),
-    "molmoe-1b": FlexMoeConfig(name="molmoe-1b"),
+    # the released MolmoE-1B config.json through flexmoe_checkpoint.molmo_config (tests check they agree)
+    "molmoe-1b": FlexMoeConfig(name="molmoe-1b", vit_layers=23, projector_hidden=1024, extra_embeddings=128,
+                               vit_post_layernorm=False, pad_embed=True, image_embed_mode="add", preprocess="molmo"),
 }
 
 
