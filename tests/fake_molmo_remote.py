@@ -305,7 +305,7 @@ def write_fake_molmo(folder: Path, *, seed: int = 0, moe_impl: str = "router") -
     from tokenizers.models import WordLevel
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from flexvlm_ray.models.flexmoe_config import WORDS
+    from flexvlm_ray.models.flexmoe.config import WORDS
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

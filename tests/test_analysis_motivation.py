@@ -79,7 +79,7 @@ def test_exp2_component_profiling(case, cpu_runs, tmp_path):
 
 def test_exp2_parameters_of_flexmoe_come_from_a_meta_device_build():
     from flexvlm_ray.analysis.common import component_params
-    from flexvlm_ray.models.flexmoe import FlexMoeAdapter
+    from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter
 
     counts = component_params(family="flexmoe", preset="tiny")
     adapter = FlexMoeAdapter(preset="tiny", path=None, dtype="float32", device="cpu", seed=0, options={})

@@ -69,8 +69,8 @@ def test_flops_scaling_uses_analytic_flops_of_flexmoe():
     import pandas as pd
 
     from flexvlm_ray.analysis.profiling import flops_scaling
-    from flexvlm_ray.models.flexmoe_config import PRESETS
-    from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
+    from flexvlm_ray.models.flexmoe.config import PRESETS
+    from flexvlm_ray.models.flexmoe.flops import flexmoe_flops
 
     rows = []
     for k in (1, 2, 8):

@@ -90,3 +90,21 @@ def test_the_table_has_no_cycles():
 
     for part in graph:
         visit(part, [])
+
+
+def test_help_and_validate_import_no_torch():
+    """Registering commands and validating a spec stay light: no torch, transformers or Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from click.testing import CliRunner\n"
+            "from flexvlm_ray.cli import main\n"
+            "runner = CliRunner()\n"
+            "assert runner.invoke(main, ['--help']).exit_code == 0\n"
+            "result = runner.invoke(main, ['validate', 'sweeps/quickstart.yaml'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ray'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -18,10 +18,10 @@ import molmoe_support as ms
 from flexvlm_ray.cli import main
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe_checkpoint import (CheckpointError, molmo_config, open_molmo_checkpoint,
+from flexvlm_ray.models.flexmoe.checkpoint import (CheckpointError, molmo_config, open_molmo_checkpoint,
                                                    weight_plan)
-from flexvlm_ray.models.flexmoe_config import PRESETS
-from flexvlm_ray.models.flexmoe_model import FlexMoeModel, default_dtype
+from flexvlm_ray.models.flexmoe.config import PRESETS
+from flexvlm_ray.models.flexmoe.model import FlexMoeModel, default_dtype
 from model_support import rel_err
 
 REL_TOL = 1e-4

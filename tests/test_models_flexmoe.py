@@ -8,12 +8,12 @@ from PIL import Image
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe import FlexMoeAdapter, flexmoe_param_counts
-from flexvlm_ray.models.flexmoe_config import (IM_COL_ID, IMG_ID, PRESETS, FlexMoeConfig,
+from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter, flexmoe_param_counts
+from flexvlm_ray.models.flexmoe.config import (IM_COL_ID, IMG_ID, PRESETS, FlexMoeConfig,
                                                scaled_feature_layers)
-from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
-from flexvlm_ray.models.flexmoe_model import FlexMoeModel, default_dtype, save_flexmoe
-from flexvlm_ray.models.flexmoe_preprocess import layout_image, normalize_crops
+from flexvlm_ray.models.flexmoe.flops import flexmoe_flops
+from flexvlm_ray.models.flexmoe.model import FlexMoeModel, default_dtype, save_flexmoe
+from flexvlm_ray.models.flexmoe.preprocess import layout_image, normalize_crops
 
 
 def make_adapter(**kwargs) -> FlexMoeAdapter:
@@ -203,7 +203,7 @@ def test_missing_path_names_the_folder(tmp_path):
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
-    import flexvlm_ray.models.flexmoe as flexmoe_mod
+    import flexvlm_ray.models.flexmoe.config as flexmoe_mod
 
     monkeypatch.setattr(flexmoe_mod, "ASSETS_TINY", tmp_path / "no-shipped-weights")   # random weights
     a, b, c = make_adapter(seed=3), make_adapter(seed=3), make_adapter(seed=4)
@@ -252,7 +252,7 @@ def test_adapter_flops_follow_knobs(tiny):
 
 
 def test_tiny_preset_loads_shipped_assets_when_present(tmp_path, monkeypatch):
-    import flexvlm_ray.models.flexmoe as flexmoe_mod
+    import flexvlm_ray.models.flexmoe.config as flexmoe_mod
 
     trained = make_adapter(seed=5)
     save_flexmoe(model=trained.model, tokenizer=trained.tokenizer, directory=tmp_path / "assets" / "tiny")

@@ -11,7 +11,7 @@ from flexvlm_ray.data.base import Sample
 from flexvlm_ray.commands.verify_knobs import verify_knobs
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.qwen3_vl_moe import Qwen3VLMoeAdapter
+from flexvlm_ray.models.qwen3_vl_moe.adapter import Qwen3VLMoeAdapter
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import SpecError, load_spec_text
 
@@ -196,8 +196,8 @@ def test_analytic_flops_match_the_hand_computed_table(tiny, knobs, new_tokens, e
 
 
 def test_flops_sparse_rule_matches_the_built_model_and_dense_blocks_count_their_mlp():
-    from flexvlm_ray.models.qwen3_vl_moe import tiny_config
-    from flexvlm_ray.models.qwen3_vl_moe_flops import block_token_flops, is_sparse
+    from flexvlm_ray.models.qwen3_vl_moe.adapter import tiny_config
+    from flexvlm_ray.models.qwen3_vl_moe.flops import block_token_flops, is_sparse
 
     config = tiny_config()
     config.text_config.mlp_only_layers = [1]
@@ -280,7 +280,7 @@ def test_local_checkpoint_folder_loads_and_runs_with_knobs(tiny, tmp_path):
     tokenizer files) gives the logits of the model that wrote it, under the knobs."""
     from transformers import PreTrainedTokenizerFast
 
-    from flexvlm_ray.models.qwen3_vl_moe import TINY_MAX_PIXELS
+    from flexvlm_ray.models.qwen3_vl_moe.adapter import TINY_MAX_PIXELS
 
     folder = tmp_path / "qwen3-ckpt"
     tiny.model.save_pretrained(folder)

@@ -18,7 +18,7 @@ from flexvlm_ray.cli import main
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.molmo_remote import MolmoRemoteAdapter
+from flexvlm_ray.models.molmo_remote.adapter import MolmoRemoteAdapter
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import SpecError, load_spec_text
 

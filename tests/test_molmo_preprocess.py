@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import molmoe_support as ms
-from flexvlm_ray.models.flexmoe_checkpoint import molmo_config
-from flexvlm_ray.models.flexmoe_config import PRESETS
+from flexvlm_ray.models.flexmoe.checkpoint import molmo_config
+from flexvlm_ray.models.flexmoe.config import PRESETS
 from flexvlm_ray.models.molmo_preprocess import PromptTokens, molmo_layout, molmo_sequence, select_tiling
 
 TINY = molmo_config(ms.CONFIG, preprocessor=ms.PREPROCESSOR)

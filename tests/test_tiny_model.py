@@ -10,12 +10,12 @@ from flexvlm_ray.data import DATASETS
 import numpy as np
 
 from flexvlm_ray.data.shapes import COLORS, sample_scene, shapes_vocabulary
-from flexvlm_ray.models.flexmoe_config import PRESETS
-from flexvlm_ray.models.flexmoe_preprocess import CLIP_MEAN, CLIP_STD
+from flexvlm_ray.models.flexmoe.config import PRESETS
+from flexvlm_ray.models.flexmoe.preprocess import CLIP_MEAN, CLIP_STD
 from flexvlm_ray.tiny.evaluate import predict
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe_config import SPECIAL_TOKENS, UNK_ID, WORDS, FlexMoeConfig
-from flexvlm_ray.models.flexmoe_model import load_flexmoe
+from flexvlm_ray.models.flexmoe.config import SPECIAL_TOKENS, UNK_ID, WORDS, FlexMoeConfig
+from flexvlm_ray.models.flexmoe.model import load_flexmoe
 from flexvlm_ray.tiny.examples import (ATTRIBUTES, Draw, example_loader, grounding_targets, make_example,
                                        probe_sample, stack_pixels, tiny_tokenizer)
 from flexvlm_ray.tiny.heads import dct_patch_embedding

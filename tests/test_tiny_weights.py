@@ -13,8 +13,8 @@ from flexvlm_ray.tiny.evaluate import (CAPTION_MAX_NEW_TOKENS, CAPTION_SLICE, SE
                                    TEST_SLICE, VQA_MAX_NEW_TOKENS, load_adapter, predict, vqa_score)
 from flexvlm_ray.metrics.cider import CiderDMetric
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe import ASSETS_TINY
-from flexvlm_ray.models.flexmoe_model import WEIGHTS_FILE
+from flexvlm_ray.models.flexmoe.config import ASSETS_TINY
+from flexvlm_ray.models.flexmoe.model import WEIGHTS_FILE
 
 TOLERANCE = 0.02        # CPU float32 reruns agree to the last digit here; this allows other BLAS builds
 

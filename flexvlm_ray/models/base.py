@@ -36,6 +36,7 @@ class ModelInfo:
     vision_tokens_per_crop: int
     hidden_size: int
     vocab_size: int
+    backends: tuple[str, ...] = ("hf",)   # the `model.backend` values the family runs
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from flexvlm_ray.models.base import DecodeState
-from flexvlm_ray.models.flexmoe_model import DTYPES
+from flexvlm_ray.models.flexmoe.model import DTYPES
 
 
 def resolve_hf_config(*, family: str, preset: Optional[str], path: Optional[str],

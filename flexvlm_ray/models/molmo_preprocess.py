@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer
 
-from flexvlm_ray.models.flexmoe_config import FlexMoeConfig
+from flexvlm_ray.models.flexmoe.config import FlexMoeConfig
 
 PROMPT_TEMPLATE = " User: {prompt} Assistant:"
 # token names of the released tokenizer, and the word-level tokenizer's (the molmoe-1b preset)

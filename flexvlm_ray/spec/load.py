@@ -143,22 +143,21 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
     """Checks that need the registries: names exist, knob values fit the model's shape."""
     from flexvlm_ray.data import DATASETS
     from flexvlm_ray.metrics import METRICS
-    from flexvlm_ray.models import MODELS
+    from flexvlm_ray.models import MODELS, describe_model
     from flexvlm_ray.models.base import adapter_options
 
     problems: list[tuple[str, str]] = []
     if spec.model.family not in MODELS:
         return [("model.family", f"unknown model {spec.model.family!r}; allowed: {', '.join(MODELS.names())}")]
-    family = MODELS.get(spec.model.family)
-    if spec.model.backend not in family.backends:
-        problems.append(("model.backend", f"backend {spec.model.backend!r} is not available for family "
-                         f"{spec.model.family!r}; allowed: {', '.join(family.backends)}"))
     try:
         options = adapter_options(options=spec.model.options, trust_remote_code=spec.model.trust_remote_code)
-        info = family.describe(preset=spec.model.preset, path=spec.model.path, options=options)
+        info = describe_model(spec.model.family, preset=spec.model.preset, path=spec.model.path, options=options)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         problems.append(("model", str(exc)))
         info = None
+    if info is not None and spec.model.backend not in info.backends:
+        problems.append(("model.backend", f"backend {spec.model.backend!r} is not available for family "
+                         f"{spec.model.family!r}; allowed: {', '.join(info.backends)}"))
 
     for i, ds in enumerate(spec.datasets):
         if ds.name not in DATASETS:

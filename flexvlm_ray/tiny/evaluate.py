@@ -35,7 +35,8 @@ from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.metrics.cider import CiderDMetric
 from flexvlm_ray.metrics.vqa import vqa_accuracy
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe import ASSETS_TINY, FlexMoeAdapter
+from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter
+from flexvlm_ray.models.flexmoe.config import ASSETS_TINY
 
 VQA_SLICE = 200
 CAPTION_SLICE = 100

@@ -13,8 +13,8 @@ from tokenizers import Tokenizer
 from flexvlm_ray.data import DATASETS
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.data.shapes import BACKGROUNDS, COLORS, KINDS, Scene, sample_scene, shapes_vocabulary
-from flexvlm_ray.models.flexmoe_config import EOS_ID, FlexMoeConfig, build_tokenizer
-from flexvlm_ray.models.flexmoe_preprocess import ImageLayout, build_sequence, layout_image, normalize_crops
+from flexvlm_ray.models.flexmoe.config import EOS_ID, FlexMoeConfig, build_tokenizer
+from flexvlm_ray.models.flexmoe.preprocess import ImageLayout, build_sequence, layout_image, normalize_crops
 
 MIX: tuple[tuple[str, float], ...] = (
     ("shapes_vqa", 0.60), ("shapes_caption", 0.25), ("shapes_count", 0.075), ("shapes_mc", 0.075))

@@ -62,8 +62,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-from flexvlm_ray.models.flexmoe_config import PAD_ID, PRESETS, FlexMoeConfig
-from flexvlm_ray.models.flexmoe_model import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, FlexMoeModel,
+from flexvlm_ray.models.flexmoe.config import PAD_ID, PRESETS, FlexMoeConfig
+from flexvlm_ray.models.flexmoe.model import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, FlexMoeModel,
                                               build_flexmoe, load_flexmoe, splice_image_embeds)
 from flexvlm_ray.tiny.examples import (CAPTION_REFERENCE, FULL_CROPS_P, MIX, POOL_SIZE, Draw, Example, build_pool,
                                        draw_max_crops, example_loader, reliance_examples, stack_pixels,

@@ -24,8 +24,10 @@ English words, then ``[unusedN]`` fillers up to the decoder's vocabulary size, s
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -208,3 +210,70 @@ def word_level_tokenizer(*, tokens: Sequence[str], special_tokens: Sequence[str]
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(list(special_tokens))
     return tok
+
+
+# -- folders, options and the spec-time description (no torch) -------------------------------------
+ASSETS_TINY = Path(__file__).resolve().parents[2] / "assets" / "tiny"
+DEFAULT_PRESET = "tiny"
+CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
+BACKENDS = ("hf", "fast")
+OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs")
+FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs")
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+DECODE_MOE = ("fused", "gather", "grouped")     # the fast backend's decode MoE paths
+PREFILL_MOE = ("grouped", "loop", "fused")      # ... and its prefill MoE paths
+KERNELS = ("triton", "torch")
+
+
+def read_flexmoe_config(directory: str | os.PathLike) -> FlexMoeConfig:
+    """The config of a saved flexmoe folder; a clear error when the folder or its files are missing."""
+    folder = Path(directory)
+    missing = [name for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if not folder.is_dir() or missing:
+        raise FileNotFoundError(f"flexmoe model folder '{folder}' is missing "
+                                f"{', '.join(missing) if folder.is_dir() else 'entirely'}; "
+                                f"expected {CONFIG_FILE}, {TOKENIZER_FILE}, {WEIGHTS_FILE} (see save_flexmoe)")
+    return FlexMoeConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+
+
+def preset_config(preset: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
+    """A preset's config and its weights folder (the shipped trained ``tiny``; None: random weights)."""
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset '{name}' for family 'flexmoe'. Available: {', '.join(sorted(PRESETS))}")
+    if name == "tiny" and (ASSETS_TINY / WEIGHTS_FILE).is_file():
+        return read_flexmoe_config(ASSETS_TINY), ASSETS_TINY
+    return PRESETS[name], None
+
+
+def check_options(options: dict[str, Any]) -> None:
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options for family 'flexmoe': {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
+    for name, allowed in (("experts_implementation", EXPERTS_IMPLEMENTATIONS),
+                          ("attn_implementation", ATTN_IMPLEMENTATIONS), ("decode_moe", DECODE_MOE),
+                          ("prefill_moe", PREFILL_MOE), ("kernels", KERNELS)):
+        if options.get(name) is not None and options[name] not in allowed:
+            raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
+    if options.get("cuda_graphs") is not None and not isinstance(options["cuda_graphs"], bool):
+        raise ValueError(f"cuda_graphs must be true or false, got {options['cuda_graphs']!r}")
+
+
+def describe(*, preset: Optional[str], path: Optional[str], options: dict[str, Any]):
+    """The family's ``ModelInfo`` for spec validation: a preset reads JSON and Python only (no torch); a
+    MolmoE checkpoint folder is checked by the checkpoint module."""
+    from flexvlm_ray.models.base import ModelInfo
+
+    check_options(options)
+    if path is None:
+        config, _ = preset_config(preset)
+    else:
+        from flexvlm_ray.models.flexmoe.checkpoint import checkpoint_kind, open_molmo_checkpoint
+
+        config = (open_molmo_checkpoint(path).config if checkpoint_kind(path) == "molmo"
+                  else read_flexmoe_config(path))
+    return ModelInfo(family="flexmoe", preset=config.name if path is None else str(path),
+                     num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
+                     max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
+                     hidden_size=config.hidden_size, vocab_size=config.vocab_size, backends=BACKENDS)

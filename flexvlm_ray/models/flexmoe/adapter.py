@@ -1,14 +1,14 @@
 """``flexmoe``: a MolmoE-style VLM assembled from transformers modules, with every knob live.
 
-Presets (``flexvlm_ray.models.flexmoe_config.PRESETS``): ``tiny`` (the default; CPU-sized, loads
+Presets (``flexvlm_ray.models.flexmoe.config.PRESETS``): ``tiny`` (the default; CPU-sized, loads
 ``flexvlm_ray/assets/tiny/`` when that folder holds a saved model, else random weights from the
 seed) and ``molmoe-1b`` (the seed model's shape, random weights built directly on the device).
 ``path`` loads a folder written by ``save_flexmoe``, or a MolmoE checkpoint folder (config.json with
-``model_type`` "molmo": the released MolmoE-1B or a fine-tune; ``flexvlm_ray.models.flexmoe_checkpoint``
+``model_type`` "molmo": the released MolmoE-1B or a fine-tune; ``flexvlm_ray.models.flexmoe.checkpoint``
 maps its weights, ``flexvlm_ray.models.molmo_preprocess`` is its own preprocessing and prompt).
 
 Backends (spec ``model.backend``): ``hf`` runs transformers' modules block by block; ``fast``
-runs the same weights through ``flexvlm_ray.models.fast_decoder`` (static KV cache, MoE cost that
+runs the same weights through ``flexvlm_ray.models.flexmoe.fast.decoder`` (static KV cache, MoE cost that
 follows top_k, CUDA graphs for decode; see docs/FAST_RUNTIME.md). Knob semantics are shared.
 
 Options:
@@ -37,86 +37,30 @@ import hashlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
 from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
+from flexvlm_ray.models.common import BlockKVCache, calibration_samples  # noqa: F401  (used below)
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models import fused_ops
-from flexvlm_ray.models.fast_decoder import DECODE_MOE, KERNELS, PREFILL_MOE, FastDecoder, grouped_mm_runs
-from flexvlm_ray.models.flexmoe_checkpoint import (MolmoCheckpoint, checkpoint_kind, load_molmo_checkpoint,
+from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
+from flexvlm_ray.models.flexmoe.fast.decoder import FastDecoder, grouped_mm_runs
+from flexvlm_ray.models.flexmoe.checkpoint import (MolmoCheckpoint, checkpoint_kind, load_molmo_checkpoint,
                                                    open_molmo_checkpoint, weights_digest)
-from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
-                                               build_tokenizer)
-from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
-from flexvlm_ray.models.flexmoe_model import (WEIGHTS_FILE, FlexMoeModel, add_image_embeds, build_flexmoe,
+from flexvlm_ray.models.flexmoe.config import (BACKENDS, EOS_ID, FAST_OPTIONS, SPECIAL_TOKENS, FlexMoeConfig,
+                                               build_tokenizer, check_options, describe, preset_config)
+from flexvlm_ray.models.flexmoe.flops import flexmoe_flops
+from flexvlm_ray.models.flexmoe.model import (WEIGHTS_FILE, FlexMoeModel, add_image_embeds, build_flexmoe,
                                               load_flexmoe, read_flexmoe_config, splice_image_embeds)
-from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
+from flexvlm_ray.models.flexmoe.preprocess import build_sequence, layout_image
 from flexvlm_ray.models.molmo_preprocess import PromptTokens, molmo_layout, molmo_sequence
 from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
                                           device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
                                           prefill_state, record_token, weights_source)
 
-ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-DEFAULT_PRESET = "tiny"
-OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs")
-FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs")
-BACKENDS = ("hf", "fast")
-EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 CALIBRATION_VERSION = 1
-CALIBRATION_PROMPTS = ("what color is the car ?", "how many people are there ?", "describe the image .")
-CALIBRATION_SIZES = ((336, 336), (640, 480), (480, 640))
-
-
-class BlockKVCache:
-    """Keys and values per decoder block index; blocks that never run have no entry.
-
-    It implements the one cache method transformers' attention calls:
-    ``update(key_states, value_states, layer_idx) -> (all keys, all values)``.
-    """
-
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx in self.keys:
-            key_states = torch.cat([self.keys[layer_idx], key_states], dim=-2)
-            value_states = torch.cat([self.values[layer_idx], value_states], dim=-2)
-        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        return key_states, value_states
-
-    def length(self, layer_idx: int) -> int:
-        return int(self.keys[layer_idx].shape[-2]) if layer_idx in self.keys else 0
-
-
-def calibration_images() -> list[Image.Image]:
-    """Deterministic synthetic images (colored rectangles on a gradient) for importance scores."""
-    rng = np.random.default_rng(1234)
-    images = []
-    for w, h in CALIBRATION_SIZES:
-        arr = np.zeros((h, w, 3), dtype=np.uint8)
-        arr[...] = (np.linspace(0, 255, w, dtype=np.uint8)[None, :, None] // 2)
-        for _ in range(6):
-            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
-            arr[y0:y1, x0:x1] = rng.integers(0, 256, size=3, dtype=np.uint8)
-        images.append(Image.fromarray(arr, "RGB"))
-    return images
-
-
-def calibration_samples() -> list[Sample]:
-    """The calibration set of importance scores: ``calibration_images`` with ``CALIBRATION_PROMPTS``."""
-    return [Sample(sample_id="calibration", image=image, prompt=prompt)
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS)]
-
-
 def _resolve_config(*, preset: Optional[str],
                     path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path], Optional[MolmoCheckpoint]]:
     """The config, the weights folder (None: random weights) and, for a MolmoE folder, the checked
@@ -126,29 +70,8 @@ def _resolve_config(*, preset: Optional[str],
             checkpoint = open_molmo_checkpoint(path)
             return checkpoint.config, Path(path), checkpoint
         return read_flexmoe_config(path), Path(path), None
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset '{name}' for family 'flexmoe'. Available: {', '.join(sorted(PRESETS))}")
-    if name == "tiny" and (ASSETS_TINY / WEIGHTS_FILE).is_file():
-        return read_flexmoe_config(ASSETS_TINY), ASSETS_TINY, None
-    return PRESETS[name], None, None
-
-
-def _check_options(options: dict[str, Any]) -> None:
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown options for family 'flexmoe': {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
-    experts = options.get("experts_implementation")
-    if experts is not None and experts not in EXPERTS_IMPLEMENTATIONS:
-        raise ValueError(f"experts_implementation '{experts}' is not one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
-    attn = options.get("attn_implementation")
-    if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation '{attn}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    for name, allowed in (("decode_moe", DECODE_MOE), ("prefill_moe", PREFILL_MOE), ("kernels", KERNELS)):
-        if options.get(name) is not None and options[name] not in allowed:
-            raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
-    if options.get("cuda_graphs") is not None and not isinstance(options["cuda_graphs"], bool):
-        raise ValueError(f"cuda_graphs must be true or false, got {options['cuda_graphs']!r}")
+    config, weights_dir = preset_config(preset)
+    return config, weights_dir, None
 
 
 def _file_sha256(path: Path) -> str:
@@ -165,12 +88,7 @@ class FlexMoeAdapter(ModelAdapter):
 
     @classmethod
     def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
-        _check_options(options)
-        config, _, _ = _resolve_config(preset=preset, path=path)
-        return ModelInfo(family="flexmoe", preset=config.name if path is None else str(path),
-                         num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
-                         max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
-                         hidden_size=config.hidden_size, vocab_size=config.vocab_size)
+        return describe(preset=preset, path=path, options=options)
 
     def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
                  seed: int, options: dict[str, Any], backend: str = "hf") -> None:
@@ -208,7 +126,7 @@ class FlexMoeAdapter(ModelAdapter):
         decoder (with its static KV cache and captured graphs) is built once per option set and kept.
         """
         options = dict(options or {})
-        _check_options(options)
+        check_options(options)
         allowed = {"hf": {"experts_implementation"}, "fast": set(FAST_OPTIONS)}
         if backend not in allowed:
             raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")

@@ -39,8 +39,8 @@ import torch
 from safetensors import safe_open
 from tokenizers import AddedToken, Tokenizer
 
-from flexvlm_ray.models.flexmoe_config import FlexMoeConfig
-from flexvlm_ray.models.flexmoe_model import FlexMoeModel, _reset_nonpersistent_buffers, default_dtype
+from flexvlm_ray.models.flexmoe.config import FlexMoeConfig
+from flexvlm_ray.models.flexmoe.model import FlexMoeModel, _reset_nonpersistent_buffers, default_dtype
 from flexvlm_ray.models.molmo_preprocess import MOLMO_EXTRA_TOKENS
 
 CONFIG_FILE, PREPROCESSOR_FILE, TOKENIZER_FILE = "config.json", "preprocessor_config.json", "tokenizer.json"

@@ -61,9 +61,9 @@ from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.discover import discover_structure
-from flexvlm_ray.models.flexmoe import calibration_samples
-from flexvlm_ray.models.flexmoe_config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
-from flexvlm_ray.models.flexmoe_preprocess import layout_image
+from flexvlm_ray.models.common import calibration_samples
+from flexvlm_ray.models.flexmoe.config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
+from flexvlm_ray.models.flexmoe.preprocess import layout_image
 from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
                                           device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
                                           prefill_state, record_token, weights_source)

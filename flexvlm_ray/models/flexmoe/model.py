@@ -25,7 +25,6 @@ the CPU. ``save_flexmoe`` / ``load_flexmoe`` write and read ``config.json``, ``t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -37,10 +36,10 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, OlmoeConfig, OlmoeForCausalLM
 
-from flexvlm_ray.models.flexmoe_config import BOS_ID, EOS_ID, PAD_ID, FlexMoeConfig, build_tokenizer
+from flexvlm_ray.models.flexmoe.config import (BOS_ID, CONFIG_FILE, EOS_ID, PAD_ID, TOKENIZER_FILE, WEIGHTS_FILE,  # noqa: F401
+                                              FlexMoeConfig, build_tokenizer, read_flexmoe_config)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
 
 
 class AttentionPool2x2(nn.Module):
@@ -218,17 +217,6 @@ def save_flexmoe(*, model: FlexMoeModel, tokenizer: Optional[Tokenizer], directo
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
     return out
-
-
-def read_flexmoe_config(directory: str | os.PathLike) -> FlexMoeConfig:
-    """The config of a saved flexmoe folder; a clear error when the folder or its files are missing."""
-    folder = Path(directory)
-    missing = [name for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
-    if not folder.is_dir() or missing:
-        raise FileNotFoundError(f"flexmoe model folder '{folder}' is missing "
-                                f"{', '.join(missing) if folder.is_dir() else 'entirely'}; "
-                                f"expected {CONFIG_FILE}, {TOKENIZER_FILE}, {WEIGHTS_FILE} (see save_flexmoe)")
-    return FlexMoeConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
 
 
 def load_flexmoe(directory: str | os.PathLike, *, device: str | torch.device, dtype: torch.dtype,
