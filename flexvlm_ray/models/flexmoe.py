@@ -117,7 +117,13 @@ def calibration_samples() -> list[Sample]:
             for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS)]
 
 
-def _resolve_config(*, preset: Optional[str],
+def _resolve_config(*, preset: Optional[str], path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
+    """The config and the weights folder (None: random weights) for a preset or a path."""
+    config, folder, _ = _resolve_source(preset=preset, path=path)
+    return config, folder
+
+
+def _resolve_source(*, preset: Optional[str],
                     path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path], Optional[MolmoCheckpoint]]:
     """The config, the weights folder (None: random weights) and, for a MolmoE folder, the checked
     checkpoint, for a preset or a path."""
@@ -166,7 +172,7 @@ class FlexMoeAdapter(ModelAdapter):
     @classmethod
     def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
         _check_options(options)
-        config, _, _ = _resolve_config(preset=preset, path=path)
+        config, _ = _resolve_config(preset=preset, path=path)
         return ModelInfo(family="flexmoe", preset=config.name if path is None else str(path),
                          num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
                          max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
@@ -181,7 +187,7 @@ class FlexMoeAdapter(ModelAdapter):
             raise ValueError(f"options {sorted(set(options) & set(FAST_OPTIONS))} need backend 'fast'")
         self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
         self.seed = int(seed)
-        self.config, self.weights_dir, self.checkpoint = _resolve_config(preset=preset, path=path)
+        self.config, self.weights_dir, self.checkpoint = _resolve_source(preset=preset, path=path)
         attn = options.get("attn_implementation", "sdpa")
         experts = options.get("experts_implementation") or "grouped_mm"
         self.model, self.tokenizer = self._load(attn=attn, experts=experts)
