@@ -90,6 +90,18 @@ def test_logits_match_the_reference_forward(adapters, weights, backend, knobs):
     assert rel_err(state.extras["logits"], expected) < REL_TOL
 
 
+def test_fast_triton_kernels_match_the_reference(folder, weights):
+    """The fast backend's Triton kernels and fused MoE (Triton's interpreter on the CPU) at these sizes."""
+    adapter = MODELS.get("flexmoe")(preset=None, path=str(folder), dtype="float32", device="cpu", seed=0,
+                                    options={"kernels": "triton", "prefill_moe": "fused", "decode_moe": "fused"},
+                                    backend="fast")
+    knobs = Knobs(top_k=2, max_crops=2)
+    adapter.apply_knobs(knobs)
+    prepared = adapter.prepare(sample=sample(), knobs=knobs)
+    state = adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
+    assert rel_err(state.extras["logits"], reference(weights, prepared, top_k=2)) < REL_TOL
+
+
 def test_knobs_change_the_logits(adapters, weights):
     """The reference itself reacts to top_k and blocks, so the comparisons above can fail."""
     adapter = adapters["hf"]

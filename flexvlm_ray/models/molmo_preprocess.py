@@ -70,13 +70,10 @@ class PromptTokens:
         raise ValueError(f"the tokenizer has none of Molmo's tokens {', '.join(sorted(set(missing)))}")
 
     def decode(self, tokenizer: Tokenizer, ids: Sequence[int]) -> str:
-        """The answer text of generated ids (special and image tokens dropped)."""
+        """The answer text of generated ids from the checkpoint's tokenizer (special and image tokens
+        dropped); the word-level tokenizer's ids are decoded by the adapter as words."""
         specials = {self.bos, self.eos, self.im_start, self.im_end, self.im_patch, self.im_col}
-        kept = [int(i) for i in ids if int(i) not in specials]
-        if self.word_level:
-            words = [tokenizer.id_to_token(i) for i in kept]
-            return " ".join(w for w in words if w is not None and not w.startswith("["))
-        return tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return tokenizer.decode([int(i) for i in ids if int(i) not in specials], skip_special_tokens=True).strip()
 
 
 @dataclass

@@ -61,7 +61,13 @@ from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchan
                                           prefill_state, record_token, weights_source)
 
 CALIBRATION_VERSION = 1
-def _resolve_config(*, preset: Optional[str],
+def _resolve_config(*, preset: Optional[str], path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
+    """The config and the weights folder (None: random weights) for a preset or a path."""
+    config, folder, _ = _resolve_source(preset=preset, path=path)
+    return config, folder
+
+
+def _resolve_source(*, preset: Optional[str],
                     path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path], Optional[MolmoCheckpoint]]:
     """The config, the weights folder (None: random weights) and, for a MolmoE folder, the checked
     checkpoint, for a preset or a path."""
@@ -99,7 +105,7 @@ class FlexMoeAdapter(ModelAdapter):
             raise ValueError(f"options {sorted(set(options) & set(FAST_OPTIONS))} need backend 'fast'")
         self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
         self.seed = int(seed)
-        self.config, self.weights_dir, self.checkpoint = _resolve_config(preset=preset, path=path)
+        self.config, self.weights_dir, self.checkpoint = _resolve_source(preset=preset, path=path)
         attn = options.get("attn_implementation", "sdpa")
         experts = options.get("experts_implementation") or "grouped_mm"
         self.model, self.tokenizer = self._load(attn=attn, experts=experts)
