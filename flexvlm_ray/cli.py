@@ -213,7 +213,8 @@ def _failure_advice(run_dir: Path) -> None:
         kinds = Counter(f["error_type"] for f in repeat)
         first = repeat[0]["message"].strip().splitlines()
         click.echo(f"  {len(repeat)} will fail the same way on a retry ({', '.join(f'{k}: {n}' for k, n in kinds.items())}; "
-                   f"e.g. {first[-1][:160] if first else ''}): fix the cause (spec, files, code) first", err=True)
+                   f"e.g. {first[-1][:160] if first else ''}): fix the cause (files, environment, code) first, then "
+                   f"resume; a changed spec needs a new run", err=True)
     if retry:
         click.echo(f"  {sum(retry.values())} may succeed on a retry ({', '.join(f'{k}: {n}' for k, n in retry.items())}): "
                    f"flexvlm-ray launch --resume {run_dir}", err=True)
