@@ -124,6 +124,9 @@ def launch(spec: Optional[str], num_gpus: Optional[int], address: Optional[str],
         click.echo(f"error: {exc}", err=True)
         click.echo(_resume_advice(run_dir=exc.run_dir, retryable=exc.retryable), err=True)
         sys.exit(EXIT_FAILURES)
+    except RuntimeError as exc:  # anything else that stopped the driver: one line, no traceback
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_FAILURES)
     except runner.RunInterrupted as exc:
         click.echo(f"\ninterrupted; the units stored so far are kept in {exc.run_dir}", err=True)
         click.echo(f"resume with: flexvlm-ray launch --resume {exc.run_dir}" if exc.resumable else

@@ -166,3 +166,26 @@ def test_a_cluster_without_free_gpus_says_so(ray_local, write_spec, tmp_path):
                    progress=False)
     finally:
         ray.kill(holder)
+
+
+def test_ctrl_c_exits_130_and_prints_the_resume_command(write_spec, tmp_path):
+    spec = write_spec(spec_text(decode_ms=60))  # ~1 s per unit
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "flexvlm_ray.cli", "launch", str(spec), "--num-gpus", "2",
+                             "--output", str(out), "--run-id", "c", "--no-progress", "--no-analyze"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    parts = out / "t" / "c" / "parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the driver
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"resume with: flexvlm-ray launch --resume {out / 't' / 'c'}" in stderr
+    assert "Traceback" not in stderr
+    assert RunStore(out / "t" / "c").manifest()["status"] == "interrupted"
