@@ -20,12 +20,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.pareto import pareto_mask
-from analysis.plots import save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.pareto import pareto_mask
+from flexvlm_ray.knobs.base import KNOB_NAMES, MODEL_KNOBS
+from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.registry import register_analysis
 
-KNOBS = ["max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens"]
-NUMERIC_KNOBS = ["max_crops", "top_k", "active_blocks"]
+KNOBS = list(KNOB_NAMES)
+NUMERIC_KNOBS = list(MODEL_KNOBS)
 LATENCIES = {"p50": "T_total_p50", "p95": "T_total_p95"}
 RANDOM_ORDERS = 20
 REPLAY_BUDGET = 48  # configs the replayed searcher may evaluate (its curve stops there)
@@ -135,7 +136,7 @@ def replay_search(part: pd.DataFrame, *, searcher: str, seed: int, budget: int) 
     """The order in which an adaptive searcher (Ray Tune OptunaSearch, as in search: tune)
     would measure the configs of a fully measured grid: each suggestion is answered with the
     config's measured P50 and score. Returns the distinct configs in order of evaluation."""
-    from flexvlm_ray.run.tune_search import KNOBS as TUNE_KNOBS, config_key, full_config, make_searcher
+    from flexvlm_ray.searchers import KNOBS as TUNE_KNOBS, config_key, full_config, make_searcher
 
     space = {k: sorted(part[k].dropna().unique().tolist(), key=str) if part[k].notna().any() else [None]
              for k in TUNE_KNOBS}

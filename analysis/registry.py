@@ -19,7 +19,7 @@ from flexvlm_ray.registry import Registry
 
 # fn(rows DataFrame, out_dir Path, manifest dict) -> list of written paths
 AnalysisFn = Callable[..., list[Path]]
-ANALYSES: Registry[AnalysisFn] = Registry("analysis")
+ANALYSES: Registry[AnalysisFn] = Registry("analysis", group="flexvlm_ray.analyses")
 # fn(runs {experiment: (rows, manifest)}, out_dir Path) -> list of written paths
 COMBINED: Registry[AnalysisFn] = Registry("combined analysis")
 COMBINED_INPUTS: dict[str, tuple[str, ...]] = {}
@@ -59,7 +59,7 @@ _DECORATORS = {"register_analysis": "single", "register_combined_analysis": "com
 @functools.lru_cache(maxsize=1)
 def _module_index() -> dict[tuple[str, str], str]:
     """(kind, experiment name) -> module that registers it, read from the package's source."""
-    import analysis
+    import flexvlm_ray.analysis as analysis
 
     index: dict[tuple[str, str], str] = {}
     for module in pkgutil.iter_modules(analysis.__path__):
@@ -71,7 +71,7 @@ def _module_index() -> dict[tuple[str, str], str]:
                 kind = _DECORATORS[node.func.id]
                 for arg in node.args:
                     if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                        index[(kind, arg.value)] = f"analysis.{module.name}"
+                        index[(kind, arg.value)] = f"{analysis.__name__}.{module.name}"
     return index
 
 
@@ -79,23 +79,23 @@ def load_analysis(experiment: str, *, kind: str = "single") -> AnalysisFn | None
     """The analysis registered for ``experiment`` (importing only its module); None when no module
     registers it; AnalysisError when its module fails to import."""
     registry = ANALYSES if kind == "single" else COMBINED
-    if experiment not in registry:
-        module = _module_index().get((kind, experiment))
-        if module is None:
-            return None
-        try:
+    try:
+        if experiment not in registry:  # registered names include lazy ones and entry points
+            module = _module_index().get((kind, experiment))
+            if module is None:
+                return None
             importlib.import_module(module)
-        except Exception as exc:  # a missing optional package or a bug: only this analysis is lost
-            raise AnalysisError(experiment, exc) from exc
-    return registry.get(experiment) if experiment in registry else None
+        return registry.get(experiment) if experiment in registry else None
+    except Exception as exc:  # a missing optional package or a bug: only this analysis is lost
+        raise AnalysisError(experiment, exc) from exc
 
 
 def _import_all() -> None:
     """Import every module of the analysis package, so each registers its experiments."""
-    import analysis
+    import flexvlm_ray.analysis as analysis
 
     for module in pkgutil.iter_modules(analysis.__path__):
-        importlib.import_module(f"analysis.{module.name}")
+        importlib.import_module(f"{analysis.__name__}.{module.name}")
 
 
 def analyze_run(run_dir: str | Path) -> list[Path]:
@@ -118,7 +118,7 @@ def analyze_run(run_dir: str | Path) -> list[Path]:
 
 
 def combined_names() -> list[str]:
-    return sorted(name for kind, name in _module_index() if kind == "combined")
+    return sorted({name for kind, name in _module_index() if kind == "combined"} | set(COMBINED.names()))
 
 
 def analyze_combined(name: str, *, run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:

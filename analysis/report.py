@@ -102,7 +102,7 @@ def _json_section(path: Path, base: Path) -> str:
 
 
 def _summary_table(run_dir: Path) -> str:
-    from analysis.summary import summary_table
+    from flexvlm_ray.analysis.summary import summary_table
     from flexvlm_ray.store.reader import load_frame
 
     rows = load_frame(run_dir)
@@ -120,7 +120,7 @@ def folder_section(folder: Path, *, index: int) -> str:
     manifest_path = folder / "manifest.json"
     parts = []
     if manifest_path.is_file():
-        from analysis.registry import AnalysisError, analyze_run
+        from flexvlm_ray.analysis.registry import AnalysisError, analyze_run
 
         manifest = json.loads(manifest_path.read_text())
         analysis_dir = folder / "analysis"

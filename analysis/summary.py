@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-KNOB_COLUMNS = ["dataset", "max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens"]
+from flexvlm_ray.knobs.base import KNOB_NAMES
+
+KNOB_COLUMNS = ["dataset", *KNOB_NAMES]
 STAGE_COLUMNS = ["T_vision_encoder", "T_projector", "T_LLM_prefill", "T_LLM_decode", "T_total"]
 
 

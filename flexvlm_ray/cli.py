@@ -171,7 +171,7 @@ def _report(*, run_dir: Path, summary, analyze: bool) -> bool:
 
 
 def _step_failure(name: str, exc: BaseException) -> str:
-    from analysis.registry import AnalysisError
+    from flexvlm_ray.analysis.registry import AnalysisError
 
     if isinstance(exc, AnalysisError):
         return f"{exc} (the run's rows are kept; rerun with: flexvlm-ray analyze RUN_DIR)"
@@ -180,14 +180,14 @@ def _step_failure(name: str, exc: BaseException) -> str:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from analysis.summary import format_summary
+    from flexvlm_ray.analysis.summary import format_summary
     from flexvlm_ray.store.reader import load_frame
 
     click.echo(format_summary(load_frame(run_dir)))
 
 
 def _write_analysis(run_dir: Path) -> None:
-    from analysis.registry import analyze_run
+    from flexvlm_ray.analysis.registry import analyze_run
 
     written = analyze_run(run_dir)
     if written:
@@ -195,7 +195,7 @@ def _write_analysis(run_dir: Path) -> None:
 
 
 def _write_report(run_dir: Path) -> None:
-    from analysis.report import build_report
+    from flexvlm_ray.analysis.report import build_report
 
     click.echo(f"report: {build_report([run_dir], out=Path(run_dir) / 'report.html')}")
 
@@ -260,7 +260,7 @@ def status(run_dir: str, as_json: bool) -> None:
 def analyze(run_dirs: tuple[str, ...], combine: Optional[str], out_dir: Optional[str]) -> None:
     """Write each run's analysis (JSON and 300-DPI figures) into RUN_DIR/analysis/, or with
     --combine NAME --out DIR one analysis over several runs into DIR."""
-    from analysis.registry import AnalysisError, analyze_combined, analyze_run, combined_names
+    from flexvlm_ray.analysis.registry import AnalysisError, analyze_combined, analyze_run, combined_names
 
     if combine is None and out_dir is not None:
         _fail("--out goes with --combine (a single run's analysis goes to RUN_DIR/analysis/)")
@@ -303,7 +303,7 @@ def analyze(run_dirs: tuple[str, ...], combine: Optional[str], out_dir: Optional
               help="HTML file (default: RUN_DIR/report.html for one folder, ./report.html for several)")
 def report(folders: tuple[str, ...], out_file: Optional[str]) -> None:
     """One self-contained HTML page (figures embedded) over run folders and combined-analysis folders."""
-    from analysis.report import build_report
+    from flexvlm_ray.analysis.report import build_report
 
     out = out_file or (str(Path(folders[0]) / "report.html") if len(folders) == 1 else "report.html")
     try:
@@ -313,11 +313,33 @@ def report(folders: tuple[str, ...], out_file: Optional[str]) -> None:
 
 
 def _register_plugin_commands() -> None:
-    from flexvlm_ray.estimator_cli import calibrate_command
-    from flexvlm_ray.knobs.verify import verify_knobs_command
+    from flexvlm_ray.commands.calibrate import calibrate_command
+    from flexvlm_ray.commands.verify_knobs import verify_knobs_command
 
     main.add_command(verify_knobs_command, name="verify-knobs")
     main.add_command(calibrate_command, name="calibrate")
+
+
+_PASS_THROUGH = {"context_settings": {"ignore_unknown_options": True, "allow_extra_args": True,
+                                      "help_option_names": []}}
+
+
+@main.command("train-tiny", **_PASS_THROUGH)
+@click.pass_context
+def train_tiny(ctx: click.Context) -> None:
+    """Train the tiny flexmoe model on the synthetic sets (--help lists its options)."""
+    from flexvlm_ray.tiny.train import main as train_main
+
+    train_main(ctx.args)
+
+
+@main.command("eval-tiny", **_PASS_THROUGH)
+@click.pass_context
+def eval_tiny(ctx: click.Context) -> None:
+    """Score a trained tiny model folder at full and reduced knobs (--help lists its options)."""
+    from flexvlm_ray.tiny.evaluate import main as eval_main
+
+    eval_main(ctx.args)
 
 
 _register_plugin_commands()

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from flexvlm_ray.knobs.base import KNOB_NAMES
 from flexvlm_ray.models.simulated import DEFAULT_COSTS, PRESETS, PROMPT_TOKENS
 
 SYNTHETIC_COSTS = {**DEFAULT_COSTS, "decode_ctx_ms_per_token": 0.0}
@@ -135,7 +136,7 @@ def write_synthetic_run(*, run_dir: str | Path, rows: pd.DataFrame, experiment: 
     store.create(spec_text=f"# synthetic rows ({len(rows)})\n", spec_hash="synthetic", units=[], run_id="synthetic")
     store.update_manifest(sweep=sweep, experiment=experiment, status="complete")
     rows = rows.assign(sweep=sweep, experiment=experiment, run_id="synthetic")
-    keys = ["dataset", "max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens"]
+    keys = ["dataset", *KNOB_NAMES]
     for i, (_, part) in enumerate(rows.groupby(keys, dropna=False, sort=True)):
         records = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
                    for r in part.to_dict(orient="records")]

@@ -136,7 +136,7 @@ def test_status_of_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_analyze_exits_3_and_names_the_failing_analysis(tmp_path, monkeypatch):
-    import analysis.registry as registry
+    import flexvlm_ray.analysis.registry as registry
 
     run = _run_folder(tmp_path, done=2, failed=0)
     registry.load_analysis("quickstart")

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.e2 import analyze, budget_cases, config_frame, hypervolume, two_way
-from analysis.pareto import pareto_mask
+from flexvlm_ray.analysis.e2 import analyze, budget_cases, config_frame, hypervolume, two_way
+from flexvlm_ray.analysis.pareto import pareto_mask
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import load_spec

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.knobs import verify as verify_mod
+from flexvlm_ray.commands import verify_knobs as verify_mod
 from flexvlm_ray.knobs.blocks import block_influence, select_blocks
 from flexvlm_ray.knobs.moe import temporary_top_k
 from flexvlm_ray.models import MODELS, Knobs

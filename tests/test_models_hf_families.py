@@ -8,7 +8,7 @@ import torch
 from model_support import decode_counting_block_calls, routed_experts_per_token, run_stages, sample
 
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.knobs.verify import verify_knobs
+from flexvlm_ray.commands.verify_knobs import verify_knobs
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import MODELS, Knobs
 from flexvlm_ray.models.qwen3_vl_moe import Qwen3VLMoeAdapter

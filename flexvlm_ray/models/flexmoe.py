@@ -414,6 +414,15 @@ class FlexMoeAdapter(ModelAdapter):
             return {"attention": block.attention, "ffn": block.ffn}
         return {"attention": block.self_attn, "ffn": block.mlp}
 
+    @classmethod
+    def count_params(cls, *, preset: Optional[str], path: Optional[str],
+                     options: dict[str, Any]) -> dict[str, int]:
+        """Counted on a 'meta' device build from the config: no weights, no memory."""
+        config, _ = _resolve_config(preset=preset, path=path)
+        with torch.device("meta"):
+            model = FlexMoeModel(config)
+        return flexmoe_param_counts(model=model, top_k=config.top_k, active_blocks=range(config.num_blocks))
+
     def param_counts(self) -> dict[str, int]:
         return flexmoe_param_counts(model=self.model, top_k=self.knobs.top_k or self.config.top_k,
                                     active_blocks=self._active)

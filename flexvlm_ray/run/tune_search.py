@@ -20,56 +20,28 @@ from collections import deque
 from types import SimpleNamespace
 from typing import Any, Optional
 
+from flexvlm_ray.knobs.base import INT_KNOBS
+from flexvlm_ray.searchers import KNOBS, config_key, full_config, make_searcher  # noqa: F401  (re-exported)
 from flexvlm_ray.run.scheduler import RunSummary, SweepDriver, _progress, _say
 from flexvlm_ray.spec.expand import WorkUnit, expand, knob_grid
 from flexvlm_ray.spec.schema import KnobGrid, SweepSpec, TuneSpec, grid_values
 from flexvlm_ray.store.writer import RunStore, atomic_write_bytes, atomic_write_json
 
-KNOBS = ("max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens")
-METRICS = ["latency", "quality"]
-MODES = ["min", "max"]
 SUGGESTIONS_PER_SAMPLE = 20  # a searcher that keeps repeating itself stops after this many
 
 
 def search_space(spec: SweepSpec) -> dict[str, list]:
     """Every knob's values in the grid (block_policy only where active_blocks is set)."""
     k = spec.knobs
-    space = {name: grid_values(getattr(k, name)) for name in ("max_crops", "top_k", "active_blocks",
-                                                             "max_new_tokens")}
+    space = {name: grid_values(getattr(k, name)) for name in INT_KNOBS}
     space["block_policy"] = list(k.block_policy) if k.active_blocks is not None else ["prefix"]
     return space
-
-
-def make_searcher(*, space: dict[str, list], searcher: str, seed: int):
-    """Ray Tune's OptunaSearch over the knobs with more than one value, two objectives."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}
-    free = {name: CategoricalDistribution(values) for name, values in space.items() if len(values) > 1}
-    return OptunaSearch(space=free, metric=METRICS, mode=MODES, sampler=samplers[searcher]())
-
-
-def full_config(params: dict[str, Any], space: dict[str, list]) -> dict[str, Any]:
-    """The searcher's params plus the knobs fixed by the grid (one value), in KNOBS order."""
-    config = {name: (params[name] if name in params else space[name][0]) for name in KNOBS}
-    if config["active_blocks"] is None:
-        config["block_policy"] = "prefix"
-    return config
-
-
-def config_key(config: dict[str, Any]) -> tuple:
-    return tuple(config[name] for name in KNOBS)
 
 
 def units_of(spec: SweepSpec, *, config: dict[str, Any], dataset_index: int) -> list[WorkUnit]:
     """The config's units for one dataset: the grid expansion of a one-config, one-dataset spec."""
     knobs = KnobGrid(**{name: ([config[name]] if config[name] is not None else None)
-                        for name in ("max_crops", "top_k", "active_blocks", "max_new_tokens")},
+                        for name in INT_KNOBS},
                      block_policy=[config["block_policy"]])
     one = spec.model_copy(update={"knobs": knobs, "datasets": [spec.datasets[dataset_index]]})
     return expand(one)

@@ -24,7 +24,26 @@ class SpecError(ValueError):
         self.problems = problems
 
 
+def shipped_sweeps() -> Path:
+    """The sweep files installed with the package (``sweeps/`` of the checkout)."""
+    return Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def resolve_spec_path(path: str | Path) -> Path:
+    """``path`` if it exists; else the shipped sweep it names (``e2_pareto``, ``e2_pareto.yaml`` or
+    ``sweeps/e2_pareto.yaml``), so ``flexvlm-ray launch`` finds the sweeps outside a checkout."""
+    path = Path(path)
+    if path.exists():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    shipped = shipped_sweeps() / name
+    if (path.parent in (Path("."), Path("sweeps"))) and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_spec(path: str | Path, *, overrides: Sequence[str] = ()) -> SweepSpec:
+    path = resolve_spec_path(path)
     return load_spec_text(read_spec_text(path), source=str(path), overrides=overrides)
 
 

@@ -6,7 +6,9 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from flexvlm_ray.models.base import BLOCK_POLICIES
+from flexvlm_ray.knobs.base import BLOCK_POLICIES
+from flexvlm_ray.models.base import BACKENDS
+from flexvlm_ray.searchers import SAMPLERS
 
 
 class _Strict(BaseModel):
@@ -51,7 +53,7 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: cuda when the worker sees a GPU, else cpu")
-    backend: Literal["hf", "fast"] = "hf"
+    backend: Literal[BACKENDS] = "hf"
     trust_remote_code: bool = False
     options: dict[str, Any] = Field(default_factory=dict, description="family-specific options")
 
@@ -68,7 +70,7 @@ class KnobGrid(_Strict):
     max_crops: Optional[IntGrid] = None
     top_k: Optional[IntGrid] = None
     active_blocks: Optional[IntGrid] = None
-    block_policy: list[Literal["prefix", "importance", "random"]] = Field(default_factory=lambda: ["prefix"])
+    block_policy: list[Literal[BLOCK_POLICIES]] = Field(default_factory=lambda: ["prefix"])
     max_new_tokens: IntGrid = Field(default_factory=lambda: [16])
 
     @field_validator("max_crops", "top_k", "active_blocks", "max_new_tokens")
@@ -107,7 +109,7 @@ class MeasureSpec(_Strict):
 class TuneSpec(_Strict):
     num_samples: int = Field(default=16, ge=1, description="distinct knob configurations the search may measure")
     seed: int = Field(default=0, description="seed of the searcher's sampler")
-    searcher: Literal["tpe", "nsga2", "random"] = Field(
+    searcher: Literal[SAMPLERS] = Field(
         default="tpe", description="optuna sampler behind Ray Tune's OptunaSearch (multi-objective)")
 
 

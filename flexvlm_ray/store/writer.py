@@ -14,12 +14,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flexvlm_ray.spec.expand import WorkUnit
 from flexvlm_ray.store.schema import SCHEMA_VERSION
 
 
@@ -53,6 +52,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+
+class StoredUnit(Protocol):
+    """What the store needs of a work unit (spec.expand.WorkUnit is one); the store imports no spec."""
+
+    unit_id: str
+    sweep: str
+    experiment: str
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 class RunStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.root = Path(run_dir)
@@ -60,7 +70,7 @@ class RunStore:
         self.failures = self.root / "failures"
 
     # -- creation ----------------------------------------------------------------------
-    def create(self, *, spec_text: str, spec_hash: str, units: list[WorkUnit], run_id: str) -> None:
+    def create(self, *, spec_text: str, spec_hash: str, units: list["StoredUnit"], run_id: str) -> None:
         if (self.root / "manifest.json").exists():
             raise FileExistsError(f"{self.root} already holds a run; resume it with "
                                   f"`flexvlm-ray launch --resume {self.root}` or pick another --run-id")
@@ -91,10 +101,6 @@ class RunStore:
 
     def update_manifest(self, **fields: Any) -> None:
         atomic_write_json(self.root / "manifest.json", {**self.manifest(), **fields})
-
-    def units(self) -> list[WorkUnit]:
-        lines = (self.root / "units.jsonl").read_text().splitlines()
-        return [WorkUnit.from_dict(json.loads(line)) for line in lines if line]
 
     def spec_text(self) -> str:
         return (self.root / "spec.yaml").read_text()

@@ -1,6 +1,6 @@
 """Quality of the trained ``tiny`` flexmoe model under reduced knobs, against constant baselines.
 
-    python -m flexvlm_ray.eval_tiny [--model-dir flexvlm_ray/assets/tiny] [--docs docs/TINY_MODEL.md]
+    flexvlm-ray eval-tiny [--model-dir flexvlm_ray/assets/tiny] [--docs docs/TINY_MODEL.md]
 
 Every prediction goes through the engine's own pass (``flexvlm_ray.measure.engine.measure_pass``):
 ``prepare`` -> ``vision_encoder`` -> ``projector`` -> ``prefill`` -> ``decode_step`` until ``[EOS]``
@@ -151,7 +151,7 @@ def markdown_table(*, result: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate the trained tiny flexmoe model under reduced knobs.")
+    parser = argparse.ArgumentParser(prog="flexvlm-ray eval-tiny", description="Evaluate the trained tiny flexmoe model under reduced knobs.")
     parser.add_argument("--model-dir", type=Path, default=ASSETS_TINY)
     parser.add_argument("--out", type=Path, default=None, help="eval.json to write (default: in the model folder)")
     args = parser.parse_args(argv)
