@@ -1,6 +1,7 @@
 """launch / resume / status: spec -> run folder -> Ray -> stored rows."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -22,9 +23,10 @@ from flexvlm_ray.store.writer import RunStore
 
 
 def spec_hash(spec: SweepSpec) -> str:
-    """Hash of the spec; a grid spec leaves out the search keys, so runs from before they
-    existed keep their hash."""
+    """Hash of the spec; a grid spec leaves out the search keys, and no spec has its timeouts in
+    it, so runs from before they existed keep their hash."""
     data = spec.model_dump(mode="json")
+    data.pop("timeouts", None)  # limits change nothing that is measured
     if spec.search == "grid":
         data.pop("search", None)
         data.pop("tune", None)
@@ -41,34 +43,86 @@ def default_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C during a run; ``run_dir`` holds what was stored, ``resumable`` whether --resume applies."""
+
+    def __init__(self, run_dir: Path, *, resumable: bool) -> None:
+        super().__init__(f"interrupted: {run_dir}")
+        self.run_dir, self.resumable = run_dir, resumable
+
+
+def preflight(*, spec: SweepSpec, num_gpus: Optional[int], address: Optional[str]) -> None:
+    """Checks of the machine and the cluster that need no Ray; ValueError with one line."""
+    from flexvlm_ray.run.cluster import check_reachable, detected_gpus
+
+    if address and num_gpus:
+        raise ValueError("--num-gpus sets the size of a local Ray cluster that launch starts; with --address the "
+                         "sweep uses every GPU of the existing cluster (one worker each); drop --num-gpus")
+    if address:
+        check_reachable(address)
+    elif spec.model.device == "cuda" and detected_gpus() == 0:
+        import torch
+
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"model.device: cuda, but this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                         f"{build}); use device: auto (runs on the CPU here) or --address a cluster with GPUs")
+
+
 def launch(*, spec_path: str, overrides: Sequence[str] = (), num_gpus: Optional[int] = None,
            address: Optional[str] = None, output: str = "results", run_id: Optional[str] = None,
            dashboard: bool = False, progress: bool = True, prefetch: int = 1):
+    """Validate, connect Ray, then create the run folder and run (so that a spec, machine or
+    cluster problem leaves no folder behind)."""
+    from flexvlm_ray.run.cluster import connect
+
     spec = load_spec(spec_path, overrides=overrides)
     run_id = run_id or default_run_id()
+    preflight(spec=spec, num_gpus=num_gpus, address=address)
+    connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     if spec.search == "tune":
         from flexvlm_ray.run.tune_search import launch_tune
 
-        return launch_tune(spec=spec, spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
-                           spec_hash=spec_hash(spec), output=output, run_id=run_id, num_gpus=num_gpus,
-                           address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
+        with _interruptible(Path(output) / spec.name / run_id, resumable=False):
+            return launch_tune(spec=spec, spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
+                               spec_hash=spec_hash(spec), output=output, run_id=run_id, num_gpus=num_gpus,
+                               address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
     units = expand(spec)
     store = RunStore(Path(output) / spec.name / run_id)
     store.create(spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
                  spec_hash=spec_hash(spec), units=units, run_id=run_id)
-    return store.root, _execute(spec=spec, units=units, store=store, run_id=run_id, num_gpus=num_gpus,
-                                address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
+    with _interruptible(store.root, resumable=True):
+        return store.root, _execute(spec=spec, units=units, store=store, run_id=run_id, num_gpus=num_gpus,
+                                    address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
 
 
 def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[str] = None,
            dashboard: bool = False, progress: bool = True, prefetch: int = 1):
+    from flexvlm_ray.run.cluster import connect
+
     store = RunStore(run_dir)
     spec, units = check_resumable(store)
+    preflight(spec=spec, num_gpus=num_gpus, address=address)
+    connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.remove_partial_writes()
     manifest = store.manifest()
-    return store.root, _execute(spec=spec, units=units, store=store, run_id=manifest["run_id"],
-                                num_gpus=num_gpus, address=address, dashboard=dashboard,
-                                progress=progress, prefetch=prefetch)
+    with _interruptible(store.root, resumable=True):
+        return store.root, _execute(spec=spec, units=units, store=store, run_id=manifest["run_id"],
+                                    num_gpus=num_gpus, address=address, dashboard=dashboard,
+                                    progress=progress, prefetch=prefetch)
+
+
+@contextlib.contextmanager
+def _interruptible(run_dir: Path, *, resumable: bool):
+    """Ctrl-C -> RunInterrupted naming the run folder; a SweepAborted learns its run folder."""
+    from flexvlm_ray.run.scheduler import SweepAborted
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(Path(run_dir), resumable=resumable) from None
+    except SweepAborted as exc:
+        exc.run_dir = Path(run_dir)
+        raise
 
 
 def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
@@ -103,7 +157,8 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
     driver = SweepDriver(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                         prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name))
+                         prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
+                         unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     try:
         summary = driver.run(units=units, gpu_types=spec.gpu_types)
     except BaseException:

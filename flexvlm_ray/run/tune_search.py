@@ -127,8 +127,7 @@ class TuneDriver(SweepDriver):
                         self._finish_trials()
                         continue
                     break
-                ready, _ = ray.wait(list(self.by_ref), num_returns=1)
-                self._collect(ready[0])
+                self._wait_one()
                 self._finish_trials()
         finally:
             self.bar.close()
@@ -226,7 +225,8 @@ def launch_tune(*, spec: SweepSpec, spec_text: str, spec_hash: str, output: str,
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
     driver = TuneDriver(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                        prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name))
+                        prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
+                        unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     try:
         summary = driver.run_search(spec=spec)
     except BaseException:

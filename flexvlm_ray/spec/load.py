@@ -6,6 +6,7 @@ Every line names the file, the key path, the bad value and what is allowed, e.g.
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, Optional, Sequence, get_args, get_origin
 
@@ -43,24 +44,51 @@ def resolve_spec_path(path: str | Path) -> Path:
 
 def load_spec(path: str | Path, *, overrides: Sequence[str] = ()) -> SweepSpec:
     path = resolve_spec_path(path)
+    return load_spec_text(read_spec_text(path), source=str(path), overrides=overrides)
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The spec file's text; SpecError when it cannot be read or is not UTF-8 text."""
+    path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError([f"{path}: cannot read the spec: {exc.strerror or exc}"]) from None
-    return load_spec_text(text, source=str(path), overrides=overrides)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         f"a spec is a YAML text file"]) from None
 
 
 def load_spec_text(text: str, *, source: str, overrides: Sequence[str] = ()) -> SweepSpec:
     raw = parse_yaml(text, source=source)
     raw = apply_overrides(raw, overrides, source=source)
+    origin = _origins(overrides, source=source)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError([_pydantic_line(err, source=source) for err in exc.errors()]) from None
-    problems = [f"{source}: {loc}: {msg}" for loc, msg in check_semantics(spec)]
+        raise SpecError([_pydantic_line(err, source=origin(err["loc"])) for err in exc.errors()]) from None
+    problems = [f"{origin(loc.split('.'))}: {loc}: {msg}" for loc, msg in check_semantics(spec)]
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _origins(overrides: Sequence[str], *, source: str):
+    """loc -> where its value came from: the last ``--set`` whose key path overlaps the loc
+    (either is a prefix of the other), else the spec file."""
+    keyed = [(item.partition("=")[0].split("."), item) for item in overrides]
+
+    def origin(loc: Sequence[Any]) -> str:
+        parts = [str(p) for p in loc]
+        for key, item in reversed(keyed):
+            n = min(len(key), len(parts))
+            if n and key[:n] == parts[:n]:
+                return f"--set {item}"
+        return source
+
+    return origin
 
 
 def parse_yaml(text: str, *, source: str) -> dict[str, Any]:
@@ -84,7 +112,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: st
     for item in overrides:
         key, sep, value_text = item.partition("=")
         if not sep or not key:
-            problems.append(f"{source}: --set {item!r}: expected KEY.PATH=VALUE")
+            problems.append(f"--set {item!r}: expected KEY.PATH=VALUE")
             continue
         try:
             value = yaml.safe_load(value_text)
@@ -100,7 +128,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: st
             else:
                 node[parts[-1]] = value
         except (IndexError, ValueError, TypeError, AttributeError):
-            problems.append(f"{source}: --set {item!r}: no such key path {key!r} in the spec")
+            problems.append(f"--set {item!r}: no such key path {key!r} in the spec {source}")
     if problems:
         raise SpecError(problems)
     return raw
@@ -132,11 +160,19 @@ def _pydantic_line(err: dict[str, Any], *, source: str) -> str:
     if kind == "extra_forbidden":
         owner = _model_at(loc)
         allowed = ", ".join(owner.model_fields) if owner else "see the docs"
-        return f"{source}: {_loc(loc)}: unknown key; allowed keys here: {allowed}"
+        hint = did_you_mean(str(loc[-1]), list(owner.model_fields)) if owner else ""
+        return f"{source}: {_loc(loc)}: unknown key{hint}; allowed keys here: {allowed}"
     if kind == "missing":
         return f"{source}: {_loc(loc)}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{source}: {_loc(loc)}: {msg} (got {err.get('input')!r})"
+    got = "" if "got " in msg else f" (got {err.get('input')!r})"
+    return f"{source}: {_loc(loc)}: {msg}{got}"
+
+
+def did_you_mean(name: str, allowed: Sequence[str]) -> str:
+    """' (did you mean top_k?)' for the closest allowed name, or ''."""
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
@@ -148,22 +184,34 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
 
     problems: list[tuple[str, str]] = []
     if spec.model.family not in MODELS:
-        return [("model.family", f"unknown model {spec.model.family!r}; allowed: {', '.join(MODELS.names())}")]
-    try:
-        options = adapter_options(options=spec.model.options, trust_remote_code=spec.model.trust_remote_code)
-        info = describe_model(spec.model.family, preset=spec.model.preset, path=spec.model.path, options=options)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        problems.append(("model", str(exc)))
-        info = None
+        return [("model.family", f"unknown model {spec.model.family!r}{did_you_mean(spec.model.family, MODELS.names())}; "
+                                 f"allowed: {', '.join(MODELS.names())}")]
+    info = None
+    if spec.model.path is not None and not Path(spec.model.path).expanduser().exists():
+        problems.append(("model.path", f"{spec.model.path} does not exist on this machine (a path must be "
+                                       f"valid on the driver and on every worker node)"))
+    else:
+        try:
+            options = adapter_options(options=spec.model.options, trust_remote_code=spec.model.trust_remote_code)
+            info = describe_model(spec.model.family, preset=spec.model.preset, path=spec.model.path, options=options)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            problems.append(("model", str(exc)))
     if info is not None and spec.model.backend not in info.backends:
         problems.append(("model.backend", f"backend {spec.model.backend!r} is not available for family "
                          f"{spec.model.family!r}; allowed: {', '.join(info.backends)}"))
 
     for i, ds in enumerate(spec.datasets):
         if ds.name not in DATASETS:
-            problems.append((f"datasets.{i}.name", f"unknown dataset {ds.name!r}; allowed: {', '.join(DATASETS.names())}"))
+            problems.append((f"datasets.{i}.name", f"unknown dataset {ds.name!r}{did_you_mean(ds.name, DATASETS.names())}; "
+                                                   f"allowed: {', '.join(DATASETS.names())}"))
             continue
         entry = DATASETS.get(ds.name)
+        if ds.path is not None and entry.synthetic:
+            problems.append((f"datasets.{i}.path", f"{ds.name} is synthetic (generated in the package) and reads "
+                                                   f"no files; remove path"))
+        elif ds.path is not None and not Path(ds.path).expanduser().exists():
+            problems.append((f"datasets.{i}.path", f"{ds.path} does not exist on this machine (a path must be "
+                                                   f"valid on the driver and on every worker node)"))
         if ds.split not in entry.splits:
             problems.append((f"datasets.{i}.split", f"{ds.split!r} is not a split of {ds.name}; allowed: {', '.join(entry.splits)}"))
         if entry.metric != "none" and entry.metric not in METRICS:

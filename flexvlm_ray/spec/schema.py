@@ -113,6 +113,15 @@ class TuneSpec(_Strict):
         default="tpe", description="optuna sampler behind Ray Tune's OptunaSearch (multi-objective)")
 
 
+class TimeoutSpec(_Strict):
+    """Limits that keep a run from hanging. Not part of the spec hash or unit ids (they change
+    nothing that is measured), so they may be raised in RUN_DIR/spec.yaml before a --resume."""
+    unit_s: float = Field(default=1800.0, gt=0, description="a unit running longer on its worker (a "
+                          "restarted worker's model load included) is stopped and recorded as a Timeout failure")
+    worker_start_s: float = Field(default=900.0, gt=0, description="time for every worker to start and "
+                                  "load the model (GPUs free in the cluster included)")
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     experiment: str = Field(description="analysis family, e.g. quickstart, motivation_exp3, e2")
@@ -131,3 +140,4 @@ class SweepSpec(_Strict):
         default="grid", description="grid: every knob combination; tune: an adaptive multi-objective search "
                                     "over the knob grid (latency P50 min, mean score max) per dataset")
     tune: Optional[TuneSpec] = Field(default=None, description="settings of search: tune")
+    timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec, description="per-unit and worker-start limits")

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -21,10 +22,22 @@ import pyarrow.parquet as pq
 from flexvlm_ray.store.schema import SCHEMA_VERSION
 
 
+@functools.lru_cache(maxsize=1)
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under this process's umask (read once:
+    reading the umask means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file, fsync and rename; the file gets the user's
+    umask (mkstemp alone would make it 0600, unreadable to the rest of a team)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
