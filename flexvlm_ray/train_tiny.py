@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import platform
 import time
 import dataclasses
@@ -648,7 +649,13 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
                   "peak_lr": peak_lr, "pool_size": pool_size, "config": config.to_dict()}
     phase1_loaded = False
     if phase1_cache is not None and Path(phase1_cache).is_file():
-        cached = torch.load(phase1_cache, weights_only=False, map_location=device)
+        # weights_only: the cache holds tensors, dicts, lists and numbers only, so no pickled code runs
+        try:
+            cached = torch.load(phase1_cache, weights_only=True, map_location=device)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            print(f"phase 1 cache {phase1_cache} not loadable ({str(exc).splitlines()[0][:120]}); "
+                  f"training phase 1", flush=True)
+            cached = {"key": None}
         if cached["key"] == phase1_key:
             model.load_state_dict(cached["model"])
             head.load_state_dict(cached["head"])

@@ -1,4 +1,5 @@
-"""The Ray driver: one ModelWorker actor per GPU, units pulled by whichever worker is free.
+"""The Ray driver: one ModelWorker actor per GPU (never more than the units to run), units pulled
+by whichever worker is free.
 
 Units already stored in the run folder are skipped. Each worker holds at most ``1 + prefetch``
 units (one running, the next queued on the actor so it starts without a round trip). Results
@@ -109,7 +110,14 @@ class SweepDriver:
             have = describe_slots([s.gpu_type for s in slots]) or "no GPUs"
             wanted = ", ".join(sorted(t or "any" for t in missing))
             raise RuntimeError(f"no GPU in the cluster for units pinned to {wanted}; the cluster offers {have}")
-        return [s for s in slots if s.gpu_type in needed]
+        # no more workers than units: each GPU type gets at most as many slots as it has units
+        per_type = Counter(u.gpu_type for u in pending)
+        kept: list[_Slot] = []
+        for slot in slots:
+            if per_type[slot.gpu_type] > 0:
+                per_type[slot.gpu_type] -= 1
+                kept.append(slot)
+        return kept
 
     def _start_workers(self, slots: list[_Slot]) -> None:
         """Start one actor per slot and wait until each has loaded the model."""
