@@ -572,6 +572,18 @@ def save_trained(*, model: FlexMoeModel, tokenizer: Tokenizer, directory: Path, 
     return directory
 
 
+def load_phase1_cache(path: Path, *, device: Any) -> dict[str, Any]:
+    """The phase-1 cache, loaded with ``weights_only`` (it holds tensors, dicts, lists and numbers
+    only, so no pickled code can run); {} when the file is not such a cache."""
+    try:
+        cached = torch.load(path, weights_only=True, map_location=device)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        print(f"phase 1 cache {path} not loadable ({(str(exc).splitlines() or [''])[0][:120]}); "
+              f"training phase 1", flush=True)
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
 def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: float = 2e-3,
           config: Optional[FlexMoeConfig] = None, pool_size: int = POOL_SIZE, threads: int = 1,
           log_every: int = 25, vision_lr_mult: float = VISION_LR_MULT,
@@ -649,14 +661,8 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
                   "peak_lr": peak_lr, "pool_size": pool_size, "config": config.to_dict()}
     phase1_loaded = False
     if phase1_cache is not None and Path(phase1_cache).is_file():
-        # weights_only: the cache holds tensors, dicts, lists and numbers only, so no pickled code runs
-        try:
-            cached = torch.load(phase1_cache, weights_only=True, map_location=device)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-            print(f"phase 1 cache {phase1_cache} not loadable ({str(exc).splitlines()[0][:120]}); "
-                  f"training phase 1", flush=True)
-            cached = {"key": None}
-        if cached["key"] == phase1_key:
+        cached = load_phase1_cache(Path(phase1_cache), device=device)
+        if cached.get("key") == phase1_key:
             model.load_state_dict(cached["model"])
             head.load_state_dict(cached["head"])
             history += cached["history"]

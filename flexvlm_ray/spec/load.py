@@ -24,7 +24,7 @@ class SpecError(ValueError):
     """A spec that cannot run; ``problems`` holds one line per problem, each of readable length."""
 
     def __init__(self, problems: list[str]) -> None:
-        lines = [truncate(p) for p in problems[:MAX_PROBLEMS]]
+        lines = [truncate(" ".join(p.split())) for p in problems[:MAX_PROBLEMS]]  # one line each
         if len(problems) > MAX_PROBLEMS:
             lines.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
         super().__init__("\n".join(lines))
