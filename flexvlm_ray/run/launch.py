@@ -141,7 +141,11 @@ def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise SpecError([f"{store.root}: written with row schema v{manifest['schema_version']}, "
                          f"this code writes v{SCHEMA_VERSION}; start a new run instead of resuming"])
-    spec = load_spec_text(store.spec_text(), source=str(store.root / "spec.yaml"))
+    from flexvlm_ray.spec.load import MAX_UNITS
+
+    # a run launched with --max-units above the default cap resumes without the flag
+    spec = load_spec_text(store.spec_text(), source=str(store.root / "spec.yaml"),
+                          max_units=max(MAX_UNITS, len(manifest["unit_ids"])))
     if spec.search == "tune":
         raise SpecError([f"{store.root}: a search: tune run cannot be resumed (the searcher's state is not "
                          f"stored); launch the spec again under a new --run-id"])
