@@ -17,19 +17,23 @@ import click
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_ANALYSIS, EXIT_PENDING, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 SET_HELP = "override a spec key, e.g. --set datasets.0.num_samples=20 (repeatable)"
+MAX_UNITS_HELP = "refuse specs that expand to more work units than this (default 100000)"
+MAX_LINE_CHARS = 300
 
 
 def _fail(message: str) -> None:
-    click.echo(message, err=True)
+    lines = [line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS - 25] + f" ... ({len(line)} chars)"
+             for line in message.splitlines()[:60]]
+    click.echo("\n".join(lines), err=True)
     sys.exit(EXIT_BAD_INPUT)
 
 
-def _load(spec_path: str, overrides: tuple[str, ...]):
+def _load(spec_path: str, overrides: tuple[str, ...], max_units: Optional[int] = None):
     from flexvlm_ray.spec.expand import expand
     from flexvlm_ray.spec.load import SpecError, load_spec
 
     try:
-        spec = load_spec(spec_path, overrides=overrides)
+        spec = load_spec(spec_path, overrides=overrides, max_units=max_units)
     except SpecError as exc:
         _fail("\n".join(exc.problems))
     return spec, expand(spec)
@@ -44,9 +48,10 @@ def main() -> None:
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def validate(spec: str, overrides: tuple[str, ...]) -> None:
+@click.option("--max-units", type=click.IntRange(min=1), default=None, help=MAX_UNITS_HELP)
+def validate(spec: str, overrides: tuple[str, ...], max_units: Optional[int]) -> None:
     """Check a sweep spec; print 'ok: N work units' or one line per problem."""
-    _, units = _load(spec, overrides)
+    _, units = _load(spec, overrides, max_units)
     click.echo(f"ok: {len(units)} work units")
 
 
@@ -55,9 +60,11 @@ def validate(spec: str, overrides: tuple[str, ...]) -> None:
 @click.option("--num-gpus", type=click.IntRange(min=1), default=None, help="GPUs to plan for")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--all", "show_all", is_flag=True, help="list every unit (default: the first 40)")
-def plan(spec: str, num_gpus: Optional[int], overrides: tuple[str, ...], show_all: bool) -> None:
+@click.option("--max-units", type=click.IntRange(min=1), default=None, help=MAX_UNITS_HELP)
+def plan(spec: str, num_gpus: Optional[int], overrides: tuple[str, ...], show_all: bool,
+         max_units: Optional[int]) -> None:
     """Dry run: the expanded work units and their count. Starts no Ray, touches no GPU."""
-    spec_obj, units = _load(spec, overrides)
+    spec_obj, units = _load(spec, overrides, max_units)
     header = f"{'#':>5}  {'unit_id':16}  {'dataset':16} {'shard':>7} {'rep':>3} {'gpu':8} " \
              f"{'crops':>5} {'top_k':>5} {'blocks':>6} {'policy':10} {'new_tok':>7}"
     click.echo(header)
@@ -72,7 +79,8 @@ def plan(spec: str, num_gpus: Optional[int], overrides: tuple[str, ...], show_al
     configs = len({u.config_key for u in units})
     line = f"{len(units)} work units ({configs} knob configurations) for sweep '{spec_obj.name}'"
     if num_gpus:
-        line += f"; {num_gpus} workers, about {-(-len(units) // num_gpus)} units each"
+        workers = min(num_gpus, len(units))
+        line += f"; {workers} workers, about {-(-len(units) // max(workers, 1))} units each"
     click.echo(line)
 
 
@@ -96,10 +104,12 @@ def _d(value: Optional[int]) -> str:
 @click.option("--analyze/--no-analyze", default=True, show_default=True,
               help="write the experiment's analysis (figures, JSON) when the run completes")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
+@click.option("--max-units", type=click.IntRange(min=1), default=None, help=MAX_UNITS_HELP)
 def launch(spec: Optional[str], num_gpus: Optional[int], address: Optional[str], output: str,
            run_id: Optional[str], resume_dir: Optional[str], overrides: tuple[str, ...],
-           dashboard: bool, analyze: bool, progress: bool) -> None:
-    """Run a sweep (or --resume one) on Ray workers, one per GPU."""
+           dashboard: bool, analyze: bool, progress: bool, max_units: Optional[int]) -> None:
+    """Run a sweep (or --resume one) on Ray workers, one per GPU (at most one per unit).
+    One driver at a time per run folder (RUN_DIR/.lock)."""
     from flexvlm_ray.run import launch as runner
     from flexvlm_ray.run.scheduler import SweepAborted
     from flexvlm_ray.spec.load import SpecError
@@ -115,7 +125,7 @@ def launch(spec: Optional[str], num_gpus: Optional[int], address: Optional[str],
         else:
             run_dir, summary = runner.launch(spec_path=spec, overrides=overrides, num_gpus=num_gpus,
                                              address=address, output=output, run_id=run_id,
-                                             dashboard=dashboard, progress=progress)
+                                             dashboard=dashboard, progress=progress, max_units=max_units)
     except SpecError as exc:
         _fail("\n".join(exc.problems))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
@@ -124,6 +134,12 @@ def launch(spec: Optional[str], num_gpus: Optional[int], address: Optional[str],
         click.echo(f"error: {exc}", err=True)
         click.echo(_resume_advice(run_dir=exc.run_dir, retryable=exc.retryable), err=True)
         sys.exit(EXIT_FAILURES)
+    except runner.RunWriteFailed as exc:  # a write failed mid-run (a full disk): the stored units are kept
+        click.echo(f"error: {exc}", err=True)
+        click.echo(f"resume with: flexvlm-ray launch --resume {exc.run_dir}", err=True)
+        sys.exit(EXIT_FAILURES)
+    except OSError as exc:  # before the run folder exists
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
     except RuntimeError as exc:  # anything else that stopped the driver: one line, no traceback
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(EXIT_FAILURES)
@@ -234,14 +250,15 @@ def status(run_dir: str, as_json: bool) -> None:
 
     try:
         info = run_status(run_dir)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
         click.echo(f"{info['run_dir']}  sweep {info['sweep']}  run {info['run_id']}  ({info['status']})")
         click.echo(f"units: {info['units']}  done {info['done']}  failed {info['failed']}  "
-                   f"pending {info['pending']}  rows {info['rows']}")
+                   f"pending {info['pending']}  rows {info['rows']}"
+                   + (f"  corrupt {info['corrupt']} (re-run on --resume)" if info["corrupt"] else ""))
         for gpu, n in sorted(info["units_per_gpu"].items()):
             click.echo(f"  {gpu}: {n} units")
         for kind, n in sorted(info["failures_by_type"].items()):
@@ -283,7 +300,7 @@ def analyze(run_dirs: tuple[str, ...], combine: Optional[str], out_dir: Optional
     for run_dir in run_dirs:
         try:
             written = analyze_run(run_dir)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
         except AnalysisError as exc:  # the other runs' analyses still run
             click.echo(f"{run_dir}: {exc}", err=True)

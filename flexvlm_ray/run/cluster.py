@@ -1,4 +1,12 @@
-"""Connect to Ray: a local cluster with N (possibly logical) GPUs, or an existing one."""
+"""Connect to Ray: a local cluster with N (possibly logical) GPUs, or an existing one.
+
+A local cluster listens on loopback only: Ray's GCS, raylet, object manager, worker gRPC servers,
+the dashboard agent and its Prometheus metrics endpoint all bind to 127.0.0.1 (Ray picks
+loopback for every server when its node address is the local host, which
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` selects on every platform). The dashboard itself starts
+only with ``--dashboard`` (on 127.0.0.1). Joining a cluster with ``--address`` uses that
+cluster's own settings (see README, "Network exposure").
+"""
 from __future__ import annotations
 
 import os
@@ -9,6 +17,54 @@ from pathlib import Path
 from typing import Optional
 
 ACCEL_PREFIX = "accelerator_type:"
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+WORKER_MEMORY_BYTES = 600 * 2**20   # a CPU worker holding the tiny model: ~0.5 GB measured, plus room
+LOGICAL_GPUS_PER_CORE = 4           # CPU workers mostly wait on the driver; more than this only thrashes
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def logical_gpu_limit() -> int:
+    """How many logical GPUs (CPU workers) this machine can hold: bounded by cores and memory."""
+    cores = os.cpu_count() or 1
+    return max(1, min(LOGICAL_GPUS_PER_CORE * cores, available_memory_bytes() // WORKER_MEMORY_BYTES))
+
+
+def check_num_gpus(*, num_gpus: Optional[int], address: Optional[str]) -> None:
+    """Refuse, before anything starts, more GPUs than this machine has (or, without GPUs, more
+    CPU workers than its cores and memory hold)."""
+    if address or num_gpus is None:
+        return
+    real = detected_gpus()
+    if real and num_gpus > real:
+        raise ValueError(f"--num-gpus {num_gpus} but this machine has {real} GPU(s); "
+                         f"use at most {real}, or --address to join a larger cluster")
+    if not real:
+        limit = logical_gpu_limit()
+        if num_gpus > limit:
+            raise ValueError(
+                f"--num-gpus {num_gpus}: this machine has no GPU, so each logical GPU is a worker process on the "
+                f"CPU (about {WORKER_MEMORY_BYTES / 2**30:.1f} GiB each); with {os.cpu_count() or 1} cores and "
+                f"{available_memory_bytes() / 2**30:.1f} GiB available it holds at most {limit}")
+
+
+def bind_loopback() -> None:
+    """Make a local Ray cluster started from this process listen on 127.0.0.1 only."""
+    os.environ.update(LOOPBACK_ENV)  # read by Ray at import and by the processes it starts
+    try:
+        from ray._private import ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False  # when ray was imported before the variable was set
+    except (ImportError, AttributeError):
+        pass
 
 
 def detected_gpus() -> int:
@@ -79,6 +135,9 @@ def connect(*, num_gpus: Optional[int], address: Optional[str], dashboard: bool 
     if real and num_gpus > real:
         raise ValueError(f"--num-gpus {num_gpus} but this machine has {real} GPU(s); "
                          f"use at most {real}, or --address to join a larger cluster")
+    if not real:
+        num_gpus = min(num_gpus, logical_gpu_limit())
+    bind_loopback()
     context = ray.init(address="local", num_gpus=num_gpus, num_cpus=max(os.cpu_count() or 1, num_gpus + 1),
                        include_dashboard=dashboard, dashboard_host=dashboard_host,
                        logging_level="WARNING", runtime_env=env)

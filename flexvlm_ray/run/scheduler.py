@@ -1,4 +1,5 @@
-"""The Ray driver: one ModelWorker actor per GPU, units pulled by whichever worker is free.
+"""The Ray driver: one ModelWorker actor per GPU (never more than the units to run), units pulled
+by whichever worker is free.
 
 Units already stored in the run folder are skipped. Each worker holds at most ``1 + prefetch``
 units (one running, the next queued on the actor so it starts without a round trip). Results
@@ -95,8 +96,6 @@ class SweepDriver:
 
     def run(self, *, units: list[WorkUnit], gpu_types: Optional[list[str]]) -> RunSummary:
         """Run every unit that the store has no result for. Ray must be connected."""
-        import ray
-
         done_ids = self.store.done_ids()
         pending = [u for u in units if u.unit_id not in done_ids]
         self.summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
@@ -128,8 +127,6 @@ class SweepDriver:
     # -- slots and actors ------------------------------------------------------------------
     @staticmethod
     def _make_slots(pending: list[WorkUnit], gpu_types: Optional[list[str]]) -> list[_Slot]:
-        import ray
-
         slots = [_Slot(i, t) for i, t in enumerate(gpu_slots(gpu_types=gpu_types))]
         needed = {u.gpu_type for u in pending}
         missing = needed - {s.gpu_type for s in slots}
@@ -139,6 +136,14 @@ class SweepDriver:
             raise SweepAborted(f"no GPU in the cluster for units pinned to {wanted}; the cluster offers {have}",
                                retryable=False)
         slots = [s for s in slots if s.gpu_type in needed]
+        # no more workers than units: each GPU type gets at most as many slots as it has units
+        per_type = Counter(u.gpu_type for u in pending)
+        kept: list[_Slot] = []
+        for slot in slots:
+            if per_type[slot.gpu_type] > 0:
+                per_type[slot.gpu_type] -= 1
+                kept.append(slot)
+        slots = kept
         free = _free_gpus(wanted=len(slots))
         if free < 1:
             raise SweepAborted(f"no free GPU: the cluster has {len(slots)} GPU(s) for this sweep and all are held "

@@ -111,7 +111,9 @@ class TuneDriver(SweepDriver):
         self.spec, self.trials, self.log = spec, {}, []
         self.unit_index = len(self.store.manifest()["unit_ids"])
         self.summary = RunSummary(total=0, skipped=0)
-        stubs = [SimpleNamespace(gpu_type=t) for t in (spec.gpu_types or [None])]
+        # the most units the search can queue per GPU type (workers = min(GPUs, units))
+        most = sum(tune.num_samples * ds.shards for ds in spec.datasets) * spec.repeats
+        stubs = [SimpleNamespace(gpu_type=t) for t in (spec.gpu_types or [None]) for _ in range(most)]
         self._start_workers(self._make_slots(stubs, spec.gpu_types))
         self.queues = {s.gpu_type: deque() for s in self.slots}
         self.by_ref = {}
@@ -237,6 +239,7 @@ def launch_tune(*, spec: SweepSpec, spec_text: str, spec_hash: str, output: str,
     env["sessions"] = [{"started_units": summary.total - summary.skipped, "done": summary.done,
                         "failed": summary.failed, "wall_s": round(summary.wall_s, 3)}]
     store.write_env(env)
+    store.compact()
     status = run_status(store.root)
     store.update_manifest(status="complete" if status["pending"] == 0 and status["failed"] == 0 else "incomplete")
     _say(f"tune search: {sum(len(s.measured) for s in driver.searches)} configs measured, "

@@ -15,13 +15,21 @@ from pydantic import BaseModel, ValidationError
 
 from flexvlm_ray.spec.schema import SweepSpec, grid_values
 
+MAX_SPEC_BYTES = 1 << 20     # a spec file larger than this is refused unread
+MAX_LINE_CHARS = 300         # each problem line is cut to this length
+MAX_PROBLEMS = 50            # at most this many problem lines, then a count
+MAX_UNITS = 100_000          # expanded work units; --max-units raises it
+
 
 class SpecError(ValueError):
-    """A spec that cannot run; ``problems`` holds one line per problem."""
+    """A spec that cannot run; ``problems`` holds one line per problem, each of readable length."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+        lines = [truncate(" ".join(p.split())) for p in problems[:MAX_PROBLEMS]]  # one line each
+        if len(problems) > MAX_PROBLEMS:
+            lines.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
+        super().__init__("\n".join(lines))
+        self.problems = lines
 
 
 def shipped_sweeps() -> Path:
@@ -42,15 +50,22 @@ def resolve_spec_path(path: str | Path) -> Path:
     return path
 
 
-def load_spec(path: str | Path, *, overrides: Sequence[str] = ()) -> SweepSpec:
+def truncate(line: str, limit: int = MAX_LINE_CHARS) -> str:
+    return line if len(line) <= limit else line[:limit - 25] + f" ... ({len(line)} chars)"
+
+
+def load_spec(path: str | Path, *, overrides: Sequence[str] = (), max_units: Optional[int] = None) -> SweepSpec:
     path = resolve_spec_path(path)
-    return load_spec_text(read_spec_text(path), source=str(path), overrides=overrides)
+    return load_spec_text(read_spec_text(path), source=str(path), overrides=overrides, max_units=max_units)
 
 
 def read_spec_text(path: str | Path) -> str:
-    """The spec file's text; SpecError when it cannot be read or is not UTF-8 text."""
+    """The spec file's text; SpecError when it cannot be read, is too large or is not UTF-8 text."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError([f"{path}: the spec is {size} bytes; a spec may have at most {MAX_SPEC_BYTES}"])
         data = path.read_bytes()
     except OSError as exc:
         raise SpecError([f"{path}: cannot read the spec: {exc.strerror or exc}"]) from None
@@ -61,7 +76,8 @@ def read_spec_text(path: str | Path) -> str:
                          f"a spec is a YAML text file"]) from None
 
 
-def load_spec_text(text: str, *, source: str, overrides: Sequence[str] = ()) -> SweepSpec:
+def load_spec_text(text: str, *, source: str, overrides: Sequence[str] = (),
+                   max_units: Optional[int] = None) -> SweepSpec:
     raw = parse_yaml(text, source=source)
     raw = apply_overrides(raw, overrides, source=source)
     origin = _origins(overrides, source=source)
@@ -69,6 +85,11 @@ def load_spec_text(text: str, *, source: str, overrides: Sequence[str] = ()) -> 
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError([_pydantic_line(err, source=origin(err["loc"])) for err in exc.errors()]) from None
+    limit = MAX_UNITS if max_units is None else max_units
+    count = unit_count(spec)
+    if count > limit:
+        raise SpecError([f"{source}: the spec expands to {count} work units, above the cap of {limit}; "
+                         f"shrink the grid, or raise the cap with --max-units {count}"])
     problems = [f"{origin(loc.split('.'))}: {loc}: {msg}" for loc, msg in check_semantics(spec)]
     if problems:
         raise SpecError(problems)
@@ -91,9 +112,29 @@ def _origins(overrides: Sequence[str], *, source: str):
     return origin
 
 
+def unit_count(spec: SweepSpec) -> int:
+    """How many work units ``expand`` would make, computed without making them."""
+    k = spec.knobs
+    configs = len(grid_values(k.max_crops)) * len(grid_values(k.top_k)) * len(grid_values(k.max_new_tokens))
+    configs *= len(k.active_blocks) * len(k.block_policy) if k.active_blocks is not None else 1
+    shards = sum(ds.shards for ds in spec.datasets)
+    return configs * shards * spec.repeats * len(spec.gpu_types or [None])
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` refusing aliases (``*name``): an alias can expand a few bytes into
+    gigabytes ("billion laughs"), and a spec has no need for them."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            mark = event.start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed "
+                                 f"in a spec; write the value out")
+    return yaml.safe_load(text)
+
+
 def parse_yaml(text: str, *, source: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -115,7 +156,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: st
             problems.append(f"--set {item!r}: expected KEY.PATH=VALUE")
             continue
         try:
-            value = yaml.safe_load(value_text)
+            value = safe_load_yaml(value_text)
         except yaml.YAMLError:
             value = value_text
         parts = key.split(".")
@@ -165,7 +206,7 @@ def _pydantic_line(err: dict[str, Any], *, source: str) -> str:
     if kind == "missing":
         return f"{source}: {_loc(loc)}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    got = "" if "got " in msg else f" (got {err.get('input')!r})"
+    got = "" if "got " in msg else f" (got {truncate(repr(err.get('input')), 80)})"
     return f"{source}: {_loc(loc)}: {msg}{got}"
 
 

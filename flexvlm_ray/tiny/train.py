@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import platform
 import time
 from pathlib import Path
@@ -202,6 +203,18 @@ def save_trained(*, model: FlexMoeModel, tokenizer: Tokenizer, directory: Path, 
     save_file(state, str(directory / WEIGHTS_FILE))
     (directory / "train.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     return directory
+
+
+def load_phase1_cache(path: Path, *, device: Any) -> dict[str, Any]:
+    """The phase-1 cache, loaded with ``weights_only`` (it holds tensors, dicts, lists and numbers
+    only, so no pickled code can run); {} when the file is not such a cache."""
+    try:
+        cached = torch.load(path, weights_only=True, map_location=device)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        print(f"phase 1 cache {path} not loadable ({(str(exc).splitlines() or [''])[0][:120]}); "
+              f"training phase 1", flush=True)
+        return {}
+    return cached if isinstance(cached, dict) else {}
 
 
 def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: float = 2e-3,
@@ -362,8 +375,8 @@ def _load_phase1(*, cache: Optional[Path], key: dict[str, Any], model: FlexMoeMo
     and plain data only, so it loads with ``weights_only=True``."""
     if cache is None or not Path(cache).is_file():
         return False
-    cached = torch.load(cache, weights_only=True, map_location=device)
-    if cached["key"] != key:
+    cached = load_phase1_cache(Path(cache), device=device)
+    if cached.get("key") != key:
         return False
     model.load_state_dict(cached["model"])
     head.load_state_dict(cached["head"])

@@ -174,8 +174,8 @@ class Molmo2Adapter(ModelAdapter):
         else:
             from transformers import AutoTokenizer
             self.model = m.Molmo2ForConditionalGeneration.from_pretrained(
-                self.folder, local_files_only=True, dtype=self.dtype).to(self.device)
-            auto = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+                self.folder, local_files_only=True, trust_remote_code=False, dtype=self.dtype).to(self.device)
+            auto = AutoTokenizer.from_pretrained(self.folder, local_files_only=True, trust_remote_code=False)
             self.tokenizer = auto.backend_tokenizer
             self._eos = auto.eos_token_id
             self._bos = auto.bos_token_id if auto.bos_token_id is not None else auto.eos_token_id

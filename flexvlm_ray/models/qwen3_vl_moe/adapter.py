@@ -144,8 +144,9 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         else:
             from transformers import AutoTokenizer
             self.model = Qwen3VLMoeForConditionalGeneration.from_pretrained(
-                folder, local_files_only=True, dtype=self.dtype).to(self.device)
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True).backend_tokenizer
+                folder, local_files_only=True, trust_remote_code=False, dtype=self.dtype).to(self.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                           trust_remote_code=False).backend_tokenizer
             self._eos = self.config.text_config.eos_token_id
             default_pixels = None
             processor_args = _processor_args_from(folder)
