@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OWN = {"flexvlm_ray", "analysis", "benchmarks", "tests", "model_support", "analysis_support",
-       "fake_molmo_remote", "conftest"}
+# this repo's own top-level names: the package, and the helper modules beside the tests and benchmarks
+OWN = ({"flexvlm_ray", "analysis", "benchmarks", "tests"}
+       | {p.stem for folder in ("tests", "benchmarks") for p in (ROOT / folder).glob("*.py")})
 
 
 def _names(requirements: list[str]) -> set[str]:

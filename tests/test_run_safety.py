@@ -256,6 +256,7 @@ def test_workers_are_the_fewer_of_gpus_and_units(monkeypatch, gpus, pending, exp
 
     from flexvlm_ray.run import scheduler
     monkeypatch.setattr(scheduler, "gpu_slots", lambda gpu_types: [None] * gpus)
+    monkeypatch.setattr(scheduler, "_free_gpus", lambda wanted: wanted)   # every GPU free (no Ray here)
     slots = scheduler.SweepDriver._make_slots([SimpleNamespace(gpu_type=None)] * pending, None)
     assert len(slots) == expected
 
