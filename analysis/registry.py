@@ -75,6 +75,15 @@ def _module_index() -> dict[tuple[str, str], str]:
     return index
 
 
+def experiment_modules() -> dict[str, str]:
+    """Experiment name -> where its analysis comes from (a module of this package, or an entry point
+    of the group ``flexvlm_ray.analyses``), without importing any analysis."""
+    found = {name: module for (kind, name), module in _module_index().items() if kind == "single"}
+    for name in ANALYSES.names():
+        found.setdefault(name, ANALYSES.target(name))
+    return dict(sorted(found.items()))
+
+
 def load_analysis(experiment: str, *, kind: str = "single") -> AnalysisFn | None:
     """The analysis registered for ``experiment`` (importing only its module); None when no module
     registers it; AnalysisError when its module fails to import."""
