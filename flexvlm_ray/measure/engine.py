@@ -128,6 +128,8 @@ def timed_passes(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     """The sample's timed passes: ``runs_per_sample``, then (with ``target_ci``) more until the CI of
     T_total is within the target or ``max_runs`` passes ran."""
     measure = unit.measure
+    if prepared is None:
+        prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
     minimum, target = measure["runs_per_sample"], measure.get("target_ci")
     maximum = max(minimum, measure.get("max_runs") or minimum) if target else minimum
     results: list[dict[str, Any]] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: timed passes never carry timing hooks, warm-up per shape, patch-based seed vision FLOPs
 
 # Stage names, in execution order; the engine times one named block per stage.
 STAGES = ("vision_encoder", "projector", "llm_prefill", "llm_decode")
