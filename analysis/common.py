@@ -223,3 +223,21 @@ def short_label(values: dict[str, Any], *, varying: Iterable[str]) -> str:
     """``config_label`` of only the knobs that vary in the run (constant knobs only clutter labels)."""
     keep = set(varying)
     return config_label({k: v for k, v in values.items() if k in keep})
+
+
+def difference_ci(low: Iterable[float], high: Iterable[float], *, seed: int = 0,
+                  confidence: float = CONFIDENCE) -> tuple[Optional[float], Optional[float]]:
+    """Percentile bootstrap CI of mean(high) - mean(low), the two groups resampled independently;
+    (None, None) where either group has fewer than two values."""
+    from scipy.stats import bootstrap
+
+    a, b = _finite(low), _finite(high)
+    if a.size < 2 or b.size < 2:
+        return None, None
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        d = float(b[0] - a[0])
+        return d, d
+    res = bootstrap((a, b), lambda x, y, axis=-1: np.mean(y, axis=axis) - np.mean(x, axis=axis),
+                    n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=confidence, method="percentile",
+                    random_state=np.random.default_rng(seed), vectorized=True, paired=False)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)

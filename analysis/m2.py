@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from analysis.common import figures_dir, ok_rows, varying_knobs, write_json
+from analysis.common import figure_title, figures_dir, ok_rows, varying_knobs, write_json
 from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
 from analysis.registry import register_analysis
 
@@ -123,8 +123,9 @@ def repeatability(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[
                        "unit_repeats": int(ok["repeat"].nunique()), "stages": stages,
                        "adaptive": adaptive_summary(ok)})
     figs = figures_dir(out_dir)
-    return [data, _cov_figure(stages, figs / "m2_cov_vs_repeats.png"),
-            _n_figure(stages, figs / "m2_repeats_for_2pct_ci.png")]
+    return [data, _cov_figure(stages, figs / "m2_cov_vs_repeats.png", title=figure_title(ok, "M2: CoV per stage")),
+            _n_figure(stages, figs / "m2_repeats_for_2pct_ci.png",
+                      title=figure_title(ok, "M2: repeats for a 2% CI (t estimate over every pass)"))]
 
 
 def _color(stage: str) -> str:
@@ -135,19 +136,19 @@ def _label(stage: str) -> str:
     return STAGE_LABELS.get(stage, "end-to-end (T_total)")
 
 
-def _cov_figure(stages: dict[str, Any], path: Path) -> Path:
+def _cov_figure(stages: dict[str, Any], path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for stage, r in stages.items():
         ax.plot([c["n"] for c in r["cov_vs_repeats"]], [100 * c["cov_mean"] for c in r["cov_vs_repeats"]],
                 color=_color(stage), label=_label(stage))
     ax.set_xlabel("number of repeats n (timed passes per sample)")
     ax.set_ylabel("coefficient of variation (%)")
-    ax.set_title("CoV per stage vs number of repeats")
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     return save(fig, path)
 
 
-def _n_figure(stages: dict[str, Any], path: Path) -> Path:
+def _n_figure(stages: dict[str, Any], path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(stages)
     x = np.arange(len(names))
@@ -159,6 +160,6 @@ def _n_figure(stages: dict[str, Any], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("stage")
     ax.set_ylabel("repeats for a 2% 95%-CI half-width (count, log)")
-    ax.set_title("Repeats needed (t-distribution estimate)")
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     return save(fig, path)

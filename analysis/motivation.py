@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.common import (bootstrap_ci, component_params, entries, figures_dir, linear_fit, ok_rows,
-                             run_model_spec, stats, write_json)
+from analysis.common import (bootstrap_ci, component_params, entries, figure_title, figures_dir, linear_fit,
+                             ok_rows, run_model_spec, stats, write_json)
 from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
 from analysis.registry import register_analysis, register_combined_analysis
 
@@ -169,21 +169,24 @@ def exp3_vision_tokens(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> 
     span = float(grid["num_vision_tokens"].max() - grid["num_vision_tokens"].min())
     width = 0.6 * span / len(grid) if span > 0 else 100.0
     for f in PREFILL_COMPONENTS:
-        values = grid[f"{f}_mean"].fillna(0).to_numpy()
+        values = grid[f"{f}_median"].fillna(0).to_numpy()
         axes[1].bar(grid["num_vision_tokens"], values, bottom=bottom, width=width, color=STAGE_COLORS[f],
                     label=STAGE_LABELS[f])
         bottom += values
-    axes[1].set_title("Prefill latency (vision + projector + LLM prefill)")
+    axes[1].set_title("Prefill path, median per grid (vision + projector + LLM prefill)", fontsize=9)
     for f in (*PREFILL_COMPONENTS, "T_LLM_prefill_hook"):
-        if grid[f"{f}_mean"].notna().any():
-            axes[2].errorbar(grid["num_vision_tokens"], grid[f"{f}_mean"], yerr=grid[f"{f}_std"].fillna(0),
+        if grid[f"{f}_median"].notna().any():
+            ci = np.array([c if c is not None else (np.nan, np.nan) for c in grid[f"{f}_median_ci95"]], dtype=float)
+            axes[2].errorbar(grid["num_vision_tokens"], grid[f"{f}_median"],
+                             yerr=[np.nan_to_num(grid[f"{f}_median"] - ci[:, 0]), np.nan_to_num(ci[:, 1] - grid[f"{f}_median"])],
                              marker="o", capsize=2, color=STAGE_COLORS.get(f, "black"),
-                             label=STAGE_LABELS.get(f, "LLM prefill (hook)"))
-    axes[2].set_title("Per-component latency")
+                             label=STAGE_LABELS.get(f, "LLM prefill (hook, separate pass)"))
+    axes[2].set_title("Per-component latency, median per grid (95% CI)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("vision tokens (count)")
         ax.set_ylabel("latency (ms)")
         ax.legend(fontsize=7)
+    fig.suptitle(figure_title(ok, "Motivation Exp 3: vision tokens vs latency"), fontsize=9)
     return [data, save(fig, figures_dir(out_dir) / "exp3_vision_tokens_vs_latency.png")]
 
 

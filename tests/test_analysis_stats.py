@@ -76,3 +76,19 @@ def test_quickstart_frontier_has_a_panel_per_workload_or_a_note(tmp_path, consta
     else:
         assert summary["notes"] == {}
         assert_png_300dpi(paths["latency_quality_frontier.png"])
+
+
+@pytest.mark.parametrize("shift, claimed", [(0.3, True), (0.0, False)])
+def test_difference_ci_and_the_m1_quality_claim(shift, claimed):
+    from analysis.common import difference_ci
+    from analysis.m1 import sensitivity
+
+    rng = np.random.default_rng(1)
+    low, high = rng.normal(0.5, 0.1, 40), rng.normal(0.5 + shift, 0.1, 40)
+    lo, hi = difference_ci(low, high)
+    assert lo <= high.mean() - low.mean() <= hi and exceeds_ci(lo, hi) is claimed
+    group = pd.DataFrame({"top_k": [1] * 40 + [8] * 40, "T_total": np.r_[np.full(40, 10.0), np.full(40, 12.0)],
+                          "score": np.r_[low, high]})
+    result = sensitivity(group)["top_k"]
+    assert result["quality_effect_claimed"] is claimed
+    assert result["T_total_diff_ci95"] == [2.0, 2.0] and result["pct_change"] == pytest.approx(20.0)
