@@ -87,7 +87,8 @@ def test_difference_ci_and_the_m1_quality_claim(shift, claimed):
     low, high = rng.normal(0.5, 0.1, 40), rng.normal(0.5 + shift, 0.1, 40)
     lo, hi = difference_ci(low, high)
     assert lo <= high.mean() - low.mean() <= hi and exceeds_ci(lo, hi) is claimed
-    group = pd.DataFrame({"top_k": [1] * 40 + [8] * 40, "T_total": np.r_[np.full(40, 10.0), np.full(40, 12.0)],
+    group = pd.DataFrame({"max_crops": 12, "active_blocks": 16, "max_new_tokens": 8,
+                          "top_k": [1] * 40 + [8] * 40, "T_total": np.r_[np.full(40, 10.0), np.full(40, 12.0)],
                           "score": np.r_[low, high]})
     result = sensitivity(group)["top_k"]
     assert result["quality_effect_claimed"] is claimed
