@@ -20,7 +20,9 @@ the stages (the engine measures the stages on one timeline, so the rows' T_total
 Recalibration to another GPU type keeps the feature shape and multiplies each stage by one
 factor, exp(w * median log(measured / predicted)) over the K rows of the new GPU. The shrinkage w
 is chosen per stage from those K rows (``choose_shrinkage``): 1 where the log ratios differ from 0
-beyond their noise (one-sample t-test at 5% over the four stages, Bonferroni), else 0, the raw transfer. K=0 is the raw transfer
+beyond their noise (one-sample t-test at 5% over the four stages, Bonferroni), else 0, the raw transfer;
+from K=3 on, factors that do not also predict T_total better than the raw transfer in
+leave-one-configuration-out over the K rows (paired t-test at 5%) are dropped (the raw transfer). K=0 is the raw transfer
 (factors 1); K=1 cannot tell a factor from noise and falls back to it too. A factor from a few noisy
 rows of a GPU as fast as the source would only add their noise, which is what made K=5 worse than K=0.
 """
@@ -122,10 +124,31 @@ class StageEstimator:
     def recalibrate(self, rows: pd.DataFrame) -> "StageEstimator":
         """A copy whose stages are scaled to the given rows of another GPU: per stage exp(w * the median log
         ratio of measured / predicted) over rows where both are positive, w from ``choose_shrinkage``
-        (recorded in ``meta['shrinkage']``). No rows: a copy."""
+        (recorded in ``meta['shrinkage']``). From three rows on, the factors are kept only if they also
+        predict T_total better than the raw transfer in leave-one-configuration-out over the rows (each row
+        predicted with the factors of the rows of other configurations; paired t-test at 5%); else the raw transfer (``meta['fallback']``).
+        No rows: a copy."""
         rows = usable_rows(rows)
-        scales = dict(self.scales)
-        shrinkage = {}
+        scales, shrinkage = self._stage_scales(rows)
+        fallback = False
+        if len(rows) >= 3 and any(w > 0 for w in shrinkage.values()):
+            measured = rows["T_total"].to_numpy(float)
+            raw = np.abs(self.predict(rows)["T_total"] / measured - 1.0)
+            keys = config_keys(rows).to_numpy()
+            loo = []
+            for i in range(len(rows)):   # leave the row's whole configuration out: held-out configs are unseen
+                others, _ = self._stage_scales(rows[keys != keys[i]])
+                one = StageEstimator(coef=self.coef, scales=others).predict(rows.iloc[[i]])["T_total"][0]
+                loo.append(abs(one / measured[i] - 1.0))
+            if not _clearly_better(better=np.asarray(loo), than=raw):
+                scales, shrinkage, fallback = dict(self.scales), {k: 0.0 for k in shrinkage}, True
+        meta = {**self.meta, "recalibrated_on": sorted(set(gpu_label_series(rows))) if len(rows) else [],
+                "recalibration_rows": int(len(rows)), "shrinkage": shrinkage, "fallback": fallback}
+        return StageEstimator(coef=self.coef, scales=scales, meta=meta)
+
+    def _stage_scales(self, rows: pd.DataFrame) -> tuple[dict[str, float], dict[str, float]]:
+        """Per-stage scales from ``rows`` (median log ratio, shrunk by ``choose_shrinkage``) and the w's."""
+        scales, shrinkage = dict(self.scales), {}
         if len(rows):
             predicted = self.predict(rows)
             for stage in STAGES:
@@ -136,9 +159,7 @@ class StageEstimator:
                     w = choose_shrinkage(logs)
                     shrinkage[stage] = w
                     scales[stage] = self.scales.get(stage, 1.0) * float(np.exp(w * np.median(logs)))
-        meta = {**self.meta, "recalibrated_on": sorted(set(gpu_label_series(rows))) if len(rows) else [],
-                "recalibration_rows": int(len(rows)), "shrinkage": shrinkage}
-        return StageEstimator(coef=self.coef, scales=scales, meta=meta)
+        return scales, shrinkage
 
     # -- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +181,19 @@ class StageEstimator:
     @classmethod
     def load(cls, path: str | Path) -> "StageEstimator":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _clearly_better(*, better: np.ndarray, than: np.ndarray) -> bool:
+    """Whether the errors ``better`` are lower than ``than`` beyond noise: a one-sided paired t-test at
+    FACTOR_TEST_LEVEL * len(STAGES) (5%) on the per-row differences."""
+    from scipy.stats import ttest_rel
+
+    diff = np.asarray(than, float) - np.asarray(better, float)
+    if diff.size < 2 or not np.any(diff):
+        return False
+    if np.ptp(diff) == 0:
+        return bool(diff[0] > 0)
+    return bool(ttest_rel(than, better, alternative="greater").pvalue < FACTOR_TEST_LEVEL * len(STAGES))
 
 
 def choose_shrinkage(logs: np.ndarray) -> float:
