@@ -3,7 +3,9 @@
 A configuration table has one line per (dataset, knob configuration): measured mean / P50 /
 P95 ``T_total`` (ms), quality, and the median estimator inputs. Selecting under a budget B
 picks, per dataset, the highest-quality configuration whose latency by some rule (measured,
-estimated, FLOPs proxy ...) is <= B; ties go to the lower rule latency.
+estimated, FLOPs proxy ...) is <= B; ties go to the lower rule latency. Quality and quality kept
+are reported only where the run measured quality (scored rows); without it a capacity proxy ranks
+the configurations and the records carry no quality numbers (a proxy ratio is not quality kept).
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ def with_keys(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+MEASURED = "score"
+
+
 def quality_column(rows: pd.DataFrame) -> tuple[pd.Series, str]:
     """Per-row quality and where it comes from: the score where the run scored (natural
     decoding), else a capacity proxy (input tokens x active blocks x (1 + top_k), scaled to
@@ -29,7 +34,8 @@ def quality_column(rows: pd.DataFrame) -> tuple[pd.Series, str]:
         return rows["score"].astype(float), "score"
     k = np.nan_to_num(rows["top_k_effective"].to_numpy(float), nan=1.0)
     proxy = rows["num_total_tokens"].to_numpy(float) * rows["active_blocks_effective"].to_numpy(float) * (1 + k)
-    return pd.Series(proxy / proxy.max(), index=rows.index), "capacity proxy (tokens x blocks x (1+top_k))"
+    return (pd.Series(proxy / proxy.max(), index=rows.index),
+            "capacity proxy (tokens x blocks x (1+top_k)): ranks configs only, no quality is reported")
 
 
 def config_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -47,7 +53,9 @@ def config_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             table[col] = grouped[col].first()
     if "flops_total" in rows:
         table["flops_total"] = grouped["flops_total"].median()
-    return table.reset_index(), source
+    table = table.reset_index()
+    table.attrs["quality_measured"] = source == MEASURED
+    return table, source
 
 
 def select(table: pd.DataFrame, *, rule: np.ndarray, budget: float) -> pd.DataFrame:
@@ -74,19 +82,25 @@ def enforcement(*, table: pd.DataFrame, rows: pd.DataFrame, rule: np.ndarray,
             chosen = select(part, rule=part_rule, budget=budget)
             oracle = select(part, rule=part["lat_mean"].to_numpy(), budget=budget)
             record: dict[str, Any] = {"dataset": dataset, "budget_ms": float(budget),
-                                      "oracle_quality": float(oracle["quality"].iloc[0]) if len(oracle) else None}
+                                      "oracle_quality": (float(oracle["quality"].iloc[0])
+                                                         if len(oracle) and table.attrs.get("quality_measured", True)
+                                                         else None)}
             if chosen.empty:
                 record.update(config=None, feasible=False, request_violation=0.0, config_violation=False,
                               quality=None, quality_kept=None)
             else:
                 line = chosen.iloc[0]
+                measured = bool(table.attrs.get("quality_measured", True))
                 times = rows[(rows["dataset"] == dataset) & (rows["config"] == line["config"])]["T_total"]
                 record.update(config=line["config"], feasible=True, predicted_ms=float(line["rule"]),
                               measured_mean_ms=float(line["lat_mean"]),
                               request_violation=float((times > budget).mean()),
-                              config_violation=bool(line["lat_mean"] > budget), quality=float(line["quality"]),
+                              config_violation=bool(line["lat_mean"] > budget),
+                              quality=float(line["quality"]) if measured else None,
                               quality_kept=(float(line["quality"]) / record["oracle_quality"]
-                                            if record["oracle_quality"] else None))
+                                            if measured and record["oracle_quality"] else None))
+                if not measured:
+                    record["oracle_quality"] = None
             out.append(record)
     return out
 
@@ -95,10 +109,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Optional[float]]:
     """Mean request violation, share of config violations, mean quality kept, over budgets."""
     feasible = [r for r in records if r["feasible"]]
     kept = [r["quality_kept"] for r in feasible if r["quality_kept"] is not None]
+    quality = [r["quality"] for r in feasible if r["quality"] is not None]
     return {"budgets": len(records), "feasible": len(feasible),
             "request_violation_rate": float(np.mean([r["request_violation"] for r in feasible])) if feasible else None,
             "config_violation_rate": float(np.mean([r["config_violation"] for r in feasible])) if feasible else None,
-            "mean_quality": float(np.mean([r["quality"] for r in feasible])) if feasible else None,
+            "mean_quality": float(np.mean(quality)) if quality else None,
             "mean_quality_kept": float(np.mean(kept)) if kept else None}
 
 

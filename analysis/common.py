@@ -139,3 +139,90 @@ def run_model_spec(*, manifest: dict[str, Any], rows: pd.DataFrame) -> dict[str,
         return spec.model.model_dump()
     first = rows.iloc[0]
     return {"family": first["model_family"], "preset": first["model_preset"], "path": None, "options": {}}
+
+
+# -- statistics every analysis shares: bootstrap CIs, constant quality, figure labels ---------
+BOOTSTRAP_RESAMPLES = 1000
+CONFIDENCE = 0.95
+METRIC_LABELS = {"vqa_accuracy": "VQA accuracy", "cider_d": "CIDEr-D", "anls": "ANLS",
+                 "mc_accuracy": "multiple-choice accuracy", "count_accuracy": "count accuracy"}
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    x = np.asarray([v for v in values if v is not None and not pd.isna(v)], dtype=float)
+    return x[np.isfinite(x)]
+
+
+def bootstrap_ci(values: Iterable[float], *, statistic: str = "median", seed: int = 0,
+                 confidence: float = CONFIDENCE) -> tuple[Optional[float], Optional[float]]:
+    """Percentile bootstrap CI (scipy.stats.bootstrap, ``BOOTSTRAP_RESAMPLES`` resamples) of the median
+    or mean; (v, v) for one value or constant values, (None, None) for none."""
+    from scipy.stats import bootstrap
+
+    x = _finite(values)
+    if x.size == 0:
+        return None, None
+    if x.size == 1 or np.ptp(x) == 0:
+        return float(x[0]), float(x[0])
+    func = {"median": np.median, "mean": np.mean}[statistic]
+    res = bootstrap((x,), func, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=confidence,
+                    method="percentile", random_state=np.random.default_rng(seed), vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def exceeds_ci(low: Optional[float], high: Optional[float]) -> bool:
+    """Whether a CI of a difference excludes 0 (a claim may be made on it)."""
+    return low is not None and high is not None and (low > 0 or high < 0)
+
+
+def quality_is_constant(scores: Iterable[float]) -> bool:
+    """True where no score was measured or every measured score is the same (e.g. random weights)."""
+    x = _finite(scores)
+    return x.size == 0 or bool(np.ptp(x) == 0)
+
+
+def metric_label(rows: pd.DataFrame) -> str:
+    """The y-axis name of the rows' quality metric (one metric per workload), e.g. 'VQA accuracy'."""
+    names = sorted(set(rows["metric"].dropna())) if "metric" in rows else []
+    if len(names) == 1:
+        return METRIC_LABELS.get(names[0], names[0])
+    return " / ".join(METRIC_LABELS.get(n, n) for n in names) or "quality (no metric)"
+
+
+def figure_title(rows: pd.DataFrame, what: str) -> str:
+    """'<what> | <GPU> | <model> | <date of the first row>' for a figure a reader can place."""
+    gpus = sorted(set(rows["gpu_name"].dropna().astype(str))) if "gpu_name" in rows else []
+    model = ""
+    if "model_family" in rows and len(rows):
+        first = rows.iloc[0]
+        model = f"{first['model_family']}:{first.get('model_preset')}"
+        if "backend" in rows and pd.notna(first.get("backend")):
+            model += f" ({first['backend']})"
+    date = ""
+    if "timestamp" in rows and rows["timestamp"].notna().any():
+        date = pd.to_datetime(rows["timestamp"]).min().strftime("%Y-%m-%d")
+    return " | ".join(p for p in (what, ", ".join(gpus), model, date) if p)
+
+
+def short_label(values: dict[str, Any], *, varying: Iterable[str]) -> str:
+    """``config_label`` of only the knobs that vary in the run (constant knobs only clutter labels)."""
+    keep = set(varying)
+    return config_label({k: v for k, v in values.items() if k in keep})
+
+
+def difference_ci(low: Iterable[float], high: Iterable[float], *, seed: int = 0,
+                  confidence: float = CONFIDENCE) -> tuple[Optional[float], Optional[float]]:
+    """Percentile bootstrap CI of mean(high) - mean(low), the two groups resampled independently;
+    (None, None) where either group has fewer than two values."""
+    from scipy.stats import bootstrap
+
+    a, b = _finite(low), _finite(high)
+    if a.size < 2 or b.size < 2:
+        return None, None
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        d = float(b[0] - a[0])
+        return d, d
+    res = bootstrap((a, b), lambda x, y, axis=-1: np.mean(y, axis=axis) - np.mean(x, axis=axis),
+                    n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=confidence, method="percentile",
+                    random_state=np.random.default_rng(seed), vectorized=True, paired=False)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)

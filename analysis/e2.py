@@ -1,13 +1,18 @@
-"""E2 knob coupling and Pareto structure, per workload (dataset).
+"""E2 knob coupling and Pareto structure, per workload (dataset), with the uncertainty of every number.
 
-Files: e2_configs.json (one line per config: P50/P95 T_total in ms, mean score);
-e2_frontier.{json,png} (Pareto frontier of P50 and of P95 latency vs mean score, the configs
-on it); e2_coupling.{json,png} (per knob pair, the two-way table of mean P50 latency and mean
-score, averaged over the other knobs; the difference of differences between the extreme levels
-and the interaction share of the between-cell variance); e2_budget_cases.json (three budgets
-where the best config differs by workload); e2_hypervolume.{json,png} (hypervolume vs number
-of configs evaluated: grid order, random order, an adaptive searcher replayed on the measured
-grid, and the run's own tune trials when it was a search: tune run).
+Files: e2_configs.json (one line per config: P50 T_total in ms with its bootstrap 95% CI, P95, mean
+score with its bootstrap 95% CI, the metric); e2_frontier.{json,png} (per workload the Pareto
+frontier of P50 and of P95 latency vs mean score; one panel per workload, the metric on the y axis,
+CI bars; a workload whose measured quality is the same for every config, e.g. random weights, gets
+a one-line note instead of a frontier); e2_coupling.{json,png} (per knob pair, the two-way table of
+mean P50 latency and mean score, averaged over the other knobs; the difference of differences
+between the extreme levels with a bootstrap 95% CI over the rows of every config, ``coupled`` only
+where that CI excludes 0, and the interaction share of the between-cell variance);
+e2_budget_cases.json (budgets at which the best config differs by workload, claimed only where, on
+some workload, the other workload's pick scores worse beyond the CIs: its score CI lies wholly below
+the pick's; with the count of budgets whose picks differ only within noise); e2_hypervolume.{json,png} (hypervolume vs number of configs evaluated: grid order,
+random order, an adaptive searcher replayed on the measured grid, and the run's own tune trials when
+it was a search: tune run).
 """
 from __future__ import annotations
 
@@ -20,16 +25,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from flexvlm_ray.analysis.common import (METRIC_LABELS, bootstrap_ci, exceeds_ci, figure_title, quality_is_constant,
+                             short_label)
 from flexvlm_ray.analysis.pareto import pareto_mask
-from flexvlm_ray.knobs.base import KNOB_NAMES, MODEL_KNOBS
 from flexvlm_ray.analysis.plots import save
 from flexvlm_ray.analysis.registry import register_analysis
+from flexvlm_ray.knobs.base import KNOB_NAMES, MODEL_KNOBS
 
 KNOBS = list(KNOB_NAMES)
 NUMERIC_KNOBS = list(MODEL_KNOBS)
 LATENCIES = {"p50": "T_total_p50", "p95": "T_total_p95"}
 RANDOM_ORDERS = 20
 REPLAY_BUDGET = 48  # configs the replayed searcher may evaluate (its curve stops there)
+COUPLING_RESAMPLES = 200   # bootstrap resamples of the difference of differences
+CONSTANT_QUALITY_NOTE = ("quality is the same for every config (e.g. random weights): no frontier, "
+                         "no budget cases and no quality coupling are claimed")
 
 
 def hypervolume(latency: np.ndarray, quality: np.ndarray, *, ref_latency: float, ref_quality: float) -> float:
@@ -48,30 +58,53 @@ def hypervolume(latency: np.ndarray, quality: np.ndarray, *, ref_latency: float,
 
 
 def config_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per (dataset, knob config): P50/P95 T_total, mean score, row count."""
+    """One line per (dataset, knob config): P50 (with bootstrap 95% CI) and P95 T_total, mean score
+    (with bootstrap 95% CI), the metric, row count."""
     ok = rows[rows["status"] == "ok"].copy()
     ok["block_policy"] = ok["block_policy"].fillna("prefix")
     keys = ["dataset"] + [k for k in KNOBS if k in ok]
     g = ok.groupby(keys, dropna=False, sort=True)
     out = g["T_total"].median().rename("T_total_p50").to_frame()
     out["T_total_p95"] = g["T_total"].quantile(0.95)
-    out["score"] = g["score"].mean() if ok["score"].notna().any() else 0.0
+    scored = "score" in ok and ok["score"].notna().any()
+    out["score"] = g["score"].mean() if scored else 0.0
     out["n"] = g.size()
+    lat_ci = g["T_total"].apply(lambda s: bootstrap_ci(s, statistic="median"))
+    out["T_total_p50_lo"], out["T_total_p50_hi"] = [v[0] for v in lat_ci], [v[1] for v in lat_ci]
+    if scored:
+        score_ci = g["score"].apply(lambda s: bootstrap_ci(s, statistic="mean"))
+        out["score_lo"], out["score_hi"] = [v[0] for v in score_ci], [v[1] for v in score_ci]
+    else:
+        out["score_lo"] = out["score_hi"] = 0.0
+    out["metric"] = g["metric"].first() if "metric" in ok else None
     out = out.reset_index()
     out["config"] = out.apply(lambda r: " ".join(f"{k}={r[k]}" for k in KNOBS if k in r), axis=1)
     return out
 
 
-def frontiers(table: pd.DataFrame) -> dict[str, dict[str, list[dict]]]:
-    """Per dataset and latency statistic, the Pareto-optimal configs sorted by latency."""
-    out: dict[str, dict[str, list[dict]]] = {}
+def constant_quality(table: pd.DataFrame) -> dict[str, bool]:
+    """Per dataset: True where every config scored the same (or nothing was scored)."""
+    return {ds: quality_is_constant(part["score"]) for ds, part in table.groupby("dataset", sort=True)}
+
+
+def frontiers(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per dataset and latency statistic, the Pareto-optimal configs sorted by latency; a dataset whose
+    quality is constant across configs gets ``{"note": ...}`` instead (a frontier of ties is latency only)."""
+    out: dict[str, dict[str, Any]] = {}
+    constant = constant_quality(table)
     for dataset, part in table.groupby("dataset", sort=True):
+        if constant[dataset]:
+            out[dataset] = {"note": CONSTANT_QUALITY_NOTE}
+            continue
         out[dataset] = {}
         for stat, col in LATENCIES.items():
             mask = pareto_mask(part[col].to_numpy(), part["score"].to_numpy())
             front = part[mask].sort_values([col, "score"])
             out[dataset][stat] = [{"config": r["config"], **{k: _py(r[k]) for k in KNOBS if k in r},
-                                   "latency_ms": float(r[col]), "score": float(r["score"])}
+                                   "latency_ms": float(r[col]), "score": float(r["score"]),
+                                   "score_ci95": [_py(r["score_lo"]), _py(r["score_hi"])],
+                                   **({"latency_ci95": [_py(r["T_total_p50_lo"]), _py(r["T_total_p50_hi"])]}
+                                      if stat == "p50" else {})}
                                   for _, r in front.iterrows()]
     return out
 
@@ -101,35 +134,118 @@ def two_way(table: pd.DataFrame, *, a: str, b: str, value: str) -> dict[str, Any
             "interaction_share": float(np.nansum(resid ** 2) / between) if between > 0 else 0.0}
 
 
-def coupling(table: pd.DataFrame) -> dict[str, list[dict]]:
-    """two_way tables for every pair of numeric knobs with >1 level, per dataset."""
+def _resampled_tables(rows: pd.DataFrame, *, n: int, seed: int) -> list[pd.DataFrame]:
+    """``n`` bootstrap copies of ``config_frame``'s latency and score columns: every config's rows
+    resampled with replacement (within the config), its P50 latency and mean score recomputed."""
+    ok = rows[rows["status"] == "ok"].copy()
+    ok["block_policy"] = ok["block_policy"].fillna("prefix")
+    keys = ["dataset"] + [k for k in KNOBS if k in ok]
+    scored = "score" in ok and ok["score"].notna().any()
+    groups = [(k, g["T_total"].to_numpy(float), g["score"].to_numpy(float) if scored else None)
+              for k, g in ok.groupby(keys, dropna=False, sort=True)]
+    rng = np.random.default_rng(seed)
+    tables = []
+    for _ in range(n):
+        records = []
+        for key, lat, score in groups:
+            pick = rng.integers(0, lat.size, lat.size)
+            records.append({**dict(zip(keys, key)), "T_total_p50": float(np.median(lat[pick])),
+                            "score": float(np.nanmean(score[pick])) if score is not None else 0.0})
+        tables.append(pd.DataFrame(records))
+    return tables
+
+
+def coupling(table: pd.DataFrame, rows: Optional[pd.DataFrame] = None, *, seed: int = 0) -> dict[str, list[dict]]:
+    """two_way tables for every pair of numeric knobs with >1 level, per dataset. With ``rows``, each
+    difference of differences gets a bootstrap 95% CI (``dod_ci95``) and ``coupled``: whether the CI
+    excludes 0; quality coupling is never claimed where quality is constant across configs."""
     knobs = [k for k in NUMERIC_KNOBS if k in table and table[k].nunique() > 1]
+    constant = constant_quality(table)
+    resampled = _resampled_tables(rows, n=COUPLING_RESAMPLES, seed=seed) if rows is not None else []
     out = {}
     for dataset, part in table.groupby("dataset", sort=True):
-        out[dataset] = [two_way(part, a=a, b=b, value=v) for a, b in itertools.combinations(knobs, 2)
-                        for v in ("T_total_p50", "score")]
+        entries = []
+        for a, b in itertools.combinations(knobs, 2):
+            for v in ("T_total_p50", "score"):
+                entry = two_way(part, a=a, b=b, value=v)
+                if resampled:
+                    dods = [two_way(t[t["dataset"] == dataset], a=a, b=b, value=v)["difference_of_differences"]
+                            for t in resampled]
+                    lo, hi = (float(q) for q in np.nanquantile(dods, [0.025, 0.975]))
+                    entry["dod_ci95"] = [lo, hi]
+                    entry["coupled"] = exceeds_ci(lo, hi) and not (v == "score" and constant[dataset])
+                entries.append(entry)
+        out[dataset] = entries
     return out
 
 
+def _worse_beyond_noise(line: pd.Series, pick: pd.Series) -> bool:
+    """Whether config ``line`` scores worse than ``pick`` on the same workload beyond the CIs (its score
+    CI lies wholly below the pick's). Latency is not evidence: a pick that differs only because a
+    config's P50 sits a few percent either side of the budget is the noise this rule keeps out."""
+    return bool(line["score_hi"] < pick["score_lo"])
+
+
 def budget_cases(table: pd.DataFrame, *, n: int = 3) -> list[dict[str, Any]]:
-    """Budgets (ms, P50) at which the best-scoring config that fits differs between workloads;
-    n of them spread over the candidates (every config's P50 latency is a candidate)."""
+    """Budgets (ms, P50) at which the best-scoring config that fits differs between workloads and the
+    difference holds beyond noise: on some workload, another workload's pick scores below the CI of
+that workload's own pick (``_worse_beyond_noise``);
+    n of them spread over the candidates (every config's P50 latency is a candidate). None where any
+    workload's quality is constant across configs."""
     datasets = sorted(table["dataset"].unique())
+    if any(constant_quality(table).values()):
+        return []
     differing = []
     for budget in sorted(table["T_total_p50"].unique()):
-        picks = {}
+        picks, lines = {}, {}
         for ds in datasets:
             fits = table[(table["dataset"] == ds) & (table["T_total_p50"] <= budget)]
             if fits.empty:
                 break
             best = fits.sort_values(["score", "T_total_p50"], ascending=[False, True]).iloc[0]
+            lines[ds] = best
             picks[ds] = {"config": best["config"], "latency_ms": float(best["T_total_p50"]),
-                         "score": float(best["score"])}
-        if len(picks) == len(datasets) and len({p["config"] for p in picks.values()}) > 1:
-            differing.append({"budget_ms": float(budget), "best": picks})
-    if len(differing) <= n:
-        return differing
-    return [differing[int(i)] for i in np.linspace(0, len(differing) - 1, n).round()]
+                         "score": float(best["score"]), "score_ci95": [_py(best["score_lo"]), _py(best["score_hi"])]}
+        if len(picks) < len(datasets) or len({p["config"] for p in picks.values()}) < 2:
+            continue
+        evidence = []
+        for ds in datasets:
+            part = table[table["dataset"] == ds].set_index("config")
+            for other in datasets:
+                theirs = picks[other]["config"]
+                if theirs != picks[ds]["config"] and theirs in part.index and \
+                        _worse_beyond_noise(part.loc[theirs], lines[ds]):
+                    evidence.append({"workload": ds, "other_workloads_pick": theirs,
+                                     "its_score": float(part.loc[theirs, "score"]),
+                                     "its_score_ci95": [_py(part.loc[theirs, "score_lo"]),
+                                                        _py(part.loc[theirs, "score_hi"])],
+                                     "its_latency_ms": float(part.loc[theirs, "T_total_p50"])})
+        differing.append({"budget_ms": float(budget), "best": picks, "beyond_noise": bool(evidence),
+                          "evidence": evidence})
+    claimed = [c for c in differing if c["beyond_noise"]]
+    if len(claimed) <= n:
+        return claimed
+    return [claimed[int(i)] for i in np.linspace(0, len(claimed) - 1, n).round()]
+
+
+def differing_within_noise(table: pd.DataFrame) -> int:
+    """Budgets whose picks differ by workload only within the CIs (not claimed as cases)."""
+    return 0 if any(constant_quality(table).values()) else _count_within_noise(table)
+
+
+def _count_within_noise(table: pd.DataFrame) -> int:
+    datasets = sorted(table["dataset"].unique())
+    count = 0
+    for budget in sorted(table["T_total_p50"].unique()):
+        picks = []
+        for ds in datasets:
+            fits = table[(table["dataset"] == ds) & (table["T_total_p50"] <= budget)]
+            if fits.empty:
+                break
+            picks.append(fits.sort_values(["score", "T_total_p50"], ascending=[False, True]).iloc[0]["config"])
+        if len(picks) == len(datasets) and len(set(picks)) > 1:
+            count += 1
+    return count - len(budget_cases(table, n=10 ** 9))
 
 
 def replay_search(part: pd.DataFrame, *, searcher: str, seed: int, budget: int) -> list[str]:
@@ -207,13 +323,21 @@ def analyze(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[Path]:
     table = config_frame(rows)
     if table.empty:
         return []
+    ok = rows[rows["status"] == "ok"]
     written = [_write(out_dir / "e2_configs.json", table.to_dict(orient="records"))]
     fronts = frontiers(table)
-    written += [_write(out_dir / "e2_frontier.json", fronts), _plot_frontier(table, fronts, out_dir)]
-    pairs = coupling(table)
+    written.append(_write(out_dir / "e2_frontier.json", fronts))
+    for dataset, front in fronts.items():
+        if "note" in front:
+            print(f"{dataset}: {front['note']}")
+    if any("note" not in f for f in fronts.values()):
+        written.append(_plot_frontier(table, fronts, out_dir, title=figure_title(ok, "E2 latency vs quality")))
+    pairs = coupling(table, rows)
     written += [_write(out_dir / "e2_coupling.json", pairs), _plot_coupling(table, out_dir)]
     cases = budget_cases(table)
-    written.append(_write(out_dir / "e2_budget_cases.json", cases))
+    written.append(_write(out_dir / "e2_budget_cases.json",
+                          {"cases": cases, "budgets_differing_within_noise": differing_within_noise(table),
+                           "constant_quality": constant_quality(table)}))
     for case in cases:
         print(f"budget {case['budget_ms']:.1f} ms: " +
               "; ".join(f"{ds}: {p['config']} (score {p['score']:.3f})" for ds, p in case["best"].items()))
@@ -229,23 +353,29 @@ def _write(path: Path, obj: Any) -> Path:
     return path
 
 
-def _plot_frontier(table: pd.DataFrame, fronts: dict, out_dir: Path) -> Path:
-    datasets = sorted(fronts)
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.8 * len(datasets)), squeeze=False)
-    for i, ds in enumerate(datasets):
+def _plot_frontier(table: pd.DataFrame, fronts: dict, out_dir: Path, *, title: str) -> Path:
+    """One panel per workload with a measured quality spread: every config's P50 latency and mean score
+    with their 95% CIs, the P50 Pareto frontier, labels of only the knobs that vary."""
+    datasets = [ds for ds in sorted(fronts) if "note" not in fronts[ds]]
+    varying = [k for k in KNOBS if k in table and table[k].nunique(dropna=False) > 1]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
         part = table[table["dataset"] == ds]
-        for j, (stat, col) in enumerate(LATENCIES.items()):
-            ax = axes[i, j]
-            ax.scatter(part[col], part["score"], alpha=0.4, s=12, label="configs")
-            front = pd.DataFrame(fronts[ds][stat])
-            ax.step(front["latency_ms"], front["score"], where="post", color="C3", label="Pareto frontier")
-            for _, r in front.iterrows():
-                ax.annotate(r["config"].replace("block_policy=", "").replace("max_new_tokens=", "tok="),
-                            (r["latency_ms"], r["score"]), fontsize=4)
-            ax.set_xlabel(f"{stat.upper()} end-to-end latency T_total (ms)")
-            ax.set_ylabel("mean quality score")
-            ax.set_title(f"{ds}: {stat.upper()} latency vs quality")
-            ax.legend(fontsize=6)
+        ax.errorbar(part["T_total_p50"], part["score"],
+                    xerr=[part["T_total_p50"] - part["T_total_p50_lo"], part["T_total_p50_hi"] - part["T_total_p50"]],
+                    yerr=[part["score"] - part["score_lo"], part["score_hi"] - part["score"]],
+                    fmt="o", ms=3, alpha=0.5, elinewidth=0.6, capsize=1.5, label="configs (95% CI)")
+        front = pd.DataFrame(fronts[ds]["p50"])
+        ax.step(front["latency_ms"], front["score"], where="post", color="C3", label="Pareto frontier")
+        for _, r in front.iterrows():
+            ax.annotate(short_label({k: r.get(k) for k in KNOBS}, varying=varying),
+                        (r["latency_ms"], r["score"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        metric = part["metric"].dropna().iloc[0] if part["metric"].notna().any() else "score"
+        ax.set_xlabel("median end-to-end latency T_total (ms)")
+        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (mean over samples)")
+        ax.set_title(ds, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
     return save(fig, out_dir / "e2_frontier.png")
 
 

@@ -3,7 +3,9 @@ distributions (CDF), Pareto frontiers side by side, and knob sensitivity.
 
 A workload is a dataset of the run (QA: shapes_vqa / VQA v2; captioning: shapes_caption / COCO).
 Knob sensitivity of a knob in a workload: the mean T_total over the rows at the knob's largest
-value vs at its smallest value (every other knob pooled), as a % change from the smallest.
+value vs at its smallest value (every other knob pooled), as a % change from the smallest, with the
+bootstrap 95% CI of the difference; where the rows are scored, the same for the mean score, and the
+knob's quality cost is claimed (``quality_effect_claimed``) only where that CI excludes 0.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from flexvlm_ray.analysis.common import STAGE_TIMES, config_label, figures_dir, ok_rows, stats, varying_knobs, write_json
+from flexvlm_ray.analysis.common import (STAGE_TIMES, config_label, difference_ci, exceeds_ci, figures_dir, ok_rows, stats,
+                             varying_knobs, write_json)
 from flexvlm_ray.analysis.pareto import pareto_mask
-from flexvlm_ray.knobs.base import INT_KNOBS
 from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
 from flexvlm_ray.analysis.registry import register_analysis
+from flexvlm_ray.knobs.base import INT_KNOBS
 
 SENSITIVITY_KNOBS = INT_KNOBS
 
@@ -42,8 +45,14 @@ def sensitivity(group: pd.DataFrame) -> dict[str, Any]:
         low, high = values.min(), values.max()
         t_low = float(group.loc[group[knob] == low, "T_total"].mean())
         t_high = float(group.loc[group[knob] == high, "T_total"].mean())
+        lo_rows, hi_rows = group[group[knob] == low], group[group[knob] == high]
         out[knob] = {"low": int(low), "high": int(high), "T_total_low_ms": t_low, "T_total_high_ms": t_high,
-                     "pct_change": 100.0 * (t_high - t_low) / t_low if t_low > 0 else None}
+                     "pct_change": 100.0 * (t_high - t_low) / t_low if t_low > 0 else None,
+                     "T_total_diff_ci95": list(difference_ci(lo_rows["T_total"], hi_rows["T_total"]))}
+        if "score" in group and group["score"].notna().any():
+            ci = difference_ci(lo_rows["score"], hi_rows["score"])
+            out[knob].update(score_low=float(lo_rows["score"].mean()), score_high=float(hi_rows["score"].mean()),
+                             score_diff_ci95=list(ci), quality_effect_claimed=exceeds_ci(*ci))
     return out
 
 

@@ -4,10 +4,15 @@ the number of repeats that reaches a 2% confidence-interval half-width.
 A series is every timed pass of one sample under one knob configuration, in run order
 (unit repeat, then run index). For its first ``n`` passes: CoV_n = std (ddof=1) / mean, and the
 95% CI of the mean has relative half-width t(0.975, n-1) * std / (sqrt(n) * mean) (Student t).
-``n_observed`` of a series is the smallest n whose half-width is <= 2%; ``n_estimated`` the
-smallest n with t(0.975, n-1) * CoV_all / sqrt(n) <= 2%, CoV_all over all of its passes. Per
-stage the JSON gives the mean CoV over series for every n, and the median and worst (max) of both
-n's over the series. Stages whose mean is 0 in a series (no decode) are left out for it.
+``n_estimated`` of a series is the smallest n with t(0.975, n-1) * CoV_all / sqrt(n) <= 2%, CoV_all
+over all of its passes: an estimate from every pass, so a series whose first few passes happen to
+agree gets no smaller n than the same passes in another order (the first n at which the running CI
+crosses 2% would reward stopping early, and is not reported). Per stage the JSON gives the mean and
+the median CoV over series (the median is the target's statistic), the mean CoV over series for
+every n, and the median and worst (max) ``n_estimated``. Where the run used adaptive repeats
+(``measure.target_ci``), ``adaptive`` gives the passes the rule took per sample and the share of
+samples that reached the target before ``max_runs``. Stages whose mean is 0 in a series (no decode)
+are left out for it.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from flexvlm_ray.analysis.common import figures_dir, ok_rows, varying_knobs, write_json
+from flexvlm_ray.analysis.common import figure_title, figures_dir, ok_rows, varying_knobs, write_json
 from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
 from flexvlm_ray.analysis.registry import register_analysis
 
@@ -34,13 +39,6 @@ def relative_half_width(x: np.ndarray) -> float:
     n = x.size
     t = st.t.ppf(0.5 + CONFIDENCE / 2, n - 1)
     return float(t * x.std(ddof=1) / (np.sqrt(n) * x.mean()))
-
-
-def n_observed(x: np.ndarray) -> Optional[int]:
-    for n in range(2, x.size + 1):
-        if relative_half_width(x[:n]) <= TARGET:
-            return n
-    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,15 +74,26 @@ def stage_repeatability(all_series: list[tuple[dict[str, Any], pd.DataFrame]], s
     for n in range(2, longest + 1):
         covs = [a[:n].std(ddof=1) / a[:n].mean() for a in arrays if a.size >= n]
         cov_vs_n.append({"n": n, "cov_mean": float(np.mean(covs)), "series": len(covs)})
-    observed = [n_observed(a) for a in arrays]
     estimated = [n_estimated(a) for a in arrays]
-    reached = [n for n in observed if n is not None]
+    covs = [a.std(ddof=1) / a.mean() for a in arrays]
     return {"series": len(arrays), "passes_per_series": longest, "cov_vs_repeats": cov_vs_n,
-            "cov_all": float(np.mean([a.std(ddof=1) / a.mean() for a in arrays])),
-            "n_observed_median": float(np.median(reached)) if reached else None,
-            "n_observed_max": max(reached) if len(reached) == len(observed) else None,
-            "series_reaching_target": len(reached),
+            "cov_all": float(np.mean(covs)), "cov_median": float(np.median(covs)),
+            "series_within_target_cov": int(sum(c <= TARGET for c in covs)),
             "n_estimated_median": float(np.median(estimated)), "n_estimated_max": int(max(estimated))}
+
+
+def adaptive_summary(ok: pd.DataFrame) -> Optional[dict[str, Any]]:
+    """Passes the adaptive rule took per sample (``sample_passes``) and how many reached the target."""
+    if "sample_passes" not in ok or "sample_ci_rel" not in ok or ok["sample_passes"].isna().all():
+        return None
+    per_sample = ok.drop_duplicates(subset=["unit_id", "sample_id"])
+    passes = per_sample["sample_passes"].to_numpy(float)
+    if passes.size == 0 or np.unique(passes).size == 1 and per_sample["sample_ci_rel"].isna().all():
+        return None
+    ci = per_sample["sample_ci_rel"].to_numpy(float)
+    return {"samples": int(passes.size), "passes_median": float(np.median(passes)),
+            "passes_max": int(passes.max()), "ci_rel_median": float(np.nanmedian(ci)) if np.isfinite(ci).any() else None,
+            "share_within_target": float(np.mean(ci <= TARGET)) if np.isfinite(ci).any() else None}
 
 
 def between_repeats(all_series: list[tuple[dict[str, Any], pd.DataFrame]], stage: str) -> Optional[float]:
@@ -111,10 +120,12 @@ def repeatability(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[
             stages[stage] = result
     data = write_json(out_dir / "m2_repeatability.json",
                       {"experiment_name": "m2", "target_relative_half_width": TARGET, "confidence": CONFIDENCE,
-                       "unit_repeats": int(ok["repeat"].nunique()), "stages": stages})
+                       "unit_repeats": int(ok["repeat"].nunique()), "stages": stages,
+                       "adaptive": adaptive_summary(ok)})
     figs = figures_dir(out_dir)
-    return [data, _cov_figure(stages, figs / "m2_cov_vs_repeats.png"),
-            _n_figure(stages, figs / "m2_repeats_for_2pct_ci.png")]
+    return [data, _cov_figure(stages, figs / "m2_cov_vs_repeats.png", title=figure_title(ok, "M2: CoV per stage")),
+            _n_figure(stages, figs / "m2_repeats_for_2pct_ci.png",
+                      title=figure_title(ok, "M2: repeats for a 2% CI (t estimate over every pass)"))]
 
 
 def _color(stage: str) -> str:
@@ -125,19 +136,19 @@ def _label(stage: str) -> str:
     return STAGE_LABELS.get(stage, "end-to-end (T_total)")
 
 
-def _cov_figure(stages: dict[str, Any], path: Path) -> Path:
+def _cov_figure(stages: dict[str, Any], path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for stage, r in stages.items():
         ax.plot([c["n"] for c in r["cov_vs_repeats"]], [100 * c["cov_mean"] for c in r["cov_vs_repeats"]],
                 color=_color(stage), label=_label(stage))
     ax.set_xlabel("number of repeats n (timed passes per sample)")
     ax.set_ylabel("coefficient of variation (%)")
-    ax.set_title("CoV per stage vs number of repeats")
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     return save(fig, path)
 
 
-def _n_figure(stages: dict[str, Any], path: Path) -> Path:
+def _n_figure(stages: dict[str, Any], path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(stages)
     x = np.arange(len(names))
@@ -149,6 +160,6 @@ def _n_figure(stages: dict[str, Any], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("stage")
     ax.set_ylabel("repeats for a 2% 95%-CI half-width (count, log)")
-    ax.set_title("Repeats needed (t-distribution estimate)")
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     return save(fig, path)

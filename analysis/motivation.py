@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from flexvlm_ray.analysis.common import (component_params, entries, figures_dir, linear_fit, ok_rows, run_model_spec,
-                             stats, write_json)
+from flexvlm_ray.analysis.common import (bootstrap_ci, component_params, entries, figure_title, figures_dir, linear_fit,
+                             ok_rows, run_model_spec, stats, write_json)
 from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
 from flexvlm_ray.analysis.registry import register_analysis, register_combined_analysis
 
@@ -114,22 +114,33 @@ def _pie(*, values: list[float], labels: list[str], colors: list[str], title: st
 
 # -- Exp 3 ------------------------------------------------------------------------------------
 def exp3_statistics(ok: pd.DataFrame) -> dict[str, Any]:
-    """Per probe image (grid): vision tokens and mean and std of each component over its runs,
-    sorted by vision tokens; linear fits of each component on num_vision_tokens over every row
-    (slope in ms per vision token)."""
+    """Per probe image (grid): vision tokens and mean, std, median and the median's bootstrap 95% CI of
+    each component over its runs, sorted by vision tokens; linear fits of each component's per-grid
+    median on num_vision_tokens (``fits_on_grid_medians``, slope in ms per vision token: the headline,
+    one point per grid so no grid weighs more for having more runs and a stray pass moves only its
+    grid's median) and, for reference, on every row (``fits_vs_vision_tokens``)."""
     fields = ("T_total", "T_vision_encoder", "T_projector", "T_vision_total", "T_LLM_prefill", "T_LLM_prefill_hook")
     per_grid = []
     for sample_id, group in ok.groupby("sample_id"):
         entry: dict[str, Any] = {"sample_id": str(sample_id), "num_vision_tokens": int(group["num_vision_tokens"].iloc[0]),
                                  "num_crops": int(group["num_crops"].iloc[0]), "runs": int(len(group))}
         for f in fields:
-            entry[f"{f}_mean"] = float(group[f].mean()) if group[f].notna().any() else None
-            entry[f"{f}_std"] = float(group[f].std(ddof=1)) if group[f].notna().sum() > 1 else None
+            has = f in group and group[f].notna().any()
+            entry[f"{f}_mean"] = float(group[f].mean()) if has else None
+            entry[f"{f}_std"] = float(group[f].std(ddof=1)) if has and group[f].notna().sum() > 1 else None
+            entry[f"{f}_median"] = float(group[f].median()) if has else None
+            entry[f"{f}_median_ci95"] = list(bootstrap_ci(group[f])) if has else None
         per_grid.append(entry)
     per_grid.sort(key=lambda e: (e["num_vision_tokens"], e["sample_id"]))
-    fits = {f: linear_fit(ok["num_vision_tokens"], ok[f]) for f in fields if ok[f].notna().all()}
-    return {"per_grid": per_grid, "fits_vs_vision_tokens": fits,
-            "cost_per_vision_token_ms": fits["T_total"]["slope"]}
+    present = [f for f in fields if f in ok and ok[f].notna().all()]
+    fits = {f: linear_fit(ok["num_vision_tokens"], ok[f]) for f in present}
+    grid = pd.DataFrame(per_grid)
+    on_medians = {f: linear_fit(grid["num_vision_tokens"], grid[f"{f}_median"]) for f in present}
+    return {"per_grid": per_grid, "distinct_crop_counts": int(grid["num_crops"].nunique()),
+            "fits_on_grid_medians": on_medians, "fits_vs_vision_tokens": fits,
+            "cost_per_vision_token_ms": on_medians["T_total"]["slope"],
+            "prefill_per_vision_token_ms": on_medians.get("T_LLM_prefill", {}).get("slope"),
+            "prefill_r2_on_grid_medians": on_medians.get("T_LLM_prefill", {}).get("r2")}
 
 
 @register_analysis("motivation_exp3")
@@ -143,33 +154,39 @@ def exp3_vision_tokens(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> 
                       motivation_json(name="motivation_exp3", rows=ok, statistics=statistics))
     grid = pd.DataFrame(statistics["per_grid"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    fit = statistics["fits_vs_vision_tokens"]["T_total"]
+    fit = statistics["fits_on_grid_medians"]["T_total"]
     axes[0].scatter(ok["num_vision_tokens"], ok["T_total"], s=8, alpha=0.4, label="runs")
-    axes[0].plot(grid["num_vision_tokens"], grid["T_total_mean"], "o-", label="mean per grid")
+    ci = np.array([c for c in grid["T_total_median_ci95"]], dtype=float)
+    axes[0].errorbar(grid["num_vision_tokens"], grid["T_total_median"],
+                     yerr=[grid["T_total_median"] - ci[:, 0], ci[:, 1] - grid["T_total_median"]],
+                     fmt="o-", capsize=2, label="median per grid (95% CI)")
     if fit["slope"] is not None:
         xs = np.array([grid["num_vision_tokens"].min(), grid["num_vision_tokens"].max()])
         axes[0].plot(xs, fit["slope"] * xs + fit["intercept"], "--", color="gray",
-                     label=f"fit: {fit['slope']:.4f} ms/token, R²={fit['r2'] or 0:.3f}")
+                     label=f"fit on medians: {fit['slope']:.4f} ms/token, R²={fit['r2'] or 0:.3f}")
     axes[0].set_title("Vision tokens vs total latency")
     bottom = np.zeros(len(grid))
     span = float(grid["num_vision_tokens"].max() - grid["num_vision_tokens"].min())
     width = 0.6 * span / len(grid) if span > 0 else 100.0
     for f in PREFILL_COMPONENTS:
-        values = grid[f"{f}_mean"].fillna(0).to_numpy()
+        values = grid[f"{f}_median"].fillna(0).to_numpy()
         axes[1].bar(grid["num_vision_tokens"], values, bottom=bottom, width=width, color=STAGE_COLORS[f],
                     label=STAGE_LABELS[f])
         bottom += values
-    axes[1].set_title("Prefill latency (vision + projector + LLM prefill)")
+    axes[1].set_title("Prefill path, median per grid (vision + projector + LLM prefill)", fontsize=9)
     for f in (*PREFILL_COMPONENTS, "T_LLM_prefill_hook"):
-        if grid[f"{f}_mean"].notna().any():
-            axes[2].errorbar(grid["num_vision_tokens"], grid[f"{f}_mean"], yerr=grid[f"{f}_std"].fillna(0),
+        if grid[f"{f}_median"].notna().any():
+            ci = np.array([c if c is not None else (np.nan, np.nan) for c in grid[f"{f}_median_ci95"]], dtype=float)
+            axes[2].errorbar(grid["num_vision_tokens"], grid[f"{f}_median"],
+                             yerr=[np.nan_to_num(grid[f"{f}_median"] - ci[:, 0]), np.nan_to_num(ci[:, 1] - grid[f"{f}_median"])],
                              marker="o", capsize=2, color=STAGE_COLORS.get(f, "black"),
-                             label=STAGE_LABELS.get(f, "LLM prefill (hook)"))
-    axes[2].set_title("Per-component latency")
+                             label=STAGE_LABELS.get(f, "LLM prefill (hook, separate pass)"))
+    axes[2].set_title("Per-component latency, median per grid (95% CI)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("vision tokens (count)")
         ax.set_ylabel("latency (ms)")
         ax.legend(fontsize=7)
+    fig.suptitle(figure_title(ok, "Motivation Exp 3: vision tokens vs latency"), fontsize=9)
     return [data, save(fig, figures_dir(out_dir) / "exp3_vision_tokens_vs_latency.png")]
 
 
@@ -239,8 +256,11 @@ def exp5_statistics(*, vision: pd.DataFrame, language: pd.DataFrame) -> dict[str
                                "language": linear_fit(language[field], language["T_total"]),
                                "combined": linear_fit(combined[field], combined["T_total"])}
     primary = "flops_total_analytic" if "flops_total_analytic" in by_field else "flops_total"
-    vision_slope = linear_fit(vision["num_vision_tokens"], vision["T_total"])["slope"]
-    output_slope = linear_fit(language["num_output_tokens"], language["T_LLM_decode"])["slope"]
+    # costs per token from per-point medians (one per probe image / per output length), as in Exp 3
+    v_med = vision.groupby("sample_id").agg(x=("num_vision_tokens", "first"), y=("T_total", "median"))
+    l_med = language.groupby("max_new_tokens").agg(x=("num_output_tokens", "median"), y=("T_LLM_decode", "median"))
+    vision_slope = linear_fit(v_med["x"], v_med["y"])["slope"]
+    output_slope = linear_fit(l_med["x"], l_med["y"])["slope"]
     return {"flops_field": primary, **by_field.get(primary, {}), "by_flops_field": by_field,
             "cost_per_token_ms": {"vision_token": vision_slope, "output_token": output_slope,
                                   "output_over_vision": (output_slope / vision_slope

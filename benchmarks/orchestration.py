@@ -4,7 +4,12 @@ Every unit sleeps a known time (default 0.5 s: 15 decode steps of --unit-s/15), 
 wall time of N workers is the measured busy time / N. For 1, 2, 4, 8 logical GPUs:
 
     overhead per unit = (workers x driver wall - sum of worker busy time) / units
-    efficiency        = sum of worker busy time / (workers x driver wall)
+    speedup           = driver wall of 1 worker / driver wall of N workers (T1 / TN)
+    efficiency        = speedup / N (parallel efficiency)
+    busy fraction     = sum of worker busy time / (workers x driver wall)
+
+The busy fraction alone overstates scaling: workers sharing 2 CPU cores stay "busy" while their
+sleeps stretch, so busy time grows with N; speedup and efficiency compare wall times.
 
 Driver wall runs from the first unit handed out to the last result stored (worker start-up
 is reported separately). Runs on a CPU machine: ``python benchmarks/orchestration.py``.
@@ -44,7 +49,16 @@ def run_once(*, workers: int, units: int, unit_s: float, root: Path) -> dict:
     return {"workers": workers, "units": units, "unit_s": unit_s, "driver_wall_s": summary.wall_s,
             "busy_s": summary.busy_s, "launch_total_s": total,
             "overhead_ms_per_unit": 1000 * (workers * summary.wall_s - summary.busy_s) / units,
-            "efficiency": summary.busy_s / (workers * summary.wall_s)}
+            "busy_fraction": summary.busy_s / (workers * summary.wall_s)}
+
+
+def add_speedup(results: list[dict]) -> list[dict]:
+    """speedup = T1 / TN (driver wall) and efficiency = speedup / N, where a 1-worker run is in ``results``."""
+    one = [r for r in results if r["workers"] == 1]
+    for r in results:
+        r["speedup"] = one[0]["driver_wall_s"] / r["driver_wall_s"] if one else None
+        r["efficiency"] = r["speedup"] / r["workers"] if one else None
+    return results
 
 
 def main() -> None:
@@ -61,10 +75,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for workers in args.workers:
             results.append(run_once(workers=workers, units=args.units, unit_s=args.unit_s, root=Path(tmp)))
-    print(f"{'workers':>7} {'units':>5} {'wall_s':>7} {'busy_s':>7} {'ideal_s':>7} {'ovh_ms/unit':>11} {'efficiency':>10} {'start+run_s':>11}")
+    add_speedup(results)
+    print(f"{'workers':>7} {'units':>5} {'wall_s':>7} {'busy_s':>7} {'ovh_ms/unit':>11} {'speedup':>7} "
+          f"{'efficiency':>10} {'busy_frac':>9} {'start+run_s':>11}")
     for r in results:
+        speedup = f"{r['speedup']:>7.2f}" if r["speedup"] else f"{'-':>7}"
+        eff = f"{r['efficiency']:>10.3f}" if r["efficiency"] else f"{'-':>10}"
         print(f"{r['workers']:>7} {r['units']:>5} {r['driver_wall_s']:>7.2f} {r['busy_s']:>7.2f} "
-              f"{r['busy_s'] / r['workers']:>7.2f} {r['overhead_ms_per_unit']:>11.1f} {r['efficiency']:>10.3f} "
+              f"{r['overhead_ms_per_unit']:>11.1f} {speedup} {eff} {r['busy_fraction']:>9.3f} "
               f"{r['launch_total_s']:>11.1f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -18,8 +18,13 @@ by 1 / its time), so small and large configurations count alike. ``T_total`` is 
 the stages (the engine measures the stages on one timeline, so the rows' T_total is too).
 
 Recalibration to another GPU type keeps the feature shape and multiplies each stage by one
-factor: the median ratio of measured / predicted over K rows of the new GPU (K=0: the raw
-transfer, factors 1).
+factor, exp(w * median log(measured / predicted)) over the K rows of the new GPU. The shrinkage w
+is chosen per stage from those K rows (``choose_shrinkage``): 1 where the log ratios differ from 0
+beyond their noise (one-sample t-test at 5% over the four stages, Bonferroni), else 0, the raw transfer;
+from K=3 on, factors that do not also predict T_total better than the raw transfer in
+leave-one-configuration-out over the K rows (paired t-test at 5%) are dropped (the raw transfer). K=0 is the raw transfer
+(factors 1); K=1 cannot tell a factor from noise and falls back to it too. A factor from a few noisy
+rows of a GPU as fast as the source would only add their noise, which is what made K=5 worse than K=0.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ INPUT_COLUMNS = ("num_crops", "num_total_tokens", "num_output_tokens", "active_b
                  "top_k_effective")
 KNOB_COLUMNS = KNOB_NAMES
 FORMAT = "flexvlm-ray/estimator/v1"
+# a stage's recalibration factor is used when its log ratios differ from 0 at this level (5%, Bonferroni over stages)
+FACTOR_TEST_LEVEL = 0.05 / len(STAGES)
 
 
 def feature_columns(data: Mapping[str, Any] | pd.DataFrame) -> dict[str, np.ndarray]:
@@ -117,20 +124,44 @@ class StageEstimator:
 
     # -- transfer ----------------------------------------------------------------------
     def recalibrate(self, rows: pd.DataFrame) -> "StageEstimator":
-        """A copy whose stages are scaled to the given rows of another GPU (median ratio of
-        measured / predicted per stage, over rows where both are positive). No rows: a copy."""
+        """A copy whose stages are scaled to the given rows of another GPU: per stage exp(w * the median log
+        ratio of measured / predicted) over rows where both are positive, w from ``choose_shrinkage``
+        (recorded in ``meta['shrinkage']``). From three rows on, the factors are kept only if they also
+        predict T_total better than the raw transfer in leave-one-configuration-out over the rows (each row
+        predicted with the factors of the rows of other configurations; paired t-test at 5%); else the raw transfer (``meta['fallback']``).
+        No rows: a copy."""
         rows = usable_rows(rows)
-        scales = dict(self.scales)
+        scales, shrinkage = self._stage_scales(rows)
+        fallback = False
+        if len(rows) >= 3 and any(w > 0 for w in shrinkage.values()):
+            measured = rows["T_total"].to_numpy(float)
+            raw = np.abs(self.predict(rows)["T_total"] / measured - 1.0)
+            keys = config_keys(rows).to_numpy()
+            loo = []
+            for i in range(len(rows)):   # leave the row's whole configuration out: held-out configs are unseen
+                others, _ = self._stage_scales(rows[keys != keys[i]])
+                one = StageEstimator(coef=self.coef, scales=others).predict(rows.iloc[[i]])["T_total"][0]
+                loo.append(abs(one / measured[i] - 1.0))
+            if not _clearly_better(better=np.asarray(loo), than=raw):
+                scales, shrinkage, fallback = dict(self.scales), {k: 0.0 for k in shrinkage}, True
+        meta = {**self.meta, "recalibrated_on": sorted(set(gpu_label_series(rows))) if len(rows) else [],
+                "recalibration_rows": int(len(rows)), "shrinkage": shrinkage, "fallback": fallback}
+        return StageEstimator(coef=self.coef, scales=scales, meta=meta)
+
+    def _stage_scales(self, rows: pd.DataFrame) -> tuple[dict[str, float], dict[str, float]]:
+        """Per-stage scales from ``rows`` (median log ratio, shrunk by ``choose_shrinkage``) and the w's."""
+        scales, shrinkage = dict(self.scales), {}
         if len(rows):
             predicted = self.predict(rows)
             for stage in STAGES:
                 y, p = rows[stage].to_numpy(float), predicted[stage]
                 ok = (y > 0) & (p > 0)
                 if ok.any():
-                    scales[stage] = self.scales.get(stage, 1.0) * float(np.exp(np.median(np.log(y[ok] / p[ok]))))
-        meta = {**self.meta, "recalibrated_on": sorted(set(gpu_label_series(rows))) if len(rows) else [],
-                "recalibration_rows": int(len(rows))}
-        return StageEstimator(coef=self.coef, scales=scales, meta=meta)
+                    logs = np.log(y[ok] / p[ok])
+                    w = choose_shrinkage(logs)
+                    shrinkage[stage] = w
+                    scales[stage] = self.scales.get(stage, 1.0) * float(np.exp(w * np.median(logs)))
+        return scales, shrinkage
 
     # -- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +183,35 @@ class StageEstimator:
     @classmethod
     def load(cls, path: str | Path) -> "StageEstimator":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _clearly_better(*, better: np.ndarray, than: np.ndarray) -> bool:
+    """Whether the errors ``better`` are lower than ``than`` beyond noise: a one-sided paired t-test at
+    FACTOR_TEST_LEVEL * len(STAGES) (5%) on the per-row differences."""
+    from scipy.stats import ttest_rel
+
+    diff = np.asarray(than, float) - np.asarray(better, float)
+    if diff.size < 2 or not np.any(diff):
+        return False
+    if np.ptp(diff) == 0:
+        return bool(diff[0] > 0)
+    return bool(ttest_rel(than, better, alternative="greater").pvalue < FACTOR_TEST_LEVEL * len(STAGES))
+
+
+def choose_shrinkage(logs: np.ndarray) -> float:
+    """1.0 where the log ratios (measured / predicted) of the K rows differ from 0 beyond their noise
+    (two-sided one-sample t-test at FACTOR_TEST_LEVEL; identical nonzero ratios count as a factor),
+    else 0.0 (keep the raw transfer); 0.0 below two rows."""
+    from scipy.stats import t
+
+    logs = np.asarray(logs, float)
+    if logs.size < 2:
+        return 0.0
+    mean, std = float(logs.mean()), float(logs.std(ddof=1))
+    if std == 0:
+        return 1.0 if mean != 0 else 0.0
+    statistic = abs(mean) / (std / np.sqrt(logs.size))
+    return 1.0 if statistic > t.ppf(1 - FACTOR_TEST_LEVEL / 2, logs.size - 1) else 0.0
 
 
 # -- rows, splits, errors ------------------------------------------------------------------
@@ -217,11 +277,13 @@ def sample_rows(rows: pd.DataFrame, *, k: int, seed: int) -> pd.DataFrame:
 
 
 def transfer(*, source: pd.DataFrame, target: pd.DataFrame, k: int, seed: int,
-             holdout: float = 0.3) -> tuple[StageEstimator, dict[str, dict]]:
-    """Fit on every source row, recalibrate on k rows of the target's training configs and
-    report the errors on the target's held-out configs."""
-    base = StageEstimator.fit(source)
-    train, test = split_configs(usable_rows(target), holdout=holdout, seed=seed)
+             holdout: float = 0.3, split_seed: Optional[int] = None) -> tuple[StageEstimator, dict[str, dict]]:
+    """Fit on the source rows of the target's training configs only (a held-out config is unseen on
+    both GPUs), recalibrate on k rows of the target's training configs and report the errors on the
+    target's held-out configs. ``split_seed`` (default ``seed``) draws the split, ``seed`` the K rows."""
+    train, test = split_configs(usable_rows(target), holdout=holdout, seed=seed if split_seed is None else split_seed)
+    source = usable_rows(source)
+    base = StageEstimator.fit(source[~config_keys(source).isin(set(config_keys(test)))])
     est = base.recalibrate(sample_rows(train, k=k, seed=seed))
     return est, evaluate(est, test)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flexvlm_ray.analysis.e2 import analyze, budget_cases, config_frame, hypervolume, two_way
+from flexvlm_ray.analysis.e2 import analyze, budget_cases, config_frame, coupling, hypervolume, two_way
 from flexvlm_ray.analysis.pareto import pareto_mask
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand
@@ -88,19 +88,90 @@ def test_e2_analysis_on_a_small_simulated_run(write_spec, tmp_path):
     out = tmp_path / "run" / "analysis"
     paths = analyze(rows=rows, out_dir=out, manifest=store.manifest())
     names = {p.name for p in paths}
-    assert {"e2_frontier.json", "e2_frontier.png", "e2_coupling.json", "e2_coupling.png", "e2_configs.json",
+    assert {"e2_frontier.json", "e2_coupling.json", "e2_coupling.png", "e2_configs.json",
             "e2_budget_cases.json", "e2_hypervolume.json", "e2_hypervolume.png"} <= names
+    # the simulated family answers the same text for every config: quality is constant, so no frontier
+    fronts = json.loads((out / "e2_frontier.json").read_text())
+    assert set(fronts) == {"shapes_vqa", "shapes_caption"} and all("note" in f for f in fronts.values())
+    coupling = json.loads((out / "e2_coupling.json").read_text())
+    assert len(coupling["shapes_vqa"]) == 6  # 3 knob pairs x (latency, score)
+    hv = json.loads((out / "e2_hypervolume.json").read_text())
+    curves = hv["shapes_vqa"]["curves"]
+    assert len(curves["grid_order"]) == 8 and curves["grid_order"][-1] == pytest.approx(curves["random_order"][-1])
+
+
+def test_e2_frontier_on_rows_with_a_quality_spread(tmp_path):
+    configs = knob_configs(max_crops=[1, 4, 12], top_k=[1, 8], active_blocks=[4, 16])
+    rows = synthetic_rows(configs=configs, datasets=("shapes_vqa", "shapes_caption"), samples=3,
+                          decode_mode="natural", noise=0.02)
+    out = tmp_path / "analysis"
+    names = {p.name for p in analyze(rows=rows, out_dir=out, manifest={})}
+    assert "e2_frontier.png" in names
     fronts = json.loads((out / "e2_frontier.json").read_text())
     table = config_frame(rows)
     for dataset, part in table.groupby("dataset"):
         for stat, col in (("p50", "T_total_p50"), ("p95", "T_total_p95")):
             expected = set(part[pareto_mask(part[col].to_numpy(), part["score"].to_numpy())]["config"])
             assert {f["config"] for f in fronts[dataset][stat]} == expected
-    coupling = json.loads((out / "e2_coupling.json").read_text())
-    assert len(coupling["shapes_vqa"]) == 6  # 3 knob pairs x (latency, score)
-    hv = json.loads((out / "e2_hypervolume.json").read_text())
-    curves = hv["shapes_vqa"]["curves"]
-    assert len(curves["grid_order"]) == 8 and curves["grid_order"][-1] == pytest.approx(curves["random_order"][-1])
+
+
+def _rows(cells, *, samples=8, seed=0):
+    """ok rows for (dataset, max_crops, top_k) -> (latency ms, score mean, score spread) cells."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for (ds, crops, k), (lat, score, spread) in cells.items():
+        for i in range(samples):
+            out.append({"status": "ok", "dataset": ds, "max_crops": crops, "top_k": k, "active_blocks": None,
+                        "block_policy": "prefix", "max_new_tokens": 8, "sample_id": f"s{i}",
+                        "T_total": lat * float(np.exp(rng.normal(0, 0.02))),
+                        "score": float(np.clip(score + rng.normal(0, spread), 0, 1)) if spread is not None else score,
+                        "metric": "vqa_accuracy" if ds == "vqa" else "cider_d"})
+    return pd.DataFrame(out)
+
+
+def test_picks_that_differ_only_by_latency_noise_are_not_claimed():
+    # every config scores the same distribution on both workloads: a different pick is noise
+    cells = {(ds, c, k): (20.0 + c + k, 0.5, 0.2) for ds in ("vqa", "cap") for c in (1, 4) for k in (1, 8)}
+    table = config_frame(_rows(cells))
+    assert budget_cases(table) == []
+
+
+def test_a_real_workload_difference_is_claimed_with_its_evidence():
+    # vqa gains from crops, cap from top_k, far beyond the noise
+    cells = {}
+    for c in (1, 4):
+        for k in (1, 8):
+            cells[("vqa", c, k)] = (10.0 + c + k, 0.2 + 0.15 * (c == 4), 0.01)
+            cells[("cap", c, k)] = (10.0 + c + k, 0.2 + 0.15 * (k == 8), 0.01)
+    cases = budget_cases(config_frame(_rows(cells)))
+    assert cases and all(c["beyond_noise"] and c["evidence"] for c in cases)
+    for case in cases:
+        for e in case["evidence"]:
+            assert e["its_score_ci95"][1] < case["best"][e["workload"]]["score_ci95"][0]
+            assert e["its_score"] < 0.3 < case["best"][e["workload"]]["score"]
+
+
+@pytest.mark.parametrize("interaction, coupled", [(True, True), (False, False)])
+def test_coupling_is_claimed_only_beyond_its_ci(interaction, coupled):
+    cells = {("vqa", c, k): ((c * k if interaction else c + k) + 10.0, 0.5, 0.05) for c in (1, 4) for k in (1, 8)}
+    rows = _rows(cells, samples=12)
+    latency = [e for e in coupling(config_frame(rows), rows)["vqa"] if e["value"] == "T_total_p50"][0]
+    lo, hi = latency["dod_ci95"]
+    assert lo <= latency["difference_of_differences"] <= hi
+    assert latency["coupled"] is coupled
+
+
+def test_constant_quality_gets_a_note_and_no_frontier(tmp_path):
+    cells = {(ds, c, k): (20.0 + c + k, 0.0, None) for ds in ("vqa", "cap") for c in (1, 4) for k in (1, 8)}
+    paths = analyze(rows=_rows(cells), out_dir=tmp_path, manifest={})
+    names = {p.name for p in paths}
+    assert "e2_frontier.png" not in names and "e2_frontier.json" in names
+    fronts = json.loads((tmp_path / "e2_frontier.json").read_text())
+    assert all("same for every config" in f["note"] for f in fronts.values())
+    cases = json.loads((tmp_path / "e2_budget_cases.json").read_text())
+    assert cases["cases"] == [] and cases["constant_quality"] == {"cap": True, "vqa": True}
+    scores = [e for e in json.loads((tmp_path / "e2_coupling.json").read_text())["vqa"] if e["value"] == "score"]
+    assert scores and not any(e["coupled"] for e in scores)
 
 
 def test_a_grid_runs_e2_analysis_needs_no_optuna(monkeypatch, tmp_path):
@@ -114,7 +185,7 @@ def test_a_grid_runs_e2_analysis_needs_no_optuna(monkeypatch, tmp_path):
     with pytest.raises(ImportError):
         import optuna  # noqa: F401
     paths = analyze(rows=rows, out_dir=tmp_path, manifest={})
-    assert {"e2_hypervolume.json", "e2_hypervolume.png", "e2_frontier.png"} <= {p.name for p in paths}
+    assert {"e2_hypervolume.json", "e2_hypervolume.png", "e2_frontier.json"} <= {p.name for p in paths}
     hv = json.loads((tmp_path / "e2_hypervolume.json").read_text())["shapes_vqa"]
     assert "adaptive_tpe_replayed" not in hv["curves"]
-    assert hv["notes"] == ["adaptive_tpe_replayed left out: optuna is not installed"]
+    assert "adaptive_tpe_replayed left out: optuna is not installed" in hv["notes"]

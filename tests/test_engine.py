@@ -84,7 +84,8 @@ def test_seed_flops_formula():
     unit = expand(load_spec_text(SPEC, source="x"))[2]
     row = measure_pass(adapter=_adapter(), sample=_sample(), unit=unit)
     params = _adapter().param_counts()
-    assert row["flops_vision"] == 2.0 * params["vision_encoder"] * row["num_vision_tokens"]
+    # the seeds' formula counts ViT patches (4 per pooled vision token here), not pooled tokens
+    assert row["flops_vision"] == 2.0 * params["vision_encoder"] * 4 * row["num_vision_tokens"]
     assert row["flops_llm_prefill"] == 2.0 * params["llm"] * row["num_total_tokens"]
     assert row["flops_llm_decode"] == 2.0 * params["llm"] * 5
     assert row["flops_total"] == pytest.approx(sum(row[k] for k in (
@@ -114,7 +115,7 @@ def _capturing(adapter, *, always=False):
 
 @pytest.mark.parametrize("widths, warmup, expected", [
     ((672, 672, 1344), 0, [1, 0, 1]),       # a new crop count: its first pass is run again
-    ((672, 672, 1344), 1, [0, 0, 1]),       # the warm-up pass captured the first shape
+    ((672, 672, 1344), 1, [0, 0, 0]),       # every new shape gets its own warm-up pass
     ((336,), 0, [1]),
 ])
 def test_passes_that_did_one_time_setup_are_run_again(widths, warmup, expected):
@@ -133,3 +134,17 @@ def test_a_pass_that_always_does_setup_is_kept_as_an_error_row():
     assert len(rows) == 1 and rows[0]["status"] == "error" and rows[0]["error_type"] == "SteadyStateError"
     assert rows[0]["setup_passes"] == engine.MAX_SETUP_PASSES - 1 and rows[0]["T_total"] > 0
     assert "one-time setup" in rows[0]["error_message"]
+
+
+def test_seed_vision_flops_are_absent_without_a_patch_count(monkeypatch):
+    adapter = _adapter()
+    prepare = adapter.prepare
+
+    def without_patches(**kw):
+        prepared = prepare(**kw)
+        prepared.extras.pop("num_patches")
+        return prepared
+
+    monkeypatch.setattr(adapter, "prepare", without_patches)
+    row = measure_pass(adapter=adapter, sample=_sample(), unit=expand(load_spec_text(SPEC, source="x"))[2])
+    assert row["flops_vision"] is None and row["flops_total"] is None and row["flops_llm_prefill"] > 0

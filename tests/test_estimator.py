@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flexvlm_ray.estimator import (FEATURES, STAGES, StageEstimator, errors, evaluate, sample_rows,
+from flexvlm_ray.estimator import (FEATURES, STAGES, StageEstimator, choose_shrinkage, config_keys, errors,
+                                   evaluate, sample_rows,
                                    split_configs, transfer)
 from flexvlm_ray.commands.calibrate import calibrate_command
 from flexvlm_ray.synthetic import (SYNTHETIC_COSTS, knob_configs, stage_coefficients, synthetic_rows,
@@ -91,3 +92,76 @@ def test_calibrate_cli_on_two_runs(tmp_path):
 def test_calibrate_cli_rejects_a_folder_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(calibrate_command, [str(tmp_path)])
     assert result.exit_code == 2 and "not a run folder" in result.output
+
+
+@pytest.mark.parametrize("logs, expected", [
+    ([], 0.0),
+    ([0.5], 0.0),                                  # one row: nothing to choose on, raw transfer
+    ([np.log(0.55)] * 5, 1.0),                     # a consistent factor: used in full
+    ([-0.6, -0.55, -0.65], 1.0),                   # a factor well beyond the noise of three rows
+    ([0.3, -0.3, 0.25, -0.28, 0.02], 0.0),         # ratios that are noise around 1: not used
+    ([0.0, 0.0], 0.0),
+])
+def test_shrinkage_is_chosen_from_the_k_rows(logs, expected):
+    assert choose_shrinkage(np.array(logs)) == expected
+
+
+@pytest.mark.parametrize("factors", [None, FACTORS])
+def test_recalibration_is_never_worse_than_k0_on_average(factors):
+    """Same-speed GPUs with noisy rows (where a factor from K rows only adds noise) and a 0.55-0.85x GPU."""
+    a = synthetic_rows(configs=CONFIGS, samples=3, costs=COSTS, noise=0.08, seed=1, gpu_name="sim-A")
+    b = synthetic_rows(configs=CONFIGS, samples=3, costs=COSTS, noise=0.08, seed=2, gpu_name="sim-B",
+                       factors=factors)
+    for k in (1, 2, 5):
+        mape = {kk: np.mean([transfer(source=a, target=b, k=kk, seed=s)[1]["T_total"]["mape"] for s in range(5)])
+                for kk in (0, k)}
+        assert mape[k] <= mape[0] * 1.02
+
+
+def test_the_source_is_fitted_without_the_targets_held_out_configs(monkeypatch):
+    a = synthetic_rows(configs=CONFIGS, samples=2, costs=COSTS, noise=0.0, gpu_name="sim-A")
+    b = synthetic_rows(configs=CONFIGS, samples=2, costs=COSTS, noise=0.0, gpu_name="sim-B")
+    fitted = []
+    original = StageEstimator.fit.__func__
+
+    def spy(cls, rows, **kw):
+        fitted.append(set(config_keys(rows)))
+        return original(cls, rows, **kw)
+
+    monkeypatch.setattr(StageEstimator, "fit", classmethod(spy))
+    _, test = split_configs(b, holdout=0.3, seed=3)
+    transfer(source=a, target=b, k=0, seed=3)
+    assert fitted and not fitted[0] & set(config_keys(test))
+    assert fitted[0] | set(config_keys(test)) == set(config_keys(a))
+
+
+def test_e3_reports_the_mean_and_range_over_five_holdout_splits():
+    from flexvlm_ray.analysis.e3 import calibration_curve
+
+    rows = synthetic_rows(configs=CONFIGS, samples=2, costs=COSTS, noise=0.05, seed=1)
+    curve = calibration_curve(rows, holdout=0.3, seed=0)
+    for point in curve:
+        t = point["T_total"]
+        assert t["splits"] == 5
+        assert t["within10_range"][0] <= t["within10"] <= t["within10_range"][1]
+        assert t["mape_range"][0] <= t["mape"] <= t["mape_range"][1]
+    assert any(p["T_total"]["mape_range"][0] < p["T_total"]["mape_range"][1] for p in curve)  # splits differ
+
+
+@pytest.mark.parametrize("scored", [True, False])
+def test_quality_kept_is_reported_only_from_measured_quality(scored):
+    from flexvlm_ray.analysis.budget import config_table, default_budgets, enforcement, summarize
+
+    rows = synthetic_rows(configs=CONFIGS[:12], samples=2, noise=0.02, seed=1,
+                          decode_mode="natural" if scored else "forced")
+    table, source = config_table(rows)
+    records = enforcement(table=table, rows=rows, rule=table["lat_mean"].to_numpy(), budgets=default_budgets(table))
+    summary = summarize(records)
+    assert (source == "score") is scored
+    if scored:
+        assert summary["mean_quality_kept"] == pytest.approx(1.0)   # the measured rule is the oracle
+    else:
+        assert "no quality is reported" in source
+        assert summary["mean_quality_kept"] is None and summary["mean_quality"] is None
+        assert all(r["quality"] is None and r["quality_kept"] is None for r in records)
+        assert summary["feasible"] > 0

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.measure.engine import measure_pass
+from flexvlm_ray.measure.engine import timed_passes
 from flexvlm_ray.models import Knobs
 from flexvlm_ray.models.flexmoe.fast.decoder import (experts_gather, experts_grouped, experts_loop, grouped_mm_function,
                                              key_dtype, route, sort_pairs)
@@ -286,10 +286,12 @@ def test_engine_hooks_time_the_fast_blocks(fast):
     unit = expand(load_spec_text(SPEC, source="x"))[0]
     fast.apply_knobs(unit.knobs)
     try:
-        row = measure_pass(adapter=fast, sample=sample(), unit=unit)
+        row, = timed_passes(adapter=fast, sample=sample(), unit=unit)
     finally:
         fast.restore_knobs()
     assert row["num_output_tokens"] == 3
+    # the hooks time a separate pass; on the CPU both passes run eagerly (no CUDA graphs)
+    assert row["prefill_hook_method"] == "separate_pass" and row["prefill_path"] == row["prefill_hook_path"] == "eager"
     assert row["T_LLM_prefill_hook"] is not None and row["T_LLM_prefill_hook"] > 0
     assert len(row["T_attention_per_block"]) == 4 and all(ms > 0 for ms in row["T_ffn_per_block"])
 

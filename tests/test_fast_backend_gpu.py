@@ -269,3 +269,25 @@ measure: {warmup: 0, prefill_hook: false}
     rows = run_unit(adapter=molmoe, unit=unit, samples=samples, metric=None, context={})
     assert [r["setup_passes"] for r in rows] == [1, 0] and all(r["status"] == "ok" for r in rows)
     assert molmoe.setup_count() > before
+
+
+def test_timed_passes_run_the_graphed_prefill_while_hooks_time_a_separate_pass(molmoe):
+    """With prefill_hook on, the timed pass keeps the deployed (graphed) prefill; the hook timings come
+    from a separate eager pass, and no timed pass is the first of its shape (warm-up per shape)."""
+    from flexvlm_ray.measure.engine import run_unit
+    from flexvlm_ray.spec.expand import expand
+    from flexvlm_ray.spec.load import load_spec_text
+    spec = """
+name: g
+experiment: g
+model: {family: flexmoe, preset: molmoe-1b, dtype: bfloat16, backend: fast}
+datasets: [{name: probe_grid, num_samples: 1}]
+knobs: {top_k: [2], max_new_tokens: [4]}
+measure: {warmup: 1, runs_per_sample: 2, prefill_hook: true}
+"""
+    unit = expand(load_spec_text(spec, source="x"))[0]
+    samples = [(0, sample(width=800, height=333)), (1, sample(width=1200, height=333))]
+    rows = run_unit(adapter=molmoe, unit=unit, samples=samples, metric=None, context={})
+    assert [r["prefill_path"] for r in rows] == ["graphed"] * 4
+    assert {r["prefill_hook_path"] for r in rows} == {"eager"} and all(r["T_LLM_prefill_hook"] > 0 for r in rows)
+    assert [r["setup_passes"] for r in rows] == [0] * 4 and [r["warmup_passes"] for r in rows] == [1, 0, 1, 0]

@@ -1,69 +1,161 @@
-"""Measure one work unit: knobs on, warm up, time every sample's stages, knobs off.
+"""Measure one work unit: knobs on, warm up every new shape, time every sample's stages, knobs off.
 
-One pass of one sample is one timeline (StageTimer):
+One timed pass of one sample is one timeline (StageTimer):
 
     start | vision_encoder | projector | llm_prefill | llm_decode (one mark per token if asked)
 
 so ``T_total`` is exactly the sum of the stages and no stage is derived from a second run.
 ``T_LLM_prefill`` is the time from the end of the vision stages to the first token: the
 seeds' subtraction method (prefill step minus vision) taken on one timeline, which cannot go
-negative. ``T_LLM_prefill_hook`` is the seeds' hook method: first decoder block's input to
-the last block's output during prefill (no embedding, final norm or LM head).
+negative. The timed pass never has a timing hook registered, so it times the path a deployment
+runs; ``prefill_path`` records which one ran ('graphed': one captured CUDA graph, 'eager': kernels
+issued from Python). ``T_LLM_prefill_hook`` is the seeds' hook method (first decoder block's input
+to the last block's output during prefill) and comes from a separate, untimed-for-T_total pass
+(``prefill_hook_method`` 'separate_pass') right after each timed pass: hooks need Python between
+the blocks, so on the fast backend that pass runs eagerly (``prefill_hook_path``).
 
-A timed pass during which the model did one-time setup (``ModelAdapter.setup_count`` grew: a CUDA
-graph captured for a shape it had not run) is run again, up to ``MAX_SETUP_PASSES`` passes in all, so
-a row times the steady state a deployed engine serves; ``setup_passes`` counts the passes discarded.
+Warm-up is per distinct shape and knob setting, not per unit: before the first timed pass of a
+sample whose (knobs, crop count, vision / total tokens, input tensor shapes) the unit has not run
+yet, ``measure.warmup`` untimed passes of that sample run (and as many hooked prefill passes when
+hooks are on); ``warmup_passes`` on the sample's first row counts them. A timed pass during which
+the model still did one-time setup (``ModelAdapter.setup_count`` grew: a CUDA graph captured for a
+shape it had not run) is run again, up to ``MAX_SETUP_PASSES`` passes in all; ``setup_passes``
+counts the passes discarded.
+
+Repeats: every sample gets ``measure.runs_per_sample`` timed passes; with ``measure.target_ci``
+more follow until the 95% confidence interval of the mean ``T_total`` over the sample's passes has
+a relative half-width <= target_ci (Student t) or ``measure.max_runs`` passes ran.
+``sample_passes`` and ``sample_ci_rel`` (the half-width reached) are on every row of the sample.
+Noise controls (``flexvlm_ray.measure.noise``) wrap the unit's passes.
 """
 from __future__ import annotations
 
 import datetime as dt
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from flexvlm_ray.data.base import Sample
+from flexvlm_ray.measure.noise import noise_control
 from flexvlm_ray.measure.timer import StageTimer, Stopwatch
 from flexvlm_ray.metrics.base import Metric
-from flexvlm_ray.models.base import ModelAdapter
+from flexvlm_ray.models.base import ModelAdapter, Prepared
 from flexvlm_ray.spec.expand import WorkUnit
 from flexvlm_ray.store.schema import STAGE_FIELDS
 
 MAX_SETUP_PASSES = 3      # a shape's graphs are captured in its first pass; the second replays them
+CONFIDENCE = 0.95
+HOOK_METHOD = "separate_pass"
 
 
 def run_unit(*, adapter: ModelAdapter, unit: WorkUnit, samples: list[tuple[int, Sample]],
              metric: Optional[Metric], context: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for every (sample, run) of the unit. ``samples`` are (index in selection, sample)."""
+    """Rows for every (sample, timed pass) of the unit. ``samples`` are (index in selection, sample)."""
     measure = unit.measure
     adapter.apply_knobs(unit.knobs)
     try:
-        valid = [s for _, s in samples if s.error is None]
-        for _ in range(measure["warmup"] if valid else 0):
-            measure_pass(adapter=adapter, sample=valid[0], unit=unit)
-        rows = []
-        for index, sample in samples:
-            for run_index in range(measure["runs_per_sample"]):
-                base = _identity(unit=unit, sample=sample, index=index, run_index=run_index,
-                                 adapter=adapter, context=context)
+        with noise_control(measure) as noise:
+            warm = ShapeWarmup(adapter=adapter, unit=unit)
+            rows = []
+            for index, sample in samples:
                 if sample.error is not None:
-                    rows.append({**base, "status": "error", "error_type": "SampleError",
-                                 "error_message": sample.error})
+                    for run_index in range(measure["runs_per_sample"]):
+                        base = _identity(unit=unit, sample=sample, index=index, run_index=run_index,
+                                         adapter=adapter, context=context)
+                        rows.append({**base, **noise, "status": "error", "error_type": "SampleError",
+                                     "error_message": sample.error})
                     continue
-                result = steady_pass(adapter=adapter, sample=sample, unit=unit)
-                rows.append({**base, **result, **_quality(result, sample=sample, metric=metric,
-                                                          measure=measure)})
-        return rows
+                prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
+                warmed = warm.ensure(sample=sample, prepared=prepared)
+                results = timed_passes(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
+                summary = {"sample_passes": len(results), "sample_ci_rel": ci_rel_half_width(
+                    [r["T_total"] for r in results if r["status"] == "ok"])}
+                for run_index, result in enumerate(results):
+                    base = _identity(unit=unit, sample=sample, index=index, run_index=run_index,
+                                     adapter=adapter, context=context)
+                    rows.append({**base, **noise, **result, **summary,
+                                 "warmup_passes": warmed if run_index == 0 else 0,
+                                 **_quality(result, sample=sample, metric=metric, measure=measure)})
+            return rows
     finally:
         adapter.restore_knobs()
 
 
-def steady_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit) -> dict[str, Any]:
+def shape_key(*, unit: WorkUnit, prepared: Prepared) -> tuple:
+    """What fixes the work a pass issues: knobs, crop count, token counts, input tensor shapes."""
+    shapes = tuple(sorted((name, tuple(getattr(value, "shape", ()))) for name, value in prepared.inputs.items()))
+    return (unit.knobs, prepared.num_crops, prepared.num_vision_tokens, prepared.num_total_tokens, shapes)
+
+
+class ShapeWarmup:
+    """Untimed passes before the first timed pass of every shape and knob setting not yet run."""
+
+    def __init__(self, *, adapter: ModelAdapter, unit: WorkUnit) -> None:
+        self.adapter, self.unit = adapter, unit
+        self.seen: set[tuple] = set()
+
+    def ensure(self, *, sample: Sample, prepared: Prepared) -> int:
+        """Run the warm-up passes if this shape is new; how many ran (timed-path passes)."""
+        key = shape_key(unit=self.unit, prepared=prepared)
+        if key in self.seen:
+            return 0
+        self.seen.add(key)
+        count = self.unit.measure["warmup"]
+        for _ in range(count):
+            measure_pass(adapter=self.adapter, sample=sample, unit=self.unit, prepared=prepared)
+            if _hooks_on(self.unit.measure):
+                hook_pass(adapter=self.adapter, unit=self.unit, prepared=prepared)
+        return count
+
+
+def ci_rel_half_width(values: Sequence[float]) -> Optional[float]:
+    """Relative half-width of the 95% CI of the mean (Student t): t(0.975, n-1) s / (sqrt(n) mean);
+    None below two values or at a mean <= 0."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    if mean <= 0:
+        return None
+    from scipy.stats import t
+
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return float(t.ppf(0.5 + CONFIDENCE / 2, n - 1) * std / (math.sqrt(n) * mean))
+
+
+def timed_passes(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
+                 prepared: Optional[Prepared] = None) -> list[dict[str, Any]]:
+    """The sample's timed passes: ``runs_per_sample``, then (with ``target_ci``) more until the CI of
+    T_total is within the target or ``max_runs`` passes ran."""
+    measure = unit.measure
+    if prepared is None:
+        prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
+    minimum, target = measure["runs_per_sample"], measure.get("target_ci")
+    maximum = max(minimum, measure.get("max_runs") or minimum) if target else minimum
+    results: list[dict[str, Any]] = []
+    while len(results) < maximum:
+        result = steady_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
+        if _hooks_on(measure):
+            result.update(hook_pass(adapter=adapter, unit=unit, prepared=prepared))
+        results.append(result)
+        if len(results) < minimum:
+            continue
+        if not target:
+            break
+        half = ci_rel_half_width([r["T_total"] for r in results if r["status"] == "ok"])
+        if half is not None and half <= target:
+            break
+    return results
+
+
+def steady_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
+                prepared: Optional[Prepared] = None) -> dict[str, Any]:
     """``measure_pass`` until a pass does no one-time setup, at most ``MAX_SETUP_PASSES`` passes;
     ``setup_passes``: the passes discarded. Where every pass did setup the last one is kept with
     status 'error' (its times include setup, so analyses leave it out)."""
     for discarded in range(MAX_SETUP_PASSES):
         before = adapter.setup_count()
-        result = measure_pass(adapter=adapter, sample=sample, unit=unit)
+        result = measure_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
         if adapter.setup_count() == before:
             return {**result, "setup_passes": discarded}
     return {**result, "setup_passes": discarded, "status": "error", "error_type": "SteadyStateError",
@@ -71,22 +163,30 @@ def steady_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit) -> dic
                              f"{MAX_SETUP_PASSES} passes of this sample; its times include that setup"}
 
 
-def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit) -> dict[str, Any]:
-    """Run one sample through every stage once; times in ms, counts, FLOPs, prediction."""
+def _hooks_on(measure: dict[str, Any]) -> bool:
+    return bool(measure["prefill_hook"] or measure["block_parts"])
+
+
+def _timer(*, adapter: ModelAdapter, measure: dict[str, Any]) -> StageTimer:
+    return StageTimer(cuda=str(adapter.device).startswith("cuda"), sync_each=measure.get("sync") == "stage")
+
+
+def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
+                 prepared: Optional[Prepared] = None) -> dict[str, Any]:
+    """Run one sample through every stage once, no hooks; times in ms, counts, FLOPs, prediction."""
     measure, knobs = unit.measure, unit.knobs
-    cuda = str(adapter.device).startswith("cuda")
-    prepared = adapter.prepare(sample=sample, knobs=knobs)
+    if prepared is None:
+        prepared = adapter.prepare(sample=sample, knobs=knobs)
     adapter.synchronize()
-    timer = StageTimer(cuda=cuda)
-    blocks = list(adapter.decoder_blocks()) if (measure["prefill_hook"] or measure["block_parts"]) else []
+    timer = _timer(adapter=adapter, measure=measure)
     timer.start()
     features = adapter.vision_encoder(prepared)
     timer.mark("vision_encoder")
     embeds = adapter.projector(prepared, features)
     timer.mark("projector")
-    with _prefill_hooks(adapter=adapter, blocks=blocks, cuda=cuda, measure=measure) as hooks:
-        state = adapter.prefill(prepared, embeds)
-        timer.mark("llm_prefill")
+    state = adapter.prefill(prepared, embeds)
+    timer.mark("llm_prefill")
+    path = adapter.prefill_path()
     max_new = knobs.max_new_tokens
     natural = measure["decode_mode"] == "natural"
     eos = adapter.eos_token_id
@@ -112,7 +212,7 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit) -> di
         "T_vision_total": times["T_vision_encoder"] + times["T_projector"],
         "T_total": sum(ms for _, ms in stages),
         "T_decode_per_token": per_token if measure["per_token_decode"] else None,
-        **hooks.results(),
+        "prefill_path": path,
         "num_crops": prepared.num_crops,
         "num_vision_tokens": prepared.num_vision_tokens,
         "num_language_tokens": prepared.num_language_tokens,
@@ -131,19 +231,38 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit) -> di
     return row
 
 
-def seed_flops(*, adapter: ModelAdapter, prepared: Any, num_output_tokens: int) -> dict[str, float]:
-    """The seeds' rough formula: params x tokens x 2 per stage (projector: params x 2)."""
+def hook_pass(*, adapter: ModelAdapter, unit: WorkUnit, prepared: Prepared) -> dict[str, Any]:
+    """The seeds' hook method in its own pass (vision, projector, prefill; no decode): block hooks time
+    the decoder stack (and attention / FFN per block with ``block_parts``). Its fields only."""
+    measure = unit.measure
+    cuda = str(adapter.device).startswith("cuda")
+    blocks = list(adapter.decoder_blocks())
+    if not blocks:
+        return {}
+    adapter.synchronize()
+    embeds = adapter.projector(prepared, adapter.vision_encoder(prepared))
+    with _prefill_hooks(adapter=adapter, blocks=blocks, cuda=cuda, measure=measure) as hooks:
+        adapter.prefill(prepared, embeds)
+        path = adapter.prefill_path()
+    return {**hooks.results(), "prefill_hook_method": HOOK_METHOD, "prefill_hook_path": path}
+
+
+def seed_flops(*, adapter: ModelAdapter, prepared: Any, num_output_tokens: int) -> dict[str, Any]:
+    """The seeds' rough formula (001 "FLOPs Estimation"): vision params x patches x 2 (every ViT patch of
+    every crop, ``prepared.extras['num_patches']``; not the pooled vision tokens), projector params x 2,
+    LLM params x input tokens x 2, LLM params x output tokens x 2. An adapter that does not report its
+    patch count gets no vision (and no total) seed FLOPs rather than a count of the wrong tokens."""
     params = adapter.param_counts()
     if not params:
         return {}
-    patches = prepared.extras.get("num_patches", prepared.num_vision_tokens)
+    patches = prepared.extras.get("num_patches")
     out = {
-        "flops_vision": 2.0 * params.get("vision_encoder", 0) * patches,
+        "flops_vision": 2.0 * params.get("vision_encoder", 0) * patches if patches is not None else None,
         "flops_projector": 2.0 * params.get("projector", 0),
         "flops_llm_prefill": 2.0 * params.get("llm", 0) * prepared.num_total_tokens,
         "flops_llm_decode": 2.0 * params.get("llm", 0) * num_output_tokens,
     }
-    out["flops_total"] = sum(out.values())
+    out["flops_total"] = None if patches is None else sum(out.values())
     return out
 
 

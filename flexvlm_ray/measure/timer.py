@@ -3,7 +3,8 @@
 On CUDA each mark records an event on the current stream (no host synchronisation between
 stages, so timing does not insert bubbles); ``finish`` synchronises once and reads the
 elapsed times. On the CPU a mark reads ``time.perf_counter`` (execution is synchronous there).
-Durations are milliseconds.
+``sync_each`` (the spec's ``measure.sync: stage``) synchronises after every mark instead, for
+comparing what the one-synchronisation-per-pass rule buys. Durations are milliseconds.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any, Optional
 
 
 class StageTimer:
-    def __init__(self, *, cuda: bool) -> None:
+    def __init__(self, *, cuda: bool, sync_each: bool = False) -> None:
         self.cuda = cuda
+        self.sync_each = sync_each
         self._marks: list[tuple[str, Any]] = []
         if cuda:
             import torch
@@ -23,6 +25,8 @@ class StageTimer:
         if self.cuda:
             event = self._torch.cuda.Event(enable_timing=True)
             event.record()
+            if self.sync_each:
+                self._torch.cuda.synchronize()
             return event
         return time.perf_counter()
 

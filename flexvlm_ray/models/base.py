@@ -150,6 +150,11 @@ class ModelAdapter(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (CUDA); a no-op on the CPU."""
 
+    def prefill_path(self) -> str:
+        """How the last ``prefill`` ran: 'graphed' (one captured CUDA graph replayed) or 'eager' (kernels
+        issued from Python, block by block); rows record it (``prefill_path``)."""
+        return "eager"
+
     def setup_count(self) -> int:
         """One-time setups done so far that a later pass of the same shapes skips (a CUDA graph captured
         for a new shape); a pass during which it grows timed that setup as well (the engine runs it again)."""

@@ -94,8 +94,10 @@ class SimulatedAdapter(ModelAdapter):
                                max_crops=knobs.max_crops or self.info.max_crops_limit)
         crops = rows * cols + 1
         vision = crops * self.info.vision_tokens_per_crop
+        # every vision token pools a 2x2 window of ViT patches (576 patches per 336-px crop at 14 px)
         return Prepared(inputs={}, num_crops=crops, num_vision_tokens=vision,
-                        num_language_tokens=PROMPT_TOKENS, num_total_tokens=vision + PROMPT_TOKENS)
+                        num_language_tokens=PROMPT_TOKENS, num_total_tokens=vision + PROMPT_TOKENS,
+                        extras={"num_patches": 4 * vision})
 
     def vision_encoder(self, prepared: Prepared) -> Any:
         self._wait(self.costs["vision_ms_per_crop"] * prepared.num_crops)

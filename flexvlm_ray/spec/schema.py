@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from flexvlm_ray.knobs.base import BLOCK_POLICIES
 from flexvlm_ray.models.base import BACKENDS
@@ -110,14 +110,42 @@ class KnobGrid(_Strict):
 
 
 class MeasureSpec(_Strict):
-    warmup: int = Field(default=1, ge=0, le=1000, description="untimed passes before each unit's first sample")
-    runs_per_sample: int = Field(default=1, ge=1, le=1000, description="timed passes of every sample")
+    warmup: int = Field(default=1, ge=0, le=1000, description="untimed passes before the first timed pass of every "
+                                                               "distinct shape (crops, tokens) and knob setting")
+    runs_per_sample: int = Field(default=1, ge=1, le=1000, description="timed passes of every sample (the minimum "
+                                                                        "with target_ci)")
+    target_ci: Optional[float] = Field(
+        default=None, gt=0, lt=1, description="adaptive repeats: timed passes continue until the 95% CI "
+                                              "half-width of T_total is <= target_ci x its mean (e.g. 0.02) "
+                                              "or max_runs passes ran")
+    max_runs: Optional[int] = Field(default=None, ge=1, le=10000,
+                                    description="most timed passes per sample with target_ci")
     decode_mode: Literal["forced", "natural"] = Field(
         default="forced", description="forced: exactly max_new_tokens (EOS ignored); natural: stop at EOS")
-    prefill_hook: bool = Field(default=True, description="also time prefill with block hooks")
+    prefill_hook: bool = Field(default=True, description="also time prefill with block hooks (in a separate "
+                                                         "pass, so the timed pass keeps the deployed path)")
     per_token_decode: bool = Field(default=False, description="record every decode step's time")
     block_parts: bool = Field(default=False, description="attention vs FFN time per block (prefill)")
     score: bool = Field(default=True, description="score predictions with the dataset's metric")
+    gc_off: bool = Field(default=True, description="Python garbage collection off during the unit's passes")
+    pin_cpus: bool = Field(default=False, description="pin the worker to cpu_threads cores (a slice per GPU)")
+    cpu_threads: Optional[int] = Field(default=None, ge=1, description="torch CPU threads during the passes "
+                                                                       "(with pin_cpus: the cores pinned; default 4)")
+    sync: Literal["pass", "stage"] = Field(default="pass", description="pass: one host synchronisation per "
+                                                                       "timed pass; stage: one after every stage")
+    check_gpu_idle: bool = Field(default=True, description="record how many other processes use the worker's GPU")
+
+    @model_validator(mode="after")
+    def _adaptive(self) -> "MeasureSpec":
+        if self.max_runs is not None and self.target_ci is None:
+            raise ValueError("max_runs needs target_ci (the CI half-width that ends the repeats)")
+        if self.target_ci is not None:
+            if self.max_runs is None:
+                raise ValueError("target_ci needs max_runs (the most timed passes per sample)")
+            if self.max_runs < max(self.runs_per_sample, 2):
+                raise ValueError(f"max_runs ({self.max_runs}) must be >= runs_per_sample "
+                                 f"({self.runs_per_sample}) and >= 2")
+        return self
 
 
 class TuneSpec(_Strict):

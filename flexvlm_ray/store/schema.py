@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: timed passes never carry timing hooks, warm-up per shape, patch-based seed vision FLOPs
 
 # Stage names, in execution order; the engine times one named block per stage.
 STAGES = ("vision_encoder", "projector", "llm_prefill", "llm_decode")
@@ -35,6 +35,13 @@ ROW_SCHEMA = pa.schema([
     ("status", _str), ("error_type", _str), ("error_message", _str),
     # passes of this sample discarded because the model did one-time setup in them (measure.engine)
     ("setup_passes", _i64),
+    # how the pass was measured (measure.engine, measure.noise): the prefill path the timed pass ran
+    # ('graphed' | 'eager'), how and on which path T_LLM_prefill_hook was taken, untimed warm-up passes
+    # run for this sample's new shape, the sample's timed passes and the CI half-width of T_total they
+    # reached, the noise controls on, other processes seen on the GPU
+    ("prefill_path", _str), ("prefill_hook_method", _str), ("prefill_hook_path", _str),
+    ("warmup_passes", _i64), ("sample_passes", _i64), ("sample_ci_rel", _f64),
+    ("noise_controls", _str), ("gpu_other_processes", _i64),
     # token counts
     ("num_crops", _i64), ("num_vision_tokens", _i64), ("num_language_tokens", _i64),
     ("num_total_tokens", _i64), ("num_output_tokens", _i64),

@@ -224,7 +224,8 @@ class FlexMoeAdapter(ModelAdapter):
             inputs["crop_valid"] = torch.from_numpy(layout.crop_valid).to(device=dev)
         return Prepared(inputs=inputs, num_crops=layout.num_crops, num_vision_tokens=len(positions),
                         num_language_tokens=len(ids) - len(positions), num_total_tokens=len(ids),
-                        extras={"tiling": layout.tiling, "max_crops": max_crops})
+                        extras={"tiling": layout.tiling, "max_crops": max_crops,
+                                "num_patches": layout.num_crops * self.config.patches_per_side ** 2})
 
     @torch.inference_mode()
     def vision_encoder(self, prepared: Prepared) -> torch.Tensor:
@@ -392,6 +393,10 @@ class FlexMoeAdapter(ModelAdapter):
         return flexmoe_flops(config=c, num_crops=prepared.num_crops, num_prompt_tokens=prepared.num_total_tokens,
                              num_output_tokens=num_output_tokens, top_k=knobs.top_k or c.top_k,
                              num_active_blocks=n_blocks)
+
+    def prefill_path(self) -> str:
+        """'graphed' where the fast backend replayed a captured prefill graph, else 'eager'."""
+        return self.fast.last_prefill_path if self.fast is not None else "eager"
 
     def setup_count(self) -> int:
         """CUDA graphs captured so far by every fast decoder of this model (vision, prefill, decode)."""

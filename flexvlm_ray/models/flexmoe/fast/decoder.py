@@ -460,6 +460,7 @@ class FastDecoder:
         self.prefill_logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
         self.arange = torch.arange(max_len, device=dev)
         self.graphs: dict[tuple, Any] = {}
+        self.last_prefill_path = "eager"                      # how the last prefill ran: 'graphed' | 'eager'
         self.vision_io: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # graphed vision: (pixels, features)
         self._pool: Any = None
 
@@ -479,8 +480,10 @@ class FastDecoder:
             raise ValueError(f"prompt of {length} tokens exceeds the static cache of {self.cache.max_len}")
         if self.use_graphs and self.prefill_moe != "loop" and not self._hooked(blocks):   # loop reads counts
             logits = self._prefill_graphed(hidden=hidden[0], blocks=tuple(blocks))
+            self.last_prefill_path = "graphed"
         else:
             logits = self._prefill_rows(x=hidden[0], blocks=blocks, last=None)
+            self.last_prefill_path = "eager"
         self.cache.epoch += 1
         return logits
 

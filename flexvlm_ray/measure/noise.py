@@ -1,0 +1,104 @@
+"""Software-side noise control around a unit's timed passes (never GPU clocks or settings).
+
+Each measure has its own switch in the spec's ``measure`` section, so a run can measure what each
+one buys:
+
+* ``gc_off``: Python's garbage collector is collected once, then disabled while the unit's passes
+  run (a collection in the middle of a pass stalls the host that issues the kernels), and restored.
+* ``pin_cpus``: the worker process is pinned (``os.sched_setaffinity``) to ``cpu_threads`` cores of
+  the cores it may use, a disjoint slice per GPU index (CUDA_VISIBLE_DEVICES), and torch's intra-op
+  threads are set to the same number; both are restored after the unit.
+* ``cpu_threads`` alone (without ``pin_cpus``): only ``torch.set_num_threads``.
+* ``check_gpu_idle``: the compute processes on the worker's GPU other than this one are counted
+  (``nvidia-smi --query-compute-apps``) and written into every row (``gpu_other_processes``), so a
+  run that shared its GPU is visible; None where nvidia-smi is not there.
+
+``sync`` (``pass`` or ``stage``) is applied by the StageTimer: one host synchronisation per pass,
+or one after every stage (the comparison).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+DEFAULT_PINNED_THREADS = 4
+
+
+def controls_label(measure: dict[str, Any]) -> str:
+    """What a row records about the noise controls that were on, e.g. 'gc_off,pin_cpus=4,sync=pass'."""
+    parts = []
+    if measure.get("gc_off"):
+        parts.append("gc_off")
+    threads = measure.get("cpu_threads")
+    if measure.get("pin_cpus"):
+        parts.append(f"pin_cpus={threads or DEFAULT_PINNED_THREADS}")
+    elif threads:
+        parts.append(f"threads={threads}")
+    parts.append(f"sync={measure.get('sync', 'pass')}")
+    return ",".join(parts)
+
+
+def pinned_cores(*, allowed: list[int], threads: int, slot: int) -> list[int]:
+    """``threads`` cores of ``allowed`` (sorted) for worker slot ``slot``: disjoint slices while they fit,
+    wrapping around when there are more slots than slices."""
+    allowed = sorted(allowed)
+    threads = max(1, min(threads, len(allowed)))
+    slices = max(1, len(allowed) // threads)
+    start = (slot % slices) * threads
+    return allowed[start:start + threads]
+
+
+def gpu_slot() -> int:
+    """This worker's GPU index (the first id in CUDA_VISIBLE_DEVICES), 0 when there is none."""
+    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
+def other_gpu_processes() -> Optional[int]:
+    """Compute processes on the visible GPU other than this one; None where nvidia-smi cannot tell."""
+    visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",")[0].strip()
+    cmd = ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"]
+    if visible:
+        cmd.insert(1, f"--id={visible}")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    pids = {line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()}
+    return len(pids - {str(os.getpid())})
+
+
+@contextmanager
+def noise_control(measure: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Apply the unit's noise controls for the duration of its passes; yields the row fields they add."""
+    import torch
+
+    fields: dict[str, Any] = {"noise_controls": controls_label(measure)}
+    if measure.get("check_gpu_idle") and torch.cuda.is_available():
+        fields["gpu_other_processes"] = other_gpu_processes()
+    threads_before = torch.get_num_threads()
+    affinity_before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = measure.get("cpu_threads")
+    gc_was_on = gc.isenabled()
+    try:
+        if measure.get("pin_cpus") and affinity_before is not None:
+            threads = threads or DEFAULT_PINNED_THREADS
+            os.sched_setaffinity(0, pinned_cores(allowed=list(affinity_before), threads=threads, slot=gpu_slot()))
+        if threads:
+            torch.set_num_threads(int(threads))
+        if measure.get("gc_off"):
+            gc.collect()
+            gc.disable()
+        yield fields
+    finally:
+        if gc_was_on:
+            gc.enable()
+        if threads:
+            torch.set_num_threads(threads_before)
+        if measure.get("pin_cpus") and affinity_before is not None:
+            os.sched_setaffinity(0, affinity_before)
