@@ -22,12 +22,14 @@ from flexvlm_ray.store.writer import RunStore
 
 
 def spec_hash(spec: SweepSpec) -> str:
-    """Hash of the spec; a grid spec leaves out the search keys, so runs from before they
-    existed keep their hash."""
+    """Hash of the spec; a grid spec leaves out the search keys (and a spec without control its
+    control key), so runs from before they existed keep their hash."""
     data = spec.model_dump(mode="json")
     if spec.search == "grid":
         data.pop("search", None)
         data.pop("tune", None)
+    if spec.control is None:
+        data.pop("control", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -102,8 +104,14 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
 
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
-    driver = SweepDriver(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                         prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name))
+    common = dict(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
+                  prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name))
+    if spec.control is not None:   # a closed-loop run (E4): train / reference units, then the policies
+        from flexvlm_ray.run.closed_loop import ClosedLoopDriver
+
+        driver = ClosedLoopDriver(spec=spec, **common)
+    else:
+        driver = SweepDriver(**common)
     try:
         summary = driver.run(units=units, gpu_types=spec.gpu_types)
     except BaseException:

@@ -60,6 +60,8 @@ class _Slot:
 
 
 class SweepDriver:
+    worker_cls: type = ModelWorker   # the actor class (run.closed_loop uses a subclass)
+
     def __init__(self, *, store: RunStore, run_id: str, model: dict[str, Any], seed: int,
                  prefetch: int = 1, progress: bool = True, metrics: Any = None) -> None:
         self.store, self.run_id, self.model, self.seed = store, run_id, model, seed
@@ -117,7 +119,7 @@ class SweepDriver:
 
         self.slots = slots
         self.cpu_threads = max(1, (os.cpu_count() or 1) // len(slots))
-        self.remote_cls = ray.remote(ModelWorker)
+        self.remote_cls = ray.remote(self.worker_cls)
         for slot in slots:
             self._start(slot)
         try:
