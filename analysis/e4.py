@@ -14,6 +14,9 @@ Targets (issue 17) are checked for the LUT and learned policies with the guardra
 <= 5% at every budget, quality retained >= 95% at the 0.7 budget, strictly more quality than
 ``static`` at equal or lower violation on >= 3 of 5 budgets with non-overlapping CIs.
 
+``guardrail_effect`` (M4 in the closed loop): every policy run with and without the guardrail,
+violation and measured quality side by side per workload and budget.
+
 Files: e4.json (everything, and the targets met or not with their numbers), e4_table.md (the
 table a paper could print), figures/e4_frontier.png, figures/e4_violation.png, figures/e4_overhead.png.
 Quality is marked not meaningful for models with random weights (every preset but flexmoe
@@ -137,6 +140,23 @@ def targets(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str,
     return out
 
 
+def guardrail_effect(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """M4 in the closed loop: each policy run with and without the guardrail, per workload and budget:
+    violation rate and mean quality of both (measured, with their CIs)."""
+    out: dict[str, Any] = {}
+    for dataset, by_policy in cells.items():
+        for label in by_policy:
+            base = label.removesuffix("+guard")
+            if label == base or base not in by_policy:
+                continue
+            out.setdefault(base, {})[dataset] = {
+                f: {"violation": [by_policy[base][f]["violation"], by_policy[label][f]["violation"]],
+                    "quality": [by_policy[base][f]["quality"], by_policy[label][f]["quality"]],
+                    "quality_ci": [by_policy[base][f]["quality_ci"], by_policy[label][f]["quality_ci"]]}
+                for f in sorted(by_policy[label], key=float) if f in by_policy[base]}
+    return out
+
+
 def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed: int = 0) -> list[Path]:
     out_dir = Path(out_dir)
     rows = ok_rows(rows)
@@ -161,6 +181,7 @@ def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed
               "gpu": sorted(rows["gpu_name"].dropna().unique().tolist()),
               "reference_p50_ms": {ds: float(p["reference_p50_ms"].iloc[0]) for ds, p in control.groupby("dataset")},
               "policies": sorted(data["policy"].unique().tolist()), "cells": cells, "overhead": overhead,
+              "guardrail_effect": {"order": "[without, with]", "policies": guardrail_effect(cells)},
               "targets": targets(cells) if meaningful else None}
     paths = [write_json(out_dir / "e4.json", result), _table(result, out_dir / "e4_table.md")]
     figures = figures_dir(out_dir)

@@ -69,16 +69,16 @@ def test_expansion_has_train_reference_and_control_units():
 
 
 def test_specs_without_control_keep_their_hash_and_units():
+    """A grid spec hashes as before control existed: its dump without search, tune and control."""
+    import hashlib
+
     from flexvlm_ray.run.launch import spec_hash
 
     plain = load_spec_text(SPEC.replace("control:", "#"), source="x.yaml")
-    assert "control" not in json.dumps(plain.model_dump(mode="json")) or plain.control is None
     data = plain.model_dump(mode="json")
-    assert data.pop("control") is None
-    import hashlib
-    data.pop("search"), data.pop("tune")
-    expected = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-    assert spec_hash(plain) == expected
+    assert data.pop("control") is None and data.pop("search") == "grid" and data.pop("tune") is None
+    before = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert spec_hash(plain) == before
     assert all(u.control is None for u in expand(plain))
 
 
