@@ -2,8 +2,9 @@
 the rows of a closed-loop run (``spec.control``; flexvlm_ray.run.closed_loop).
 
 Rows with role 'control' are one policy's request at one budget; rows with role 'reference' are
-the full configuration on the same held-out requests (budget-independent: the ``full`` policy's
-rows at every budget, and the P50 that the budget fractions multiply). Per (workload, policy,
+the full configuration on the same held-out requests (the P50 that the budget fractions multiply,
+and the ``full`` policy's rows at every budget unless the run measured ``full`` as a control policy,
+interleaved with the others). Per (workload, policy,
 budget fraction): P50 / P95 / P99 T_total, SLO violation rate (T_total > budget), mean quality,
 quality retained (mean quality / full's mean quality on the same requests), all with 95% bootstrap
 CIs (scipy.stats.bootstrap, percentile method, 2000 resamples over requests; paired with full's
@@ -68,7 +69,11 @@ def budget_rows(rows: pd.DataFrame) -> pd.DataFrame:
     control = rows[rows["role"] == "control"].copy()
     reference = rows[rows["role"] == "reference"]
     parts = [control]
+    if (control["policy"] == "full").any():      # full ran as a control policy, at every budget
+        reference = reference.iloc[:0]
     for dataset, part in control.groupby("dataset"):
+        if reference.empty:
+            break
         p50 = float(part["reference_p50_ms"].iloc[0])
         for fraction in sorted(part["budget_fraction"].unique()):
             full = reference[reference["dataset"] == dataset].copy()

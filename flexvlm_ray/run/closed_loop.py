@@ -163,7 +163,7 @@ class ClosedLoopDriver(SweepDriver):
         datasets = [{"name": ds.name, "split": control.train_split, "num_samples": control.train_samples,
                      "path": ds.path} for ds in self.spec.datasets]
         requests = training_requests(datasets=datasets, seed=self.spec.seed)
-        names = sorted({p.name for p in control.policies} - {"full"})
+        names = sorted({p.name for p in control.policies})
         options = {"static": {"quantile": control.quantile},
                    "lut": {"quantile": control.quantile, "min_cell": control.lut_min_cell},
                    "learned": {"hidden": control.hidden, "epochs": control.epochs}}

@@ -7,13 +7,16 @@ Three roles, all known from the spec alone (so a run can be resumed):
   reference  the full configuration (the grid's largest) on the held-out requests (each dataset's
              own split, num_samples and shards, x repeats): the ``full`` policy's rows and the
              reference P50 that budgets are fractions of
-  control    every policy of ``control.policies`` except ``full`` x budget fraction x held-out shard
-             x repeat; the unit's knobs are the full configuration, the policy picks per request
+  control    every policy of ``control.policies`` x budget fraction x held-out shard x repeat, in
+             that order (the policies of one budget side by side in time); the unit's knobs are the
+             full configuration, the policy picks per request (``full`` listed here is measured at
+             every budget, interleaved with the others; not listed, the analysis reads the reference rows)
 
 The unit content hashes the role, policy, guardrail, budget fraction and the control settings.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -48,15 +51,14 @@ def expand_closed_loop(spec: SweepSpec) -> list[WorkUnit]:
     for ds, shard, repeat, gpu_type in held_out:
         cells.append(dict(dataset=ds, split=ds.split, num_samples=ds.num_samples, shard=shard, num_shards=ds.shards,
                           knobs=full, repeat=repeat, gpu_type=gpu_type, control={"role": "reference", "policy": "full"}))
-    for policy in control.policies:
-        if policy.name == "full":
-            continue
-        for fraction in control.budgets:
-            for ds, shard, repeat, gpu_type in held_out:
-                cells.append(dict(dataset=ds, split=ds.split, num_samples=ds.num_samples, shard=shard,
-                                  num_shards=ds.shards, knobs=full, repeat=repeat, gpu_type=gpu_type,
-                                  control={"role": "control", "policy": policy.name, "guardrail": policy.guardrail,
-                                           "margin": control.margin, "budget_fraction": float(fraction)}))
+    # budget-major, policy-minor: the policies of one budget run side by side in time, so a host whose
+    # speed drifts during the run does not favour the policies that happen to run first
+    for fraction in control.budgets:
+        for (ds, shard, repeat, gpu_type), policy in itertools.product(held_out, control.policies):
+            cells.append(dict(dataset=ds, split=ds.split, num_samples=ds.num_samples, shard=shard,
+                              num_shards=ds.shards, knobs=full, repeat=repeat, gpu_type=gpu_type,
+                              control={"role": "control", "policy": policy.name, "guardrail": policy.guardrail,
+                                       "margin": control.margin, "budget_fraction": float(fraction)}))
     units = []
     for index, c in enumerate(cells):
         ds = c["dataset"]
