@@ -143,3 +143,17 @@ def test_closed_loop_on_the_tiny_model_and_two_logical_gpus(ray_local, tmp_path)
 
     _, again = resume(run_dir=str(run_dir), progress=False)       # nothing left: nothing re-run
     assert (again.skipped, again.done) == (summary.done, 0)
+
+
+@pytest.mark.parametrize("run_dir", [str(p) for p in __import__("analysis_support").reference_runs("e4")])
+def test_committed_e4_reference_run_reanalyses_to_its_committed_json(run_dir, tmp_path):
+    """The committed analysis of every E4 reference run is what analysis/e4.py computes from its rows."""
+    from pathlib import Path
+
+    from analysis_support import analyze_to
+
+    analyze_to(Path(run_dir), tmp_path)
+    committed = json.loads((Path(run_dir) / "analysis" / "e4.json").read_text())
+    again = json.loads((tmp_path / "e4.json").read_text())
+    assert again == committed
+    assert (tmp_path / "e4_table.md").read_text() == (Path(run_dir) / "analysis" / "e4_table.md").read_text()
