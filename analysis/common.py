@@ -10,20 +10,21 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from flexvlm_ray.knobs.base import KNOB_NAMES, SHORT_NAMES
+
 # The seeds' per-sample entry (001_*.txt "Data Format"), in their order.
 SEED_ENTRY_FIELDS = ("num_crops", "num_vision_tokens", "num_language_tokens", "num_total_tokens",
                      "num_output_tokens", "T_total", "T_vision_encoder", "T_vision_total", "T_projector",
                      "T_LLM_prefill", "T_LLM_decode", "flops_vision", "flops_projector",
                      "flops_llm_prefill", "flops_llm_decode", "flops_total")
 # Extra columns every exported entry carries after the seed fields.
-EXTRA_ENTRY_FIELDS = ("sample_id", "dataset", "run_index", "repeat", "max_crops", "top_k", "active_blocks",
-                      "block_policy", "max_new_tokens", "T_LLM_prefill_hook", "flops_vision_analytic",
+EXTRA_ENTRY_FIELDS = ("sample_id", "dataset", "run_index", "repeat", *KNOB_NAMES, "T_LLM_prefill_hook", "flops_vision_analytic",
                       "flops_projector_analytic", "flops_llm_prefill_analytic", "flops_llm_decode_analytic",
                       "flops_total_analytic", "gpu_name")
 STAGE_TIMES = ("T_vision_encoder", "T_projector", "T_LLM_prefill", "T_LLM_decode")
 TIME_FIELDS = ("T_total", "T_vision_encoder", "T_vision_total", "T_projector", "T_LLM_prefill",
                "T_LLM_prefill_hook", "T_LLM_decode")
-KNOBS = ("max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens")
+KNOBS = KNOB_NAMES
 
 
 def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -111,8 +112,7 @@ def varying_knobs(rows: pd.DataFrame) -> list[str]:
 
 
 def config_label(values: dict[str, Any]) -> str:
-    short = {"max_crops": "crops", "top_k": "k", "active_blocks": "blocks", "block_policy": "",
-             "max_new_tokens": "tok"}
+    short = SHORT_NAMES
     parts = [f"{short[k]}={int(v)}" if short[k] else str(v) for k, v in values.items()
              if v is not None and not pd.isna(v)]
     return " ".join(parts) or "default"
@@ -120,26 +120,11 @@ def config_label(values: dict[str, Any]) -> str:
 
 def component_params(*, family: str, preset: Optional[str], path: Optional[str] = None,
                      options: Optional[dict[str, Any]] = None) -> dict[str, int]:
-    """Parameters of vision_encoder, projector and llm (whole decoder) of a model.
-
-    flexmoe: built on the 'meta' device from its config (no weights, no memory), counted with
-    ``flexmoe_param_counts``; other families: the adapter built on the CPU answers ``param_counts``."""
+    """Parameters of vision_encoder, projector and llm (whole decoder) of a model, by the family's
+    public ``count_params`` (flexmoe counts a 'meta' device build: no weights, no memory)."""
     from flexvlm_ray.models import MODELS
 
-    if family == "flexmoe":
-        import torch
-
-        from flexvlm_ray.models.flexmoe import _resolve_config, flexmoe_param_counts
-        from flexvlm_ray.models.flexmoe_model import FlexMoeModel
-
-        config, _ = _resolve_config(preset=preset, path=path)
-        with torch.device("meta"):
-            model = FlexMoeModel(config)
-        counts = flexmoe_param_counts(model=model, top_k=config.top_k, active_blocks=range(config.num_blocks))
-    else:
-        opts = {k: v for k, v in (options or {}).items() if k != "load_s"}
-        adapter = MODELS.get(family)(preset=preset, path=path, dtype="float32", device="cpu", seed=0, options=opts)
-        counts = adapter.param_counts()
+    counts = MODELS.get(family).count_params(preset=preset, path=path, options=dict(options or {}))
     return {k: int(counts[k]) for k in ("vision_encoder", "projector", "llm") if k in counts}
 
 

@@ -10,10 +10,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.common import (STAGE_TIMES, config_label, figures_dir, flops_column, linear_fit, ok_rows,
+from flexvlm_ray.analysis.common import (STAGE_TIMES, config_label, figures_dir, flops_column, linear_fit, ok_rows,
                              varying_knobs, write_json)
-from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
+from flexvlm_ray.analysis.registry import register_analysis
 
 STAGE_FLOPS = {"T_vision_encoder": "vision", "T_projector": "projector", "T_LLM_prefill": "llm_prefill",
                "T_LLM_decode": "llm_decode"}

@@ -20,12 +20,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.pareto import pareto_mask
-from analysis.plots import save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.pareto import pareto_mask
+from flexvlm_ray.knobs.base import KNOB_NAMES, MODEL_KNOBS
+from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.registry import register_analysis
 
-KNOBS = ["max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens"]
-NUMERIC_KNOBS = ["max_crops", "top_k", "active_blocks"]
+KNOBS = list(KNOB_NAMES)
+NUMERIC_KNOBS = list(MODEL_KNOBS)
 LATENCIES = {"p50": "T_total_p50", "p95": "T_total_p95"}
 RANDOM_ORDERS = 20
 REPLAY_BUDGET = 48  # configs the replayed searcher may evaluate (its curve stops there)
@@ -135,7 +136,7 @@ def replay_search(part: pd.DataFrame, *, searcher: str, seed: int, budget: int) 
     """The order in which an adaptive searcher (Ray Tune OptunaSearch, as in search: tune)
     would measure the configs of a fully measured grid: each suggestion is answered with the
     config's measured P50 and score. Returns the distinct configs in order of evaluation."""
-    from flexvlm_ray.run.tune_search import KNOBS as TUNE_KNOBS, config_key, full_config, make_searcher
+    from flexvlm_ray.searchers import KNOBS as TUNE_KNOBS, config_key, full_config, make_searcher
 
     space = {k: sorted(part[k].dropna().unique().tolist(), key=str) if part[k].notna().any() else [None]
              for k in TUNE_KNOBS}
@@ -167,8 +168,12 @@ def hv_curve(part: pd.DataFrame, order: list[str], *, ref: tuple[float, float]) 
 def hypervolume_curves(table: pd.DataFrame, *, trials: Optional[list[dict]] = None,
                        seed: int = 0) -> dict[str, Any]:
     """Per dataset, hypervolume after each evaluated config for grid order, random order
-    (mean over RANDOM_ORDERS permutations), the replayed adaptive searcher (TPE) and the
+    (mean over RANDOM_ORDERS permutations), the replayed adaptive searcher (TPE; only where optuna
+    is installed, which a grid run does not need: without it the dataset's entry says so) and the
     run's tune trials. Reference point: 1.1 x the slowest P50, the lowest score."""
+    import importlib.util
+
+    has_optuna = importlib.util.find_spec("optuna") is not None
     out = {}
     rng = np.random.default_rng(seed)
     for dataset, part in table.groupby("dataset", sort=True):
@@ -177,7 +182,10 @@ def hypervolume_curves(table: pd.DataFrame, *, trials: Optional[list[dict]] = No
         curves = {"grid_order": hv_curve(part, grid, ref=ref)}
         randoms = [hv_curve(part, list(rng.permutation(grid)), ref=ref) for _ in range(RANDOM_ORDERS)]
         curves["random_order"] = np.mean(randoms, axis=0).tolist()
-        if len(grid) > 1:
+        notes = []
+        if len(grid) > 1 and not has_optuna:
+            notes.append("adaptive_tpe_replayed left out: optuna is not installed")
+        elif len(grid) > 1:
             curves["adaptive_tpe_replayed"] = hv_curve(part, replay_search(part, searcher="tpe", seed=seed,
                                                                            budget=min(len(grid), REPLAY_BUDGET)), ref=ref)
         if trials:
@@ -187,7 +195,8 @@ def hypervolume_curves(table: pd.DataFrame, *, trials: Optional[list[dict]] = No
             order = [names[k] for k in (tuple(t["config"][n] for n in KNOBS) for t in done) if k in names]
             curves["adaptive_run"] = hv_curve(part, order, ref=ref)
         out[dataset] = {"reference_point": {"latency_ms": ref[0], "score": ref[1]},
-                        "full_grid_hypervolume": curves["grid_order"][-1], "curves": curves}
+                        "full_grid_hypervolume": curves["grid_order"][-1], "curves": curves,
+                        **({"notes": notes} if notes else {})}
     return out
 
 

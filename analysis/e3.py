@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
-from analysis.plots import save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
+from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.registry import register_analysis
 from flexvlm_ray.estimator import (TARGETS, StageEstimator, evaluate, gpu_label_series, sample_rows,
                                    split_configs, transfer, usable_rows)
 
@@ -144,7 +144,7 @@ def _plot_budget(budget: dict[str, dict], path: Path) -> Path:
 @register_analysis("e3")
 def analyze(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[Path]:
     """The e3 files plus the m4 guardrail comparison for a single run folder."""
-    from analysis.m4 import analyze_m4
+    from flexvlm_ray.analysis.m4 import analyze_m4
 
     return analyze_e3(rows=rows, out_dir=out_dir) + analyze_m4(rows=rows, out_dir=out_dir)
 
@@ -152,7 +152,7 @@ def analyze(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[Path]:
 def analyze_runs(*, run_dirs: Sequence[str | Path], out_dir: str | Path, seed: int = 0,
                  holdout: float = 0.3) -> list[Path]:
     """e3 and m4 over several run folders (one per GPU type)."""
-    from analysis.m4 import analyze_m4
+    from flexvlm_ray.analysis.m4 import analyze_m4
     from flexvlm_ray.store.reader import load_frame
 
     frames = [load_frame(d) for d in run_dirs]

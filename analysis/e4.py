@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis.common import figures_dir, ok_rows, run_model_spec, write_json
-from analysis.plots import save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.common import figures_dir, ok_rows, run_model_spec, write_json
+from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.registry import register_analysis
 
 TRAINED_PRESETS = {("flexmoe", "tiny")}      # presets that load trained weights (flexvlm_ray/assets/tiny)
 GUARDED = ("lut+guard", "learned+guard")
@@ -84,7 +84,9 @@ def budget_rows(rows: pd.DataFrame) -> pd.DataFrame:
             parts.append(full)
     out = pd.concat(parts, ignore_index=True)
     out["quality"] = out["score"].astype(float).fillna(0.0)
-    return out
+    # one order whatever order the store returns rows in, so the bootstrap CIs are reproducible
+    keys = ["dataset", "policy", "budget_fraction", "sample_id", "repeat", "run_index"]
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def _configs(part: pd.DataFrame) -> dict[str, int]:

@@ -14,12 +14,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.common import STAGE_TIMES, config_label, figures_dir, ok_rows, stats, varying_knobs, write_json
-from analysis.pareto import pareto_mask
-from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.common import STAGE_TIMES, config_label, figures_dir, ok_rows, stats, varying_knobs, write_json
+from flexvlm_ray.analysis.pareto import pareto_mask
+from flexvlm_ray.knobs.base import INT_KNOBS
+from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
+from flexvlm_ray.analysis.registry import register_analysis
 
-SENSITIVITY_KNOBS = ("max_crops", "top_k", "active_blocks", "max_new_tokens")
+SENSITIVITY_KNOBS = INT_KNOBS
 
 
 def workload_summary(group: pd.DataFrame) -> dict[str, Any]:

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from analysis.common import figures_dir, ok_rows, varying_knobs, write_json
-from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.common import figures_dir, ok_rows, varying_knobs, write_json
+from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
+from flexvlm_ray.analysis.registry import register_analysis
 
 TARGET = 0.02
 CONFIDENCE = 0.95

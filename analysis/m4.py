@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
-from analysis.plots import save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
+from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.registry import register_analysis
 from flexvlm_ray.estimator import StageEstimator, sample_rows, split_configs
 
 RECALIBRATION_K = 5

@@ -14,10 +14,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.common import (component_params, entries, figures_dir, linear_fit, ok_rows, run_model_spec,
+from flexvlm_ray.analysis.common import (component_params, entries, figures_dir, linear_fit, ok_rows, run_model_spec,
                              stats, write_json)
-from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
-from analysis.registry import register_analysis, register_combined_analysis
+from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
+from flexvlm_ray.analysis.registry import register_analysis, register_combined_analysis
 
 PREFILL_COMPONENTS = ("T_vision_encoder", "T_projector", "T_LLM_prefill")
 

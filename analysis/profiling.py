@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.common import TIME_FIELDS, entries, figures_dir, flops_column, ok_rows, stats, write_json
-from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
-from analysis.registry import register_analysis
+from flexvlm_ray.analysis.common import TIME_FIELDS, entries, figures_dir, flops_column, ok_rows, stats, write_json
+from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
+from flexvlm_ray.analysis.registry import register_analysis
 
 PREFILL_STACK = ("T_vision_encoder", "T_projector", "T_LLM_prefill")
 

@@ -7,16 +7,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.pareto import pareto_mask
-from analysis.plots import STAGE_COLORS, STAGE_LABELS, save
-from analysis.registry import register_analysis
-from analysis.summary import summary_table
+from flexvlm_ray.analysis.pareto import pareto_mask
+from flexvlm_ray.analysis.plots import STAGE_COLORS, STAGE_LABELS, save
+from flexvlm_ray.analysis.registry import register_analysis
+from flexvlm_ray.knobs.base import INT_KNOBS, SHORT_NAMES
+from flexvlm_ray.analysis.summary import summary_table
 
 
 def config_label(row: pd.Series) -> str:
     parts = []
-    for key, short in (("max_crops", "crops"), ("top_k", "k"), ("active_blocks", "blocks"),
-                       ("max_new_tokens", "tok")):
+    for key in INT_KNOBS:
+        short = SHORT_NAMES[key]
         if key in row and pd.notna(row[key]):
             parts.append(f"{short}={int(row[key])}")
     if "block_policy" in row and pd.notna(row.get("active_blocks")) and row["block_policy"] != "prefix":

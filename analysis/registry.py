@@ -1,6 +1,15 @@
-"""Analyses register by experiment name; ``analyze_run`` picks the run's one."""
+"""Analyses register by experiment name; ``analyze_run`` picks the run's one.
+
+Loading is lazy: which module registers which experiment is read from the modules' source (the
+string arguments of their ``@register_analysis`` / ``@register_combined_analysis`` decorators),
+and only that module is imported, so a module whose optional package is missing (or that has a
+bug) breaks only its own analyses. ``AnalysisError`` carries one line naming the analysis and
+the cause; ``launch`` prints it and keeps the stored rows and the other steps.
+"""
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import pkgutil
 from pathlib import Path
@@ -10,7 +19,7 @@ from flexvlm_ray.registry import Registry
 
 # fn(rows DataFrame, out_dir Path, manifest dict) -> list of written paths
 AnalysisFn = Callable[..., list[Path]]
-ANALYSES: Registry[AnalysisFn] = Registry("analysis")
+ANALYSES: Registry[AnalysisFn] = Registry("analysis", group="flexvlm_ray.analyses")
 # fn(runs {experiment: (rows, manifest)}, out_dir Path) -> list of written paths
 COMBINED: Registry[AnalysisFn] = Registry("combined analysis")
 COMBINED_INPUTS: dict[str, tuple[str, ...]] = {}
@@ -35,33 +44,81 @@ def register_combined_analysis(name: str, *, inputs: tuple[str, ...]) -> Callabl
     return decorator
 
 
+class AnalysisError(RuntimeError):
+    """An analysis that could not be loaded or failed while running; one line."""
+
+    def __init__(self, name: str, exc: BaseException) -> None:
+        cause = str(exc).strip().splitlines()
+        super().__init__(f"analysis {name} failed: {type(exc).__name__}: {cause[-1] if cause else ''}".rstrip(": "))
+        self.name = name
+
+
+_DECORATORS = {"register_analysis": "single", "register_combined_analysis": "combined"}
+
+
+@functools.lru_cache(maxsize=1)
+def _module_index() -> dict[tuple[str, str], str]:
+    """(kind, experiment name) -> module that registers it, read from the package's source."""
+    import flexvlm_ray.analysis as analysis
+
+    index: dict[tuple[str, str], str] = {}
+    for module in pkgutil.iter_modules(analysis.__path__):
+        path = Path(analysis.__path__[0]) / f"{module.name}.py"
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in _DECORATORS:
+                kind = _DECORATORS[node.func.id]
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                        index[(kind, arg.value)] = f"{analysis.__name__}.{module.name}"
+    return index
+
+
+def load_analysis(experiment: str, *, kind: str = "single") -> AnalysisFn | None:
+    """The analysis registered for ``experiment`` (importing only its module); None when no module
+    registers it; AnalysisError when its module fails to import."""
+    registry = ANALYSES if kind == "single" else COMBINED
+    try:
+        if experiment not in registry:  # registered names include lazy ones and entry points
+            module = _module_index().get((kind, experiment))
+            if module is None:
+                return None
+            importlib.import_module(module)
+        return registry.get(experiment) if experiment in registry else None
+    except Exception as exc:  # a missing optional package or a bug: only this analysis is lost
+        raise AnalysisError(experiment, exc) from exc
+
+
 def _import_all() -> None:
     """Import every module of the analysis package, so each registers its experiments."""
-    import analysis
+    import flexvlm_ray.analysis as analysis
 
     for module in pkgutil.iter_modules(analysis.__path__):
-        importlib.import_module(f"analysis.{module.name}")
+        importlib.import_module(f"{analysis.__name__}.{module.name}")
 
 
 def analyze_run(run_dir: str | Path) -> list[Path]:
-    """Run the analysis registered for the run's experiment; [] when none is."""
+    """Run the analysis registered for the run's experiment; [] when none is. A failure to load
+    or run it is an AnalysisError naming the experiment and the cause."""
     from flexvlm_ray.store.reader import load_frame
     from flexvlm_ray.store.writer import RunStore
 
-    _import_all()
     manifest = RunStore(run_dir).manifest()
     experiment = manifest.get("experiment")
-    if experiment not in ANALYSES:
+    fn = load_analysis(experiment)
+    if fn is None:
         return []
     out_dir = Path(run_dir) / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
-    return ANALYSES.get(experiment)(rows=load_frame(run_dir), out_dir=out_dir,
-                                    manifest={**manifest, "run_dir": str(run_dir)})
+    try:
+        return fn(rows=load_frame(run_dir), out_dir=out_dir, manifest={**manifest, "run_dir": str(run_dir)})
+    except Exception as exc:
+        raise AnalysisError(experiment, exc) from exc
 
 
 def combined_names() -> list[str]:
-    _import_all()
-    return COMBINED.names()
+    return sorted({name for kind, name in _module_index() if kind == "combined"} | set(COMBINED.names()))
 
 
 def analyze_combined(name: str, *, run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
@@ -70,8 +127,9 @@ def analyze_combined(name: str, *, run_dirs: list[str | Path], out_dir: str | Pa
     from flexvlm_ray.store.reader import load_frame
     from flexvlm_ray.store.writer import RunStore
 
-    _import_all()
-    fn = COMBINED.get(name)
+    fn = load_analysis(name, kind="combined")
+    if fn is None:
+        COMBINED.get(name)  # the unknown-name error listing what is available
     needed = COMBINED_INPUTS[name]
     runs: dict[str, tuple] = {}
     for run_dir in run_dirs:
@@ -88,4 +146,7 @@ def analyze_combined(name: str, *, run_dirs: list[str | Path], out_dir: str | Pa
         raise ValueError(f"{name} needs one run each of {', '.join(needed)}; missing: {', '.join(missing)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return fn(runs=runs, out_dir=out)
+    try:
+        return fn(runs=runs, out_dir=out)
+    except Exception as exc:
+        raise AnalysisError(name, exc) from exc

@@ -102,7 +102,7 @@ def _json_section(path: Path, base: Path) -> str:
 
 
 def _summary_table(run_dir: Path) -> str:
-    from analysis.summary import summary_table
+    from flexvlm_ray.analysis.summary import summary_table
     from flexvlm_ray.store.reader import load_frame
 
     rows = load_frame(run_dir)
@@ -120,14 +120,20 @@ def folder_section(folder: Path, *, index: int) -> str:
     manifest_path = folder / "manifest.json"
     parts = []
     if manifest_path.is_file():
-        from analysis.registry import analyze_run
+        from flexvlm_ray.analysis.registry import AnalysisError, analyze_run
 
         manifest = json.loads(manifest_path.read_text())
         analysis_dir = folder / "analysis"
+        problem = None
         if not any(analysis_dir.glob("**/*.png")):
-            analyze_run(folder)
+            try:
+                analyze_run(folder)
+            except AnalysisError as exc:  # the page still shows the rows, spec and env
+                problem = str(exc)
         title = f"{manifest.get('sweep')} / {manifest.get('run_id')}"
         parts.append(f"<h2 id='run{index}'>{esc(title)}</h2>")
+        if problem:
+            parts.append(f"<p class='meta'><b>{esc(problem)}</b></p>")
         parts.append(f"<p class='meta'>experiment <b>{esc(manifest.get('experiment'))}</b>, status "
                      f"{esc(manifest.get('status'))}, {len(manifest.get('unit_ids', []))} work units, "
                      f"folder <code>{esc(folder)}</code></p>")
@@ -159,6 +165,10 @@ def build_report(folders: Sequence[str | Path], *, out: str | Path) -> Path:
     for folder in folders:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder")
+        if not (folder / "manifest.json").is_file() and not any(folder.glob("*.json")) \
+                and not any(folder.glob("*.png")):
+            raise ValueError(f"{folder} is not a run folder (no manifest.json) nor a combined-analysis folder "
+                             f"(no JSON or PNG written by `analyze --combine`)")
     toc = "".join(f"<li><a href='#run{i}'>{esc(f)}</a></li>" for i, f in enumerate(folders))
     sections = "\n".join(folder_section(f, index=i) for i, f in enumerate(folders))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

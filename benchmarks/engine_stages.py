@@ -23,7 +23,7 @@ from PIL import Image
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import measure_pass
-from flexvlm_ray.models.flexmoe import FlexMoeAdapter
+from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import load_spec_text
 
@@ -94,7 +94,7 @@ def med(rows, key):
 
 def decode_bytes_per_token(adapter, *, top_k: int, blocks: int, context: int) -> float:
     """Weights one decode step reads (active params minus the embedding table plus one row) and the KV cache."""
-    from flexvlm_ray.models.flexmoe import flexmoe_param_counts
+    from flexvlm_ray.models.flexmoe.adapter import flexmoe_param_counts
 
     model, cfg = adapter.model, adapter.model.decoder.config
     active = flexmoe_param_counts(model=model, top_k=top_k, active_blocks=range(blocks))["llm_active"]

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.runtime_bench import time_calls  # noqa: E402
-from flexvlm_ray.models import fused_ops  # noqa: E402
-from flexvlm_ray.models.fast_decoder import (experts_fused, experts_grouped, grouped_mm_function,  # noqa: E402
+from flexvlm_ray.models.flexmoe.fast import ops as fused_ops  # noqa: E402
+from flexvlm_ray.models.flexmoe.fast.decoder import (experts_fused, experts_grouped, grouped_mm_function,  # noqa: E402
                                              route, sort_pairs)
 
 SORT_LAUNCHES = ((1024, 4), (2048, 8), (4096, 8), (4096, 16))     # (pairs per step, warps) of moe_sort

@@ -10,7 +10,7 @@ import json
 import re
 import statistics
 
-from analysis.plots import plt, save
+from flexvlm_ray.analysis.plots import plt, save
 
 
 # one colour per backend in every panel

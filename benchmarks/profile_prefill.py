@@ -22,7 +22,7 @@ from benchmarks.engine_stages import wide_image
 from benchmarks.runtime_bench import BACKENDS, prefill_input, time_calls
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models.base import Knobs
-from flexvlm_ray.models.flexmoe import FlexMoeAdapter
+from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter
 from flexvlm_ray.models.hf_common import greedy_token
 
 

@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexvlm_ray.data.base import Sample  # noqa: E402
 from flexvlm_ray.models import MODELS, Knobs, Prepared  # noqa: E402
-from flexvlm_ray.models.flexmoe_config import BOS_ID, WORDS, SPECIAL_TOKENS, FlexMoeConfig  # noqa: E402
-from flexvlm_ray.models.flexmoe_flops import flexmoe_flops  # noqa: E402
-from flexvlm_ray.models.flexmoe_preprocess import layout_image  # noqa: E402
+from flexvlm_ray.models.flexmoe.config import BOS_ID, WORDS, SPECIAL_TOKENS, FlexMoeConfig  # noqa: E402
+from flexvlm_ray.models.flexmoe.flops import flexmoe_flops  # noqa: E402
+from flexvlm_ray.models.flexmoe.preprocess import layout_image  # noqa: E402
 
 TOP_KS = (1, 2, 4, 8, 16, 32)
 BLOCKS = (4, 8, 16)

@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
+from flexvlm_ray.knobs.base import KNOB_NAMES
+
 STAGES = ("T_vision_encoder", "T_projector", "T_LLM_prefill", "T_LLM_decode")
 TARGETS = STAGES + ("T_total",)
 FEATURES: dict[str, tuple[str, ...]] = {
@@ -44,7 +46,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
 # the row columns the features are computed from
 INPUT_COLUMNS = ("num_crops", "num_total_tokens", "num_output_tokens", "active_blocks_effective",
                  "top_k_effective")
-KNOB_COLUMNS = ("max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens")
+KNOB_COLUMNS = KNOB_NAMES
 FORMAT = "flexvlm-ray/estimator/v1"
 
 

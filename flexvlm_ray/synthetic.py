@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from flexvlm_ray.knobs.base import KNOB_NAMES
 from flexvlm_ray.models.simulated import DEFAULT_COSTS, PRESETS, PROMPT_TOKENS
 
 SYNTHETIC_COSTS = {**DEFAULT_COSTS, "decode_ctx_ms_per_token": 0.0}
@@ -127,7 +128,7 @@ def synthetic_rows(*, configs: list[dict[str, Any]], datasets: Iterable[str] = (
 def write_synthetic_run(*, run_dir: str | Path, rows: pd.DataFrame, experiment: str = "e3",
                         sweep: str = "synthetic") -> Path:
     """A run folder holding ``rows`` (one part per config and dataset), readable by load_frame
-    and the analyses; its manifest lists no work units (nothing to resume)."""
+    and the analyses; its manifest lists the parts as units (units.jsonl is empty: nothing to resume)."""
     from flexvlm_ray.store.schema import rows_to_table
     from flexvlm_ray.store.writer import RunStore
 
@@ -135,11 +136,14 @@ def write_synthetic_run(*, run_dir: str | Path, rows: pd.DataFrame, experiment: 
     store.create(spec_text=f"# synthetic rows ({len(rows)})\n", spec_hash="synthetic", units=[], run_id="synthetic")
     store.update_manifest(sweep=sweep, experiment=experiment, status="complete")
     rows = rows.assign(sweep=sweep, experiment=experiment, run_id="synthetic")
-    keys = ["dataset", "max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens"]
+    keys = ["dataset", *KNOB_NAMES]
+    unit_ids = []
     for i, (_, part) in enumerate(rows.groupby(keys, dropna=False, sort=True)):
         records = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
                    for r in part.to_dict(orient="records")]
         for r in records:
             r["unit_id"] = f"synthetic{i:05d}"
         store.write_part(f"synthetic{i:05d}", rows_to_table(records))
+        unit_ids.append(f"synthetic{i:05d}")
+    store.update_manifest(unit_ids=unit_ids)  # readers take exactly the manifest's units
     return store.root

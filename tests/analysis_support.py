@@ -81,7 +81,7 @@ def analyze_to(run_dir: Path, out_dir: Path) -> list[Path]:
     committed reference runs stay untouched)."""
     import json
 
-    from analysis.registry import ANALYSES, _import_all
+    from flexvlm_ray.analysis.registry import ANALYSES, _import_all
     from flexvlm_ray.store.reader import load_frame
 
     _import_all()

@@ -9,8 +9,12 @@ the public ports show): ``model.transformer`` is a ModuleDict of ``wte``, ``bloc
 use_cache=...) -> (x, (k, v))`` and slices the full causal bias itself; ``model.vision_backbone`` has
 ``encode_image(images)`` and ``forward(images, image_masks) -> (features, cls)``; image features are
 added to the token embeddings at ``image_input_idx``. It is small, random and CPU-only, and it is
-not Molmo: the ViT, pooling and MoE are minimal stand-ins, and its router is a plain ``top_k``
-attribute (MolmoE's released code fixes top_k inside megablocks).
+not Molmo: the ViT, pooling and MoE are minimal stand-ins. Its MoE is either a router module with a
+plain ``top_k`` attribute (``moe_impl: router``, the default) or, with ``moe_impl: released``, the
+layout of MolmoE's released ``modeling_molmoe.py``: ``block.mlp`` is one module holding ``top_k``
+(read at every forward), ``ff_norm``, a ``gate`` Linear and an ``experts`` ModuleList of SwiGLU
+MLPs (``gate_proj``, ``up_proj``, ``down_proj``), softmax then top-k without renormalisation, and
+it returns ``(out, router_logits)``.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ class FakeMolmoConfig(PretrainedConfig):
 
     def __init__(self, d_model=64, n_layers=4, n_heads=4, moe_num_experts=8, moe_top_k=2, expert_width=32,
                  vocab_size=512, embedding_size=528, vit_hidden=32, vit_layers=2, vit_heads=2, image_patch_size=14,
-                 crop_px=168, max_position_embeddings=4096, rope_theta=10000.0, **kwargs):
+                 crop_px=168, max_position_embeddings=4096, rope_theta=10000.0, moe_impl="router", **kwargs):
+        self.moe_impl = moe_impl
         self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
         self.moe_num_experts, self.moe_top_k, self.expert_width = moe_num_experts, moe_top_k, expert_width
         self.vocab_size, self.embedding_size = vocab_size, embedding_size
@@ -167,6 +172,42 @@ class MoeFeedForward(nn.Module):
         return out.view(shape)
 
 
+class ExpertMLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.d_model, c.expert_width, bias=False)
+        self.up_proj = nn.Linear(c.d_model, c.expert_width, bias=False)
+        self.down_proj = nn.Linear(c.expert_width, c.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ReleasedMoeBlock(nn.Module):
+    """The released MolmoeSparseMoeBlock's layout: top_k read at every forward, no renormalisation."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.num_experts, self.top_k = c.moe_num_experts, c.moe_top_k
+        self.gate = nn.Linear(c.d_model, c.moe_num_experts, bias=False)
+        self.experts = nn.ModuleList([ExpertMLP(c) for _ in range(c.moe_num_experts)])
+        self.ff_norm = RMSNorm(c.d_model)
+
+    def forward(self, hidden_states):
+        hidden_states = self.ff_norm(hidden_states)
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        router_logits = self.gate(x)
+        weights, selected = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), self.top_k, dim=-1)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows, slot = torch.where(selected == e)
+            if rows.numel():
+                out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
+        return out.view(shape), router_logits
+
+
 class FakeMolmoBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -174,7 +215,11 @@ class FakeMolmoBlock(nn.Module):
         self.attn_norm, self.ff_norm = RMSNorm(c.d_model), RMSNorm(c.d_model)
         self.att_proj = nn.Linear(c.d_model, 3 * c.d_model, bias=False)
         self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
-        self.ffn = MoeFeedForward(c)
+        self.released = getattr(c, "moe_impl", "router") == "released"
+        if self.released:
+            self.mlp = ReleasedMoeBlock(c)
+        else:
+            self.ffn = MoeFeedForward(c)
 
     def forward(self, x, attention_bias=None, position_ids=None, drop_mask=None, layer_past=None, use_cache=False):
         b, t, d = x.shape
@@ -188,6 +233,8 @@ class FakeMolmoBlock(nn.Module):
         bias = attention_bias[:, :, key_len - t: key_len, :key_len].to(q.dtype)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, t, d))
+        if self.released:
+            return x + self.mlp(x)[0], present
         return x + self.ffn(self.ff_norm(x)), present
 
 
@@ -250,14 +297,15 @@ SPECIAL = ("[PAD]", "[UNK]", "<|endoftext|>")
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
 
 
-def write_fake_molmo(folder: Path, *, seed: int = 0) -> Path:
-    """Write the code, config, tokenizer and random weights (``seed``) of the fake checkpoint."""
+def write_fake_molmo(folder: Path, *, seed: int = 0, moe_impl: str = "router") -> Path:
+    """Write the code, config, tokenizer and random weights (``seed``) of the fake checkpoint
+    (``moe_impl``: 'router' or 'released', see the module doc)."""
     import torch
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from flexvlm_ray.models.flexmoe_config import WORDS
+    from flexvlm_ray.models.flexmoe.config import WORDS
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -268,7 +316,8 @@ def write_fake_molmo(folder: Path, *, seed: int = 0) -> Path:
                            "AutoModelForCausalLM": "modeling_fakemolmo.FakeMolmoForCausalLM"},
               "d_model": 64, "n_layers": 4, "n_heads": 4, "moe_num_experts": 8,
               "moe_top_k": 2, "expert_width": 32, "vocab_size": 512, "embedding_size": 528,
-              "vit_hidden": 32, "vit_layers": 2, "vit_heads": 2, "image_patch_size": 14, "crop_px": 168}
+              "vit_hidden": 32, "vit_layers": 2, "vit_heads": 2, "image_patch_size": 14, "crop_px": 168,
+              "moe_impl": moe_impl}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
     tokens = list(SPECIAL) + list(WORDS)

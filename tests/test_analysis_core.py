@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from analysis.pareto import pareto_mask
+from flexvlm_ray.analysis.pareto import pareto_mask
 from analysis_support import (SIMULATED, analyze_to, assert_png_300dpi, cpu_overrides, make_run, ok_frame,
                               run_cases)
 
@@ -118,7 +118,7 @@ def test_m2_repeatability(case, cpu_runs, tmp_path):
 
 
 def test_m2_half_width_matches_the_t_interval():
-    from analysis.m2 import n_observed, relative_half_width
+    from flexvlm_ray.analysis.m2 import n_observed, relative_half_width
 
     x = np.array([10.0, 10.4, 9.8, 10.1, 10.2, 9.9, 10.0, 10.05])
     low, high = st.t.interval(0.95, x.size - 1, loc=x.mean(), scale=st.sem(x))

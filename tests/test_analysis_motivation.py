@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from analysis.common import SEED_ENTRY_FIELDS
+from flexvlm_ray.analysis.common import SEED_ENTRY_FIELDS
 from analysis_support import (SIMULATED, analyze_to, assert_png_300dpi, make_run, ok_frame, reference_runs,
                               run_cases)
 from flexvlm_ray.cli import main
@@ -78,8 +78,8 @@ def test_exp2_component_profiling(case, cpu_runs, tmp_path):
 
 
 def test_exp2_parameters_of_flexmoe_come_from_a_meta_device_build():
-    from analysis.common import component_params
-    from flexvlm_ray.models.flexmoe import FlexMoeAdapter
+    from flexvlm_ray.analysis.common import component_params
+    from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter
 
     counts = component_params(family="flexmoe", preset="tiny")
     adapter = FlexMoeAdapter(preset="tiny", path=None, dtype="float32", device="cpu", seed=0, options={})

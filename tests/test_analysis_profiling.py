@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.profiling import PROFILES
+from flexvlm_ray.analysis.profiling import PROFILES
 from analysis_support import SIMULATED, analyze_to, assert_png_300dpi, make_run, ok_frame, run_cases
 
 CPU_RUNS = {
@@ -68,9 +68,9 @@ def test_flops_scaling_uses_analytic_flops_of_flexmoe():
     """With the analytic count, top_k 8 costs more LLM FLOPs than top_k 1 (tiny: 8 experts)."""
     import pandas as pd
 
-    from analysis.profiling import flops_scaling
-    from flexvlm_ray.models.flexmoe_config import PRESETS
-    from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
+    from flexvlm_ray.analysis.profiling import flops_scaling
+    from flexvlm_ray.models.flexmoe.config import PRESETS
+    from flexvlm_ray.models.flexmoe.flops import flexmoe_flops
 
     rows = []
     for k in (1, 2, 8):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from analysis.registry import ANALYSES, _import_all
+from flexvlm_ray.analysis.registry import ANALYSES, _import_all
 from analysis_support import SWEEPS, cpu_overrides
 from flexvlm_ray.cli import main
 from flexvlm_ray.spec.load import SpecError, load_spec

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.e2 import analyze, budget_cases, config_frame, hypervolume, two_way
-from analysis.pareto import pareto_mask
+from flexvlm_ray.analysis.e2 import analyze, budget_cases, config_frame, hypervolume, two_way
+from flexvlm_ray.analysis.pareto import pareto_mask
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import load_spec
@@ -101,3 +101,20 @@ def test_e2_analysis_on_a_small_simulated_run(write_spec, tmp_path):
     hv = json.loads((out / "e2_hypervolume.json").read_text())
     curves = hv["shapes_vqa"]["curves"]
     assert len(curves["grid_order"]) == 8 and curves["grid_order"][-1] == pytest.approx(curves["random_order"][-1])
+
+
+def test_a_grid_runs_e2_analysis_needs_no_optuna(monkeypatch, tmp_path):
+    """With optuna not importable the analysis still writes everything; the replayed searcher's
+    curve is left out and the JSON says why."""
+    import sys
+
+    configs = knob_configs(max_crops=[1, 4], top_k=[1, 8], active_blocks=[4])
+    rows = synthetic_rows(configs=configs, datasets=("shapes_vqa",), samples=2, decode_mode="natural", noise=0.0)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    with pytest.raises(ImportError):
+        import optuna  # noqa: F401
+    paths = analyze(rows=rows, out_dir=tmp_path, manifest={})
+    assert {"e2_hypervolume.json", "e2_hypervolume.png", "e2_frontier.png"} <= {p.name for p in paths}
+    hv = json.loads((tmp_path / "e2_hypervolume.json").read_text())["shapes_vqa"]
+    assert "adaptive_tpe_replayed" not in hv["curves"]
+    assert hv["notes"] == ["adaptive_tpe_replayed left out: optuna is not installed"]

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from flexvlm_ray.estimator import (FEATURES, STAGES, StageEstimator, errors, evaluate, sample_rows,
                                    split_configs, transfer)
-from flexvlm_ray.estimator_cli import calibrate_command
+from flexvlm_ray.commands.calibrate import calibrate_command
 from flexvlm_ray.synthetic import (SYNTHETIC_COSTS, knob_configs, stage_coefficients, synthetic_rows,
                                    write_synthetic_run)
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import Knobs
-from flexvlm_ray.models.fast_decoder import (experts_gather, experts_grouped, experts_loop, grouped_mm_function,
+from flexvlm_ray.models.flexmoe.fast.decoder import (experts_gather, experts_grouped, experts_loop, grouped_mm_function,
                                              key_dtype, route, sort_pairs)
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand

@@ -166,8 +166,8 @@ def test_decode_paths_agree_under_graphs(molmoe, options):
 
 def test_fused_ops_round_like_pytorch_on_the_gpu():
     """On the GPU Triton rounds float32 to bf16 to nearest even, as PyTorch does: element-wise agreement."""
-    from flexvlm_ray.models import fused_ops
-    from flexvlm_ray.models.fast_decoder import _combine, experts_gather, rms_norm, sort_pairs
+    from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
+    from flexvlm_ray.models.flexmoe.fast.decoder import _combine, experts_gather, rms_norm, sort_pairs
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     x, res = (torch.randn(37, 2048, device=dev, dtype=bf) for _ in range(2))
@@ -208,8 +208,8 @@ def test_grouped_gemm_prefill_matches_the_loop(molmoe):
 def test_fused_prefill_moe_matches_grouped_in_bf16():
     """The Triton prefill MoE against the grouped GEMM path at MolmoE shapes (64 experts, top_k 8), for the
     default config and a few others; some experts receive no token."""
-    from flexvlm_ray.models import fused_ops
-    from flexvlm_ray.models.fast_decoder import experts_fused, experts_grouped, grouped_mm_function
+    from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
+    from flexvlm_ray.models.flexmoe.fast.decoder import experts_fused, experts_grouped, grouped_mm_function
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     x = torch.randn(300, 2048, device=dev, dtype=bf)

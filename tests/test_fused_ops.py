@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexvlm_ray.models import Knobs, fused_ops
+from flexvlm_ray.models import Knobs
+from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
 from flexvlm_ray.spec.load import SpecError, check_semantics, load_spec_text
-from flexvlm_ray.models.fast_decoder import (_combine, apply_rotary, check_kernels, experts_fused, experts_gather,
+from flexvlm_ray.models.flexmoe.fast.decoder import (_combine, apply_rotary, check_kernels, experts_fused, experts_gather,
                                              experts_grouped, experts_loop, grouped_mm_function, rms_norm, rotary,
                                              sort_pairs)
 from model_support import generate, make_flexmoe, rel_err, sample

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.knobs import verify as verify_mod
+from flexvlm_ray.commands import verify_knobs as verify_mod
 from flexvlm_ray.knobs.blocks import block_influence, select_blocks
 from flexvlm_ray.knobs.moe import temporary_top_k
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe import FlexMoeAdapter
+from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter
 
 
 def make_adapter(seed: int = 0, **options) -> FlexMoeAdapter:
@@ -193,7 +193,7 @@ def test_restore_gives_identical_logits(knobs):
 
 # -- importance cache -----------------------------------------------------------------------
 def test_importance_scores_are_cached_on_disk(tmp_path, monkeypatch):
-    import flexvlm_ray.models.flexmoe as flexmoe_mod
+    import flexvlm_ray.models.flexmoe.config as flexmoe_mod
 
     monkeypatch.setattr(flexmoe_mod, "ASSETS_TINY", tmp_path / "no-shipped-weights")   # seed-dependent weights
     first = make_adapter()

@@ -8,12 +8,12 @@ from PIL import Image
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe import FlexMoeAdapter, flexmoe_param_counts
-from flexvlm_ray.models.flexmoe_config import (IM_COL_ID, IMG_ID, PRESETS, FlexMoeConfig,
+from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter, flexmoe_param_counts
+from flexvlm_ray.models.flexmoe.config import (IM_COL_ID, IMG_ID, PRESETS, FlexMoeConfig,
                                                scaled_feature_layers)
-from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
-from flexvlm_ray.models.flexmoe_model import FlexMoeModel, default_dtype, save_flexmoe
-from flexvlm_ray.models.flexmoe_preprocess import layout_image, normalize_crops
+from flexvlm_ray.models.flexmoe.flops import flexmoe_flops
+from flexvlm_ray.models.flexmoe.model import FlexMoeModel, default_dtype, save_flexmoe
+from flexvlm_ray.models.flexmoe.preprocess import layout_image, normalize_crops
 
 
 def make_adapter(**kwargs) -> FlexMoeAdapter:
@@ -60,10 +60,12 @@ def test_unknown_preset_and_option_fail_clearly():
 
 def test_molmoe_preset_shape():
     c = PRESETS["molmoe-1b"]
-    assert (c.vit_patch_px, c.crop_px, c.patches_per_side, c.vit_layers, c.vit_hidden) == (14, 336, 24, 24, 1024)
-    assert c.vit_feature_layers == (-2, -9)
+    assert (c.vit_patch_px, c.crop_px, c.patches_per_side, c.vit_layers, c.vit_hidden) == (14, 336, 24, 23, 1024)
+    assert c.vit_feature_layers == (-2, -9) and not c.vit_post_layernorm
     assert (c.num_blocks, c.hidden_size, c.num_heads, c.num_experts, c.top_k, c.expert_width) == (
         16, 2048, 16, 64, 8, 1024)
+    assert (c.pool_dim, c.projector_hidden, c.vocab_size, c.extra_embeddings) == (1024, 1024, 50304, 128)
+    assert (c.pad_embed, c.image_embed_mode, c.preprocess) == (True, "add", "molmo")
 
 
 @pytest.mark.parametrize("layers, expected", [(24, (-2, -9)), (3, (-1, -2)), (12, (-1, -5)), (1, (-1, -1))])
@@ -79,7 +81,7 @@ def test_molmoe_param_counts_on_meta_device():
     assert counts["vision_encoder"] + counts["projector"] + counts["llm"] == total
     assert 7.0e9 < total < 7.5e9                       # MolmoE-1B: 7.2B total
     assert 1.2e9 < counts["llm_active"] < 1.4e9        # OLMoE-1B-7B: ~1.3B active
-    assert 2.9e8 < counts["vision_encoder"] < 3.1e8    # CLIP ViT-L/14-336: ~303M
+    assert 2.85e8 < counts["vision_encoder"] < 2.95e8  # CLIP ViT-L/14-336 without its last layer: ~291M
 
 
 # -- crops and token counts ----------------------------------------------------------------
@@ -201,7 +203,7 @@ def test_missing_path_names_the_folder(tmp_path):
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
-    import flexvlm_ray.models.flexmoe as flexmoe_mod
+    import flexvlm_ray.models.flexmoe.config as flexmoe_mod
 
     monkeypatch.setattr(flexmoe_mod, "ASSETS_TINY", tmp_path / "no-shipped-weights")   # random weights
     a, b, c = make_adapter(seed=3), make_adapter(seed=3), make_adapter(seed=4)
@@ -250,7 +252,7 @@ def test_adapter_flops_follow_knobs(tiny):
 
 
 def test_tiny_preset_loads_shipped_assets_when_present(tmp_path, monkeypatch):
-    import flexvlm_ray.models.flexmoe as flexmoe_mod
+    import flexvlm_ray.models.flexmoe.config as flexmoe_mod
 
     trained = make_adapter(seed=5)
     save_flexmoe(model=trained.model, tokenizer=trained.tokenizer, directory=tmp_path / "assets" / "tiny")

@@ -8,10 +8,10 @@ import torch
 from model_support import decode_counting_block_calls, routed_experts_per_token, run_stages, sample
 
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.knobs.verify import verify_knobs
+from flexvlm_ray.commands.verify_knobs import verify_knobs
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.qwen3_vl_moe import Qwen3VLMoeAdapter
+from flexvlm_ray.models.qwen3_vl_moe.adapter import Qwen3VLMoeAdapter
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import SpecError, load_spec_text
 
@@ -196,8 +196,8 @@ def test_analytic_flops_match_the_hand_computed_table(tiny, knobs, new_tokens, e
 
 
 def test_flops_sparse_rule_matches_the_built_model_and_dense_blocks_count_their_mlp():
-    from flexvlm_ray.models.qwen3_vl_moe import tiny_config
-    from flexvlm_ray.models.qwen3_vl_moe_flops import block_token_flops, is_sparse
+    from flexvlm_ray.models.qwen3_vl_moe.adapter import tiny_config
+    from flexvlm_ray.models.qwen3_vl_moe.flops import block_token_flops, is_sparse
 
     config = tiny_config()
     config.text_config.mlp_only_layers = [1]
@@ -273,3 +273,26 @@ def test_active_llm_params(active, num_experts, top_k, expected):
     blocks = [torch.nn.Linear(10, 10, bias=False) for _ in range(3)]     # 100 parameters each
     assert active_llm_params(llm=300, blocks=blocks, active=active, num_experts=num_experts, top_k=top_k,
                              expert_params=lambda block: 80) == expected
+
+
+def test_local_checkpoint_folder_loads_and_runs_with_knobs(tiny, tmp_path):
+    """A Qwen3-VL-MoE checkpoint from a local folder (save_pretrained layout: config.json, safetensors,
+    tokenizer files) gives the logits of the model that wrote it, under the knobs."""
+    from transformers import PreTrainedTokenizerFast
+
+    from flexvlm_ray.models.qwen3_vl_moe.adapter import TINY_MAX_PIXELS
+
+    folder = tmp_path / "qwen3-ckpt"
+    tiny.model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tiny.tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    loaded = MODELS.get("qwen3_vl_moe")(preset=None, path=str(folder), dtype="float32", device="cpu", seed=1,
+                                        options={"max_pixels": TINY_MAX_PIXELS})
+    for knobs in (Knobs(), Knobs(top_k=1, active_blocks=2, block_policy="prefix")):
+        results = []
+        for adapter in (tiny, loaded):
+            adapter.apply_knobs(knobs)
+            try:
+                results.append(run(adapter, sample(), knobs)[1].extras["logits"])
+            finally:
+                adapter.restore_knobs()
+        assert torch.allclose(results[0], results[1], atol=1e-5, rtol=1e-5)

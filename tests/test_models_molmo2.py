@@ -10,10 +10,10 @@ import torch
 from model_support import decode_counting_block_calls, run_stages, sample
 
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.knobs.verify import verify_knobs
+from flexvlm_ray.commands.verify_knobs import verify_knobs
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.molmo2 import Molmo2Adapter, Molmo2Unavailable
+from flexvlm_ray.models.molmo2.adapter import Molmo2Adapter, Molmo2Unavailable
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import SpecError, load_spec_text
 
@@ -214,7 +214,7 @@ def _library_helpers() -> dict:
 @pytest.mark.parametrize("height, width", [(480, 640), (336, 1008), (1000, 300), (90, 120), (378, 378), (2000, 1500)])
 @pytest.mark.parametrize("max_crops", [1, 2, 5, 8, 12])
 def test_port_agrees_with_the_librarys_geometry_and_pooling(height, width, max_crops):
-    from flexvlm_ray.models.molmo2_preprocess import Molmo2ImageSettings, crop_geometry, pooling_windows
+    from flexvlm_ray.models.molmo2.preprocess import Molmo2ImageSettings, crop_geometry, pooling_windows
 
     lib = _library_helpers()
     settings = Molmo2ImageSettings()   # the released defaults: 378 px crops, 14 px patches, margins 4+4
@@ -227,7 +227,7 @@ def test_port_agrees_with_the_librarys_geometry_and_pooling(height, width, max_c
 
 
 def test_port_patches_like_the_library():
-    from flexvlm_ray.models.molmo2_preprocess import _to_patches
+    from flexvlm_ray.models.molmo2.preprocess import _to_patches
 
     crops = torch.randn(3, 28, 42, 3)
     assert torch.equal(_to_patches(crops, 14), _library_helpers()["batch_pixels_to_patches"](crops, 14))

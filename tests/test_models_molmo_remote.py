@@ -18,7 +18,7 @@ from flexvlm_ray.cli import main
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.molmo_remote import MolmoRemoteAdapter
+from flexvlm_ray.models.molmo_remote.adapter import MolmoRemoteAdapter
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import SpecError, load_spec_text
 
@@ -214,3 +214,27 @@ def test_worker_passes_the_specs_top_level_opt_in(folder):
     assert model["options"] == {} and model["trust_remote_code"] is True
     worker = ModelWorker(model=model, seed=0, name="w0")
     assert worker.adapter.info.family == "molmo_remote" and worker.adapter.info.num_experts == 8
+
+
+def test_released_moe_blocks_are_found_and_top_k_works(tmp_path):
+    """The released modeling_molmoe.py builds each MoE as one module reading ``self.top_k`` at every
+    forward (not megablocks): discovery finds those modules and the top_k knob changes how many
+    experts every token runs through."""
+    folder = write_fake_molmo(tmp_path / "released", seed=1, moe_impl="released")
+    adapter = MODELS.get("molmo_remote")(preset=None, path=str(folder), dtype="float32", device="cpu", seed=0,
+                                         options=dict(TRUST))
+    assert adapter.structure.router_names == [f"model.transformer.blocks.{i}.mlp" for i in range(4)]
+    rows = []
+    experts = [e for block in adapter.structure.blocks for e in block.mlp.experts]
+    handles = [e.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0])) for e in experts]
+    try:
+        for k in (1, 2, 5):
+            rows.clear()
+            adapter.apply_knobs(Knobs(top_k=k, max_crops=1))
+            prepared, _ = run(adapter, sample(), Knobs(top_k=k, max_crops=1))
+            assert sum(rows) == k * prepared.num_total_tokens * 4          # k experts per token in all 4 blocks
+    finally:
+        for h in handles:
+            h.remove()
+    adapter.restore_knobs()
+    assert [m.top_k for m in adapter.moe_routers()] == [2] * 4

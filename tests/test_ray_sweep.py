@@ -36,8 +36,9 @@ def test_sweep_end_to_end_on_two_logical_gpus(ray_local, write_spec, tmp_path):
     assert len(rows) == 24 and set(rows["status"]) == {"ok"}
     assert rows.groupby("unit_id").size().eq(2).all()
     assert set(rows["worker"]) == {"worker-0", "worker-1"}  # both GPUs pulled work
-    assert sorted(p.name for p in run_dir.iterdir()) == ["env.json", "failures", "manifest.json",
-                                                         "parts", "spec.yaml", "units.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "env.json", "failures", "manifest.json",
+                                                         "parts", "rows.parquet", "spec.yaml", "units.jsonl"]
+    assert RunStore(run_dir).read_rows().compacted  # the finished run reads from one file
     env = (run_dir / "env.json").read_text()
     assert '"gpu_name": "cpu"' in env and '"ray":' in env
     status = run_status(run_dir)
@@ -131,3 +132,63 @@ def test_live_metrics_count_rows_and_rate(ray_local, write_spec, tmp_path):
     metrics.unit_finished(ok=True, worker="worker-0", table=pa.Table.from_pandas(table, preserve_index=False))
     metrics.unit_finished(ok=False, worker="worker-1", table=None)
     assert metrics.total_rows == len(table) == 24
+
+
+def test_a_hung_unit_becomes_a_timeout_failure_and_the_sweep_goes_on(ray_local, write_spec, tmp_path):
+    # the limit is far above a normal unit (milliseconds) plus a replaced worker's start on a busy CPU,
+    # which counts toward the unit it runs first
+    text = spec_text(extra=", hang_when: {top_k: 2, active_blocks: 8}") + "timeouts: {unit_s: 30}\n"
+    run_dir, summary = launch(spec_path=str(write_spec(text)), output=str(tmp_path / "out"), run_id="r",
+                              num_gpus=2, progress=False)
+    failures = RunStore(run_dir).failure_records()
+    assert {r["error_type"] for r in failures.values()} == {"Timeout"}
+    assert {(r["unit"]["knobs"]["top_k"], r["unit"]["knobs"]["active_blocks"]) for r in failures.values()} == {(2, 8)}
+    assert "timeouts.unit_s=30 s" in next(iter(failures.values()))["message"]
+    assert (summary.done, summary.failed) == (10, 2) and len(load_frame(run_dir)) == 20
+
+
+def test_workers_that_do_not_start_in_time_stop_the_run_with_a_retryable_error(ray_local, write_spec, tmp_path):
+    from flexvlm_ray.run.scheduler import SweepAborted
+
+    text = spec_text(extra=", load_s: 60") + "timeouts: {worker_start_s: 2}\n"
+    with pytest.raises(SweepAborted, match=r"did not start and load the model within 2 s") as info:
+        launch(spec_path=str(write_spec(text)), output=str(tmp_path / "out"), run_id="r", num_gpus=2, progress=False)
+    assert info.value.retryable and info.value.run_dir == tmp_path / "out" / "t" / "r"
+
+
+def test_a_cluster_without_free_gpus_says_so(ray_local, write_spec, tmp_path):
+    import ray
+
+    from flexvlm_ray.run.scheduler import SweepAborted
+
+    holder = ray.remote(num_gpus=2, num_cpus=0)(type("Holder", (), {"ping": lambda self: 1})).remote()
+    ray.get(holder.ping.remote())  # both logical GPUs are now held by another actor
+    try:
+        with pytest.raises(SweepAborted, match=r"no free GPU: the cluster has 2 GPU\(s\)"):
+            launch(spec_path=str(write_spec(spec_text())), output=str(tmp_path / "out"), run_id="r", num_gpus=2,
+                   progress=False)
+    finally:
+        ray.kill(holder)
+
+
+def test_ctrl_c_exits_130_and_prints_the_resume_command(write_spec, tmp_path):
+    spec = write_spec(spec_text(decode_ms=60))  # ~1 s per unit
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "flexvlm_ray.cli", "launch", str(spec), "--num-gpus", "2",
+                             "--output", str(out), "--run-id", "c", "--no-progress", "--no-analyze"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    parts = out / "t" / "c" / "parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the driver
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"resume with: flexvlm-ray launch --resume {out / 't' / 'c'}" in stderr
+    assert "Traceback" not in stderr
+    assert RunStore(out / "t" / "c").manifest()["status"] == "interrupted"

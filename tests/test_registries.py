@@ -1,7 +1,15 @@
-"""Every dataset names a registered metric, and the shapes datasets' true answers score 1.0."""
+"""Plug-in registries (decorator, lazy 'module:object' names, entry points, base-class checks), and
+the shipped ones: every dataset names a registered metric, the shapes datasets' true answers score 1.0."""
 from __future__ import annotations
 
+import sys
+import types
+from importlib.metadata import EntryPoint
+
 import pytest
+
+import flexvlm_ray.registry as registry_mod
+from flexvlm_ray.registry import PluginError, Registry, UnknownName, load_object
 
 from flexvlm_ray.data import DATASETS
 from flexvlm_ray.metrics import METRICS
@@ -34,3 +42,81 @@ def test_shapes_caption_reference_outscores_a_wrong_caption():
     metric = METRICS.get("cider_d")().fit(samples)
     for s in samples[:10]:
         assert metric.score(s.references[0], s) > metric.score("a purple square on a white background", s)
+
+
+class Base:
+    pass
+
+
+class Good(Base):
+    pass
+
+
+class Bad:
+    pass
+
+
+@pytest.fixture
+def plugin_module(monkeypatch):
+    """A throwaway module 'fake_plugin' holding Good and Bad, importable by name."""
+    module = types.ModuleType("fake_plugin")
+    module.Good, module.Bad = Good, Bad
+    monkeypatch.setitem(sys.modules, "fake_plugin", module)
+    return module
+
+
+def test_decorator_and_unknown_name_lists_what_is_available():
+    reg: Registry = Registry("thing")
+    reg.register("a")(Good)
+    assert reg.get("a") is Good
+    with pytest.raises(UnknownName, match="Unknown thing 'b'. Available: a"):
+        reg.get("b")
+
+
+def test_lazy_name_is_listed_before_import_and_loaded_on_get(plugin_module):
+    reg: Registry = Registry("thing", base=Base)
+    reg.register_lazy("good", "fake_plugin:Good")
+    assert reg.names() == ["good"] and "good" in reg
+    assert reg.target("good") == "fake_plugin:Good"
+    assert reg.get("good") is Good
+
+
+@pytest.mark.parametrize("target, message", [
+    ("fake_plugin:Bad", "is not a Base"),
+    ("fake_plugin:Missing", "has no 'Missing'"),
+    ("fake_plugin", "is not of the form"),
+])
+def test_bad_lazy_targets_fail_with_a_named_error(plugin_module, target, message):
+    reg: Registry = Registry("thing", base=Base)
+    reg.register_lazy("x", target)
+    with pytest.raises(PluginError, match=message):
+        reg.get("x")
+
+
+def test_entry_points_of_the_group_register_lazily(plugin_module, monkeypatch):
+    eps = [EntryPoint(name="ext", value="fake_plugin:Good", group="flexvlm_ray.things")]
+    monkeypatch.setattr(registry_mod, "entry_points", lambda group: [e for e in eps if e.group == group])
+    reg: Registry = Registry("thing", group="flexvlm_ray.things", base=Base)
+    reg.register("builtin")(Good)
+    assert reg.names() == ["builtin", "ext"]
+    assert reg.get("ext") is Good
+
+
+def test_registering_a_name_twice_with_another_object_is_an_error():
+    reg: Registry = Registry("thing")
+    reg.register("a")(Good)
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("a")(Bad)
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register_lazy("a", "fake_plugin:Bad")
+
+
+def test_load_object_follows_dotted_attributes():
+    assert load_object("os.path:join.__name__") == "join"
+
+
+def test_model_families_are_lazy_names_and_load_their_adapter():
+    from flexvlm_ray.models import MODELS, ModelAdapter
+
+    assert {"simulated", "flexmoe", "qwen3_vl_moe", "molmo2", "molmo_remote"} <= set(MODELS.names())
+    assert issubclass(MODELS.get("simulated"), ModelAdapter)

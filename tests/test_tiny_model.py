@@ -1,4 +1,4 @@
-"""The tiny-model training loop (``flexvlm_ray.train_tiny``) on a toy config: it runs, writes a
+"""The tiny-model training loop (``flexvlm_ray.tiny``) on a toy config: it runs, writes a
 folder the adapter loads, and its teacher-forced forward gives the adapter's prefill logits."""
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from flexvlm_ray.data import DATASETS
 import numpy as np
 
 from flexvlm_ray.data.shapes import COLORS, sample_scene, shapes_vocabulary
-from flexvlm_ray.models.flexmoe_config import PRESETS
-from flexvlm_ray.models.flexmoe_preprocess import CLIP_MEAN, CLIP_STD
-from flexvlm_ray.eval_tiny import predict
+from flexvlm_ray.models.flexmoe.config import PRESETS
+from flexvlm_ray.models.flexmoe.preprocess import CLIP_MEAN, CLIP_STD
+from flexvlm_ray.tiny.evaluate import predict
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe_config import SPECIAL_TOKENS, UNK_ID, WORDS, FlexMoeConfig
-from flexvlm_ray.models.flexmoe_model import load_flexmoe
-from flexvlm_ray.train_tiny import (ATTRIBUTES, Draw, batch_loss, dct_patch_embedding, example_loader,
-                                    grounding_targets, make_example, probe_sample, stack_pixels, tiny_tokenizer,
-                                    train)
+from flexvlm_ray.models.flexmoe.config import SPECIAL_TOKENS, UNK_ID, WORDS, FlexMoeConfig
+from flexvlm_ray.models.flexmoe.model import load_flexmoe
+from flexvlm_ray.tiny.examples import (ATTRIBUTES, Draw, example_loader, grounding_targets, make_example,
+                                       probe_sample, stack_pixels, tiny_tokenizer)
+from flexvlm_ray.tiny.heads import dct_patch_embedding
+from flexvlm_ray.tiny.train import batch_loss, train
 
 TOY = FlexMoeConfig(name="toy", crop_px=168, vit_patch_px=42, pool_margin=0, max_crops=4, vit_hidden=8,
                     vit_intermediate=16, vit_layers=1, vit_heads=1, vit_feature_layers=(-1, -1), pool_dim=8,
@@ -158,3 +159,18 @@ def test_example_loader_gives_the_same_batches_in_worker_processes():
         tokenizer=tiny_tokenizer(vocab_size=512), max_crops=4).input_ids[-6:]      # the probe replaced the prompt
     assert stack_pixels(examples=local[0], device=torch.device("cpu")).shape[0] == sum(
         e.pixels.shape[0] for e in local[0])
+
+
+def test_phase1_cache_loads_safely_and_gives_the_same_weights(tmp_path):
+    """A second run with the same seed and settings takes phase 1 from the cache (read with
+    weights_only=True: tensors and plain data only) and ends with the same weights."""
+    from safetensors.torch import load_file
+
+    common = dict(steps=2, seed=1, batch_size=2, config=TOY, pool_size=40, log_every=1, workers=0,
+                  pretrain_steps=2, pretrain_batch=2, phase1_cache=tmp_path / "phase1.pt")
+    first = train(out=tmp_path / "a", **common)
+    second = train(out=tmp_path / "b", **common)
+    assert (first["phase1_loaded_from_cache"], second["phase1_loaded_from_cache"]) == (False, True)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.load(tmp_path / "phase1.pt", weights_only=True)   # raises if the file held anything but tensors and data

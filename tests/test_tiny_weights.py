@@ -1,6 +1,6 @@
 """The trained ``tiny`` weights that ship in ``flexvlm_ray/assets/tiny``: the ``tiny`` preset loads them,
 and on fixed validation slices they reproduce the accuracy documented in ``eval.json`` (written by
-``python -m flexvlm_ray.eval_tiny``) and clear the issue's quality bars."""
+``flexvlm-ray eval-tiny``) and clear the issue's quality bars."""
 from __future__ import annotations
 
 import json
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from flexvlm_ray.data import DATASETS
-from flexvlm_ray.eval_tiny import (CAPTION_MAX_NEW_TOKENS, CAPTION_SLICE, SETTINGS, TEST_CAPTION_SLICE, TEST_SETTINGS,
+from flexvlm_ray.tiny.evaluate import (CAPTION_MAX_NEW_TOKENS, CAPTION_SLICE, SETTINGS, TEST_CAPTION_SLICE, TEST_SETTINGS,
                                    TEST_SLICE, VQA_MAX_NEW_TOKENS, load_adapter, predict, vqa_score)
 from flexvlm_ray.metrics.cider import CiderDMetric
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe import ASSETS_TINY
-from flexvlm_ray.models.flexmoe_model import WEIGHTS_FILE
+from flexvlm_ray.models.flexmoe.config import ASSETS_TINY
+from flexvlm_ray.models.flexmoe.model import WEIGHTS_FILE
 
 TOLERANCE = 0.02        # CPU float32 reruns agree to the last digit here; this allows other BLAS builds
 

@@ -43,7 +43,7 @@ class DatasetEntry:
     synthetic: bool = False       # ships with the package, needs no download
 
 
-DATASETS: Registry[DatasetEntry] = Registry("dataset")
+DATASETS: Registry[DatasetEntry] = Registry("dataset", group="flexvlm_ray.datasets", base=DatasetEntry)
 
 
 def register_dataset(entry: DatasetEntry) -> DatasetEntry:

@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-BLOCK_POLICIES = ("prefix", "importance", "random")
+from flexvlm_ray.knobs.base import BLOCK_POLICIES  # noqa: F401  (the vocabulary; re-exported)
 
 CACHE_ENV = "FLEXVLM_CACHE"
 

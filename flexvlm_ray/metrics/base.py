@@ -26,7 +26,7 @@ class Metric(ABC):
         """The score of one prediction against the sample's references."""
 
 
-METRICS: Registry[type[Metric]] = Registry("metric")
+METRICS: Registry[type[Metric]] = Registry("metric", group="flexvlm_ray.metrics", base=Metric)
 
 
 def register_metric(name: str) -> Callable[[type[Metric]], type[Metric]]:

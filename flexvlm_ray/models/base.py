@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from flexvlm_ray.knobs.blocks import BLOCK_POLICIES  # noqa: F401  (re-exported: the spec and verify use it)
+from flexvlm_ray.knobs.base import BLOCK_POLICIES, Knobs  # noqa: F401  (re-exported for the families)
 from flexvlm_ray.registry import Registry
 
 
@@ -36,17 +36,7 @@ class ModelInfo:
     vision_tokens_per_crop: int
     hidden_size: int
     vocab_size: int
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """One point of the knob grid. ``None`` keeps the model's default."""
-
-    max_crops: Optional[int] = None
-    top_k: Optional[int] = None
-    active_blocks: Optional[int] = None
-    block_policy: str = "prefix"
-    max_new_tokens: int = 16
+    backends: tuple[str, ...] = ("hf",)   # the `model.backend` values the family runs
 
 
 @dataclass
@@ -144,6 +134,15 @@ class ModelAdapter(ABC):
         """Parameters per component: vision_encoder, projector, llm (and llm_active for MoE)."""
         return {}
 
+    @classmethod
+    def count_params(cls, *, preset: Optional[str], path: Optional[str],
+                     options: dict[str, Any]) -> dict[str, int]:
+        """``param_counts`` of the model a spec names, for analyses: by default the adapter is built
+        on the CPU; a family that can count without weights (a 'meta' device build) overrides this."""
+        opts = {k: v for k, v in options.items() if k != "load_s"}
+        return cls(preset=preset, path=path, dtype="float32", device="cpu", seed=0,
+                   options=opts).param_counts()
+
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
         """Analytic FLOPs per stage: vision, projector, llm_prefill, llm_decode."""
         return {}
@@ -157,7 +156,10 @@ class ModelAdapter(ABC):
         return 0
 
 
-MODELS: Registry[type[ModelAdapter]] = Registry("model")
+MODELS: Registry[type[ModelAdapter]] = Registry("model", group="flexvlm_ray.models", base=ModelAdapter)
+# every `model.backend` a family may implement ('hf': the model's own modules); a family lists its
+# own in ModelAdapter.backends and spec.load checks the choice against it
+BACKENDS = ("hf", "fast")
 
 
 def adapter_options(*, options: dict[str, Any], trust_remote_code: bool) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from flexvlm_ray.models.base import DecodeState
-from flexvlm_ray.models.flexmoe_model import DTYPES
+from flexvlm_ray.models.flexmoe.model import DTYPES
 
 
 def resolve_hf_config(*, family: str, preset: Optional[str], path: Optional[str],
@@ -25,7 +25,7 @@ def resolve_hf_config(*, family: str, preset: Optional[str], path: Optional[str]
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"family '{family}': no checkpoint at '{path}' (expected a folder with config.json)")
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(folder, local_files_only=True), folder
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False), folder
     name = preset or "tiny"
     if name not in presets:
         raise ValueError(f"Unknown preset '{name}' for family '{family}'. Available: {', '.join(presets)}")

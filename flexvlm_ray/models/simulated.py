@@ -11,8 +11,8 @@ the estimator tests use it as a GPU whose stage costs are known. Costs (options,
     decode   = decode_ms_per_token * depth * moe  (per generated token after the first)
     depth    = active_blocks / num_blocks,  moe = attn_share + (1 - attn_share) * top_k / default_top_k
 
-``fail_when`` / ``crash_when`` (a dict of knob values) make a unit raise, or kill the worker
-process, so that failure handling can be tested.
+``fail_when`` / ``crash_when`` / ``hang_when`` (a dict of knob values) make a unit raise, kill
+the worker process, or never return, so that failure handling and timeouts can be tested.
 """
 from __future__ import annotations
 
@@ -48,13 +48,14 @@ class SimulatedAdapter(ModelAdapter):
     def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
                  seed: int, options: dict[str, Any]) -> None:
         self.info = self.describe(preset=preset, path=path, options=options)
-        unknown = set(options) - set(DEFAULT_COSTS) - {"wait", "fail_when", "crash_when", "load_s"}
+        unknown = set(options) - set(DEFAULT_COSTS) - {"wait", "fail_when", "crash_when", "hang_when", "load_s"}
         if unknown:
             raise ValueError(f"unknown options for family 'simulated': {sorted(unknown)}")
         self.costs = {**DEFAULT_COSTS, **{k: float(v) for k, v in options.items() if k in DEFAULT_COSTS}}
         self.busy = options.get("wait", "sleep") == "busy"
         self.fail_when = options.get("fail_when") or {}
         self.crash_when = options.get("crash_when") or {}
+        self.hang_when = options.get("hang_when") or {}
         self.device = "cpu"
         self.knobs = Knobs()
         time.sleep(float(options.get("load_s", 0.0)))
@@ -83,6 +84,9 @@ class SimulatedAdapter(ModelAdapter):
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
         if self._matches(self.crash_when, knobs):
             os._exit(17)  # the worker process dies: the scheduler must replace it
+        if self._matches(self.hang_when, knobs):
+            while True:  # a hung unit: only the driver's unit timeout ends it
+                time.sleep(3600)
         if self._matches(self.fail_when, knobs):
             raise RuntimeError(f"simulated failure at {knobs}")
         width, height = sample.image.size

@@ -104,15 +104,12 @@ class ClosedLoopDriver(SweepDriver):
         return self.summary
 
     def _run_phase(self, units: list[WorkUnit]) -> None:
-        import ray
-
         for unit in units:
             self.queues[unit.gpu_type].append(unit)
         for slot in self.slots:
             self._fill(slot)
         while self.by_ref:
-            ready, _ = ray.wait(list(self.by_ref), num_returns=1)
-            self._collect(ready[0])
+            self._wait_one()
 
     @staticmethod
     def _with_budget(unit: WorkUnit, reference: dict[str, float]) -> WorkUnit:

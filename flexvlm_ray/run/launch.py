@@ -1,10 +1,13 @@
 """launch / resume / status: spec -> run folder -> Ray -> stored rows."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,14 +20,57 @@ import yaml
 from flexvlm_ray.spec.expand import WorkUnit, expand
 from flexvlm_ray.spec.load import SpecError, load_spec, load_spec_text
 from flexvlm_ray.spec.schema import SweepSpec
+from flexvlm_ray.store.lock import RunLock, holder
 from flexvlm_ray.store.schema import SCHEMA_VERSION
-from flexvlm_ray.store.writer import RunStore
+from flexvlm_ray.store.writer import RunStore, StoreError, is_disk_full, warn
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MIN_FREE_BYTES = 64 * 2**20  # a run does not start on a disk with less room than this
+
+
+class RunWriteFailed(RuntimeError):
+    """The run stopped part-way because a write failed (e.g. the disk filled up); what is stored is
+    consistent and resumable."""
+
+    def __init__(self, message: str, *, run_dir: Path) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is one folder name: no path separators, no '..', not absolute."""
+    if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
+        raise ValueError(f"--run-id {run_id[:80]!r}: a run id is one folder name of letters, digits, '_', "
+                         f"'-' and '.' (at most 128, not starting with '.', no '..')")
+    return run_id
+
+
+@contextlib.contextmanager
+def writing(run_dir: Path):
+    """Hold the run folder's lock; unwritable output and a full disk become one-line errors."""
+    try:
+        lock = RunLock(run_dir).acquire()
+    except OSError as exc:
+        raise ValueError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; "
+                         f"pick another --output") from None
+    try:
+        if lock.took_over.get("pid"):
+            warn(f"{run_dir}: took over the lock of pid {lock.took_over['pid']} on host "
+                 f"{lock.took_over.get('host', '?')}, which is gone")
+        free = shutil.disk_usage(run_dir).free
+        if free < MIN_FREE_BYTES:
+            raise ValueError(f"{run_dir}: only {free / 2**20:.0f} MiB free on its disk (a run needs at least "
+                             f"{MIN_FREE_BYTES // 2**20} MiB); free some space or pick another --output")
+        yield lock
+    finally:
+        lock.release()
 
 
 def spec_hash(spec: SweepSpec) -> str:
-    """Hash of the spec; a grid spec leaves out the search keys (and a spec without control its
-    control key), so runs from before they existed keep their hash."""
+    """Hash of the spec; a grid spec leaves out the search keys, a spec without control its control
+    key, and no spec has its timeouts in it, so runs from before they existed keep their hash."""
     data = spec.model_dump(mode="json")
+    data.pop("timeouts", None)  # limits change nothing that is measured
     if spec.search == "grid":
         data.pop("search", None)
         data.pop("tune", None)
@@ -43,34 +89,103 @@ def default_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C during a run; ``run_dir`` holds what was stored, ``resumable`` whether --resume applies."""
+
+    def __init__(self, run_dir: Path, *, resumable: bool) -> None:
+        super().__init__(f"interrupted: {run_dir}")
+        self.run_dir, self.resumable = run_dir, resumable
+
+
+def preflight(*, spec: SweepSpec, num_gpus: Optional[int], address: Optional[str]) -> None:
+    """Checks of the machine and the cluster that need no Ray; ValueError with one line."""
+    from flexvlm_ray.run.cluster import check_reachable, detected_gpus
+
+    if address and num_gpus:
+        raise ValueError("--num-gpus sets the size of a local Ray cluster that launch starts; with --address the "
+                         "sweep uses every GPU of the existing cluster (one worker each); drop --num-gpus")
+    if address:
+        check_reachable(address)
+    elif spec.model.device == "cuda" and detected_gpus() == 0:
+        import torch
+
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"model.device: cuda, but this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                         f"{build}); use device: auto (runs on the CPU here) or --address a cluster with GPUs")
+
+
 def launch(*, spec_path: str, overrides: Sequence[str] = (), num_gpus: Optional[int] = None,
            address: Optional[str] = None, output: str = "results", run_id: Optional[str] = None,
-           dashboard: bool = False, progress: bool = True, prefetch: int = 1):
-    spec = load_spec(spec_path, overrides=overrides)
-    run_id = run_id or default_run_id()
-    if spec.search == "tune":
-        from flexvlm_ray.run.tune_search import launch_tune
+           dashboard: bool = False, progress: bool = True, prefetch: int = 1,
+           max_units: Optional[int] = None):
+    """Validate, connect Ray, then create the run folder under its lock and run (a spec, machine or
+    cluster problem leaves no folder behind; one driver at a time per run folder)."""
+    from flexvlm_ray.run.cluster import check_num_gpus, connect
 
-        return launch_tune(spec=spec, spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
-                           spec_hash=spec_hash(spec), output=output, run_id=run_id, num_gpus=num_gpus,
-                           address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
-    units = expand(spec)
-    store = RunStore(Path(output) / spec.name / run_id)
-    store.create(spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
-                 spec_hash=spec_hash(spec), units=units, run_id=run_id)
-    return store.root, _execute(spec=spec, units=units, store=store, run_id=run_id, num_gpus=num_gpus,
-                                address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
+    spec = load_spec(spec_path, overrides=overrides, max_units=max_units)
+    run_id = check_run_id(run_id or default_run_id())
+    preflight(spec=spec, num_gpus=num_gpus, address=address)
+    check_num_gpus(num_gpus=num_gpus, address=address)
+    run_dir = Path(output) / spec.name / run_id
+    if (run_dir / "manifest.json").exists():  # checked again under the lock, by RunStore.create
+        raise FileExistsError(f"{run_dir} already holds a run; resume it with "
+                              f"`flexvlm-ray launch --resume {run_dir}` or pick another --run-id")
+    connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
+    with writing(run_dir):
+        if spec.search == "tune":
+            from flexvlm_ray.run.tune_search import launch_tune
+
+            with _interruptible(run_dir, resumable=False):
+                return launch_tune(spec=spec, spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
+                                   spec_hash=spec_hash(spec), output=output, run_id=run_id, num_gpus=num_gpus,
+                                   address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
+        units = expand(spec)
+        store = RunStore(run_dir)
+        store.create(spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
+                     spec_hash=spec_hash(spec), units=units, run_id=run_id)
+        with _interruptible(store.root, resumable=True):
+            return store.root, _execute(spec=spec, units=units, store=store, run_id=run_id, num_gpus=num_gpus,
+                                        address=address, dashboard=dashboard, progress=progress,
+                                        prefetch=prefetch)
 
 
 def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[str] = None,
            dashboard: bool = False, progress: bool = True, prefetch: int = 1):
+    from flexvlm_ray.run.cluster import check_num_gpus, connect
+
     store = RunStore(run_dir)
-    spec, units = check_resumable(store)
-    store.remove_partial_writes()
-    manifest = store.manifest()
-    return store.root, _execute(spec=spec, units=units, store=store, run_id=manifest["run_id"],
-                                num_gpus=num_gpus, address=address, dashboard=dashboard,
-                                progress=progress, prefetch=prefetch)
+    store.manifest()  # not a run folder / a damaged manifest: refused before taking the lock
+    check_num_gpus(num_gpus=num_gpus, address=address)
+    with writing(store.root):
+        spec, units = check_resumable(store)
+        preflight(spec=spec, num_gpus=num_gpus, address=address)
+        connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
+        store.remove_partial_writes()  # safe: we hold the lock, so no live writer has a write in flight
+        try:
+            store.units()
+        except StoreError as exc:
+            warn(f"{exc}; rewriting it")
+            store.write_units(units)
+        store.verify_parts(move_aside=True)
+        manifest = store.manifest()
+        with _interruptible(store.root, resumable=True):
+            return store.root, _execute(spec=spec, units=units, store=store, run_id=manifest["run_id"],
+                                        num_gpus=num_gpus, address=address, dashboard=dashboard,
+                                        progress=progress, prefetch=prefetch)
+
+
+@contextlib.contextmanager
+def _interruptible(run_dir: Path, *, resumable: bool):
+    """Ctrl-C -> RunInterrupted naming the run folder; a SweepAborted learns its run folder."""
+    from flexvlm_ray.run.scheduler import SweepAborted
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(Path(run_dir), resumable=resumable) from None
+    except SweepAborted as exc:
+        exc.run_dir = Path(run_dir)
+        raise
 
 
 def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
@@ -79,7 +194,11 @@ def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise SpecError([f"{store.root}: written with row schema v{manifest['schema_version']}, "
                          f"this code writes v{SCHEMA_VERSION}; start a new run instead of resuming"])
-    spec = load_spec_text(store.spec_text(), source=str(store.root / "spec.yaml"))
+    from flexvlm_ray.spec.load import MAX_UNITS
+
+    # a run launched with --max-units above the default cap resumes without the flag
+    spec = load_spec_text(store.spec_text(), source=str(store.root / "spec.yaml"),
+                          max_units=max(MAX_UNITS, len(manifest["unit_ids"])))
     if spec.search == "tune":
         raise SpecError([f"{store.root}: a search: tune run cannot be resumed (the searcher's state is not "
                          f"stored); launch the spec again under a new --run-id"])
@@ -105,18 +224,16 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
     common = dict(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                  prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name))
+                  prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
+                  unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     if spec.control is not None:   # a closed-loop run (E4): train / reference units, then the policies
         from flexvlm_ray.run.closed_loop import ClosedLoopDriver
 
         driver = ClosedLoopDriver(spec=spec, **common)
     else:
         driver = SweepDriver(**common)
-    try:
+    with interruption_recorded(store):
         summary = driver.run(units=units, gpu_types=spec.gpu_types)
-    except BaseException:
-        store.update_manifest(status="interrupted")
-        raise
     env = driver_env(ray_version=ray.__version__)
     previous = json.loads((store.root / "env.json").read_text()) if (store.root / "env.json").exists() else {}
     env["workers"] = summary.workers or previous.get("workers", [])
@@ -124,11 +241,29 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
         "started_units": summary.total - summary.skipped, "done": summary.done, "failed": summary.failed,
         "wall_s": round(summary.wall_s, 3), "busy_s": round(summary.busy_s, 3),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat()}]
-    store.write_env(env)
-    status = run_status(store.root)
-    store.update_manifest(status="complete" if status["pending"] == 0 and status["failed"] == 0
-                          else "incomplete")
+    with interruption_recorded(store):
+        store.write_env(env)
+        store.compact()
+        status = run_status(store.root)
+        store.update_manifest(status="complete" if status["pending"] == 0 and status["failed"] == 0
+                              else "incomplete")
     return summary
+
+
+@contextlib.contextmanager
+def interruption_recorded(store: RunStore):
+    """Mark the manifest ``interrupted`` when the block raises; an OSError (a full disk, a folder
+    that became unwritable) becomes a RunWriteFailed naming the run folder to resume."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            store.update_manifest(status="interrupted")
+        if isinstance(exc, OSError):
+            what = "the disk is full" if is_disk_full(exc) else (exc.strerror or str(exc))
+            raise RunWriteFailed(f"writing {store.root} failed: {what}; the stored units are consistent",
+                                 run_dir=store.root) from None
+        raise
 
 
 def driver_env(*, ray_version: str) -> dict[str, Any]:
@@ -153,23 +288,25 @@ def git_sha() -> Optional[str]:
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Done / failed / pending units, rows, per-GPU counts, failures by error type."""
-    import pyarrow.parquet as pq
-
     store = RunStore(run_dir)
     manifest = store.manifest()
     unit_ids = manifest["unit_ids"]
-    done = store.done_ids() & set(unit_ids)
+    read = store.read_rows(columns=["unit_id", "gpu_name", "worker"])
+    done = set(read.done)
     failures = {u: r for u, r in store.failure_records().items() if u not in done}
-    rows, per_gpu, per_worker = 0, Counter(), Counter()
-    for path in store.part_paths(done):
-        table = pq.read_table(path, columns=["gpu_name", "worker"])
-        rows += table.num_rows
-        if table.num_rows:
-            per_gpu[table.column("gpu_name")[0].as_py()] += 1
-            per_worker[table.column("worker")[0].as_py()] += 1
+    per_gpu, per_worker = Counter(), Counter()
+    first = read.table.group_by("unit_id", use_threads=False).aggregate(
+        [("gpu_name", "first"), ("worker", "first")])
+    for gpu, worker in zip(first.column("gpu_name_first").to_pylist(), first.column("worker_first").to_pylist()):
+        per_gpu[gpu] += 1
+        per_worker[worker] += 1
+    status = manifest.get("status")
+    if status == "running" and holder(store.root) is None:
+        status = "interrupted"  # no live driver holds the lock: it was killed
     return {"run_dir": str(store.root), "sweep": manifest.get("sweep"), "run_id": manifest["run_id"],
-            "status": manifest.get("status"), "units": len(unit_ids), "done": len(done),
-            "failed": len(failures), "pending": len(unit_ids) - len(done) - len(failures), "rows": rows,
+            "status": status, "units": len(unit_ids), "done": len(done),
+            "failed": len(failures), "pending": len(unit_ids) - len(done) - len(failures),
+            "corrupt": len(read.corrupt), "stray_files": len(read.stray), "rows": read.table.num_rows,
             "units_per_gpu": dict(per_gpu), "units_per_worker": dict(per_worker),
             "failures_by_type": dict(Counter(r.get("error_type", "?") for r in failures.values())),
             "failures": [{"unit_id": u, "error_type": r.get("error_type"), "message": r.get("message", "")[:300]}

@@ -1,4 +1,5 @@
-"""The Ray driver: one ModelWorker actor per GPU, units pulled by whichever worker is free.
+"""The Ray driver: one ModelWorker actor per GPU (never more than the units to run), units pulled
+by whichever worker is free.
 
 Units already stored in the run folder are skipped. Each worker holds at most ``1 + prefetch``
 units (one running, the next queued on the actor so it starts without a round trip). Results
@@ -8,6 +9,12 @@ the queue once, runs alone on a worker (nothing ahead, nothing queued behind), a
 WorkerDied failure if that worker dies too (an abrupt death can also lose the reply of the unit
 finished just before, so one death alone does not prove the unit guilty); the units queued
 behind it go back to the queue.
+
+Nothing waits forever: a unit that runs longer than ``unit_timeout_s`` on its worker is recorded
+as a ``Timeout`` failure, its worker is stopped and replaced, and the units queued behind it go
+back to the queue; the workers must start (and load the model) within ``worker_start_timeout_s``;
+and the driver starts one worker per *free* GPU (Ray's available resources, not its total), with
+a message naming both counts when none is free.
 """
 from __future__ import annotations
 
@@ -25,6 +32,24 @@ from flexvlm_ray.store.writer import RunStore
 
 MAX_RESTARTS_PER_SLOT = 8
 UNIT_ATTEMPTS_ON_WORKER_DEATH = 2  # a unit whose worker died is retried once on a fresh worker
+# failures that a later attempt (--resume) can get past; the rest repeat until their cause is fixed
+RETRYABLE_ERRORS = {"WorkerDied", "Timeout", "OutOfMemoryError", "OutOfMemory"}
+
+
+def retry_can_help(*, error_type: str, message: str = "") -> bool:
+    """Whether running the unit again may succeed (a dead worker, out of memory, a timeout)
+    rather than repeat the same error (a missing file, a bad config, a bug)."""
+    return error_type in RETRYABLE_ERRORS or "out of memory" in message.lower()
+
+
+class SweepAborted(RuntimeError):
+    """The sweep stopped before its units ran; ``retryable``: whether a --resume as it is can succeed.
+    ``run_dir`` is set by the launcher."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.run_dir = None
 
 
 @dataclass
@@ -53,6 +78,7 @@ class _Slot:
     actor: Any = None
     held: deque = field(default_factory=deque)  # (ref, unit)
     restarts: int = 0
+    head_started: float = 0.0  # when the oldest held unit started (monotonic)
 
     @property
     def name(self) -> str:
@@ -63,15 +89,15 @@ class SweepDriver:
     worker_cls: type = ModelWorker   # the actor class (run.closed_loop uses a subclass)
 
     def __init__(self, *, store: RunStore, run_id: str, model: dict[str, Any], seed: int,
-                 prefetch: int = 1, progress: bool = True, metrics: Any = None) -> None:
+                 prefetch: int = 1, progress: bool = True, metrics: Any = None,
+                 unit_timeout_s: Optional[float] = None, worker_start_timeout_s: Optional[float] = None) -> None:
         self.store, self.run_id, self.model, self.seed = store, run_id, model, seed
         self.deaths: Counter = Counter()  # unit_id -> worker deaths while it ran
         self.prefetch, self.progress, self.metrics = prefetch, progress, metrics
+        self.unit_timeout_s, self.worker_start_timeout_s = unit_timeout_s, worker_start_timeout_s
 
     def run(self, *, units: list[WorkUnit], gpu_types: Optional[list[str]]) -> RunSummary:
         """Run every unit that the store has no result for. Ray must be connected."""
-        import ray
-
         done_ids = self.store.done_ids()
         pending = [u for u in units if u.unit_id not in done_ids]
         self.summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
@@ -93,8 +119,7 @@ class SweepDriver:
             for slot in self.slots:
                 self._fill(slot)
             while self.by_ref:
-                ready, _ = ray.wait(list(self.by_ref), num_returns=1)
-                self._collect(ready[0])
+                self._wait_one()
         finally:
             self.bar.close()
             self.summary.wall_s = time.perf_counter() - started
@@ -110,8 +135,26 @@ class SweepDriver:
         if missing:
             have = describe_slots([s.gpu_type for s in slots]) or "no GPUs"
             wanted = ", ".join(sorted(t or "any" for t in missing))
-            raise RuntimeError(f"no GPU in the cluster for units pinned to {wanted}; the cluster offers {have}")
-        return [s for s in slots if s.gpu_type in needed]
+            raise SweepAborted(f"no GPU in the cluster for units pinned to {wanted}; the cluster offers {have}",
+                               retryable=False)
+        slots = [s for s in slots if s.gpu_type in needed]
+        # no more workers than units: each GPU type gets at most as many slots as it has units
+        per_type = Counter(u.gpu_type for u in pending)
+        kept: list[_Slot] = []
+        for slot in slots:
+            if per_type[slot.gpu_type] > 0:
+                per_type[slot.gpu_type] -= 1
+                kept.append(slot)
+        slots = kept
+        free = _free_gpus(wanted=len(slots))
+        if free < 1:
+            raise SweepAborted(f"no free GPU: the cluster has {len(slots)} GPU(s) for this sweep and all are held "
+                               f"by other jobs or actors (Ray's available resources: 0 GPU); wait for them or free "
+                               f"them, then resume", retryable=True)
+        if free < len(slots):
+            _say(f"{free} of the cluster's {len(slots)} GPUs are free (others are held); starting {free} workers")
+            slots = _spread(slots, free)
+        return [_Slot(i, s.gpu_type) for i, s in enumerate(slots)]
 
     def _start_workers(self, slots: list[_Slot]) -> None:
         """Start one actor per slot and wait until each has loaded the model."""
@@ -123,10 +166,19 @@ class SweepDriver:
         for slot in slots:
             self._start(slot)
         try:
-            self.summary.workers = ray.get([s.actor.env.remote() for s in slots])
+            self.summary.workers = ray.get([s.actor.env.remote() for s in slots], timeout=self.worker_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self._stop_all()
+            free = int(ray.available_resources().get("GPU", 0))
+            raise SweepAborted(f"the {len(slots)} workers did not start and load the model within "
+                               f"{self.worker_start_timeout_s:g} s (timeouts.worker_start_s); free GPUs in the "
+                               f"cluster now: {free}; a slow model load needs a larger timeouts.worker_start_s",
+                               retryable=True) from None
         except ray.exceptions.RayError as exc:
             self._stop_all()
-            raise RuntimeError(f"a worker could not load the model: {_root_cause(exc)}") from None
+            cause = _root_cause(exc)
+            raise SweepAborted(f"a worker could not load the model: {cause}",
+                               retryable=retry_can_help(error_type="", message=cause)) from None
 
     def _start(self, slot: _Slot) -> None:
         options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0, "max_concurrency": 1,
@@ -153,10 +205,60 @@ class SweepDriver:
                 break
             unit = queue.popleft()
             ref = slot.actor.run.remote(unit.to_dict(), self.run_id)
+            if not slot.held:
+                slot.head_started = time.monotonic()
             slot.held.append((ref, unit))
             self.by_ref[ref] = slot
 
     # -- results -----------------------------------------------------------------------------
+    def _wait_one(self) -> None:
+        """Collect the next finished unit, or stop the units that ran past the unit timeout."""
+        import ray
+
+        timeout = None
+        if self.unit_timeout_s is not None:
+            heads = [s.head_started for s in self.slots if s.held and s.actor is not None]
+            if heads:
+                timeout = max(0.0, min(heads) + self.unit_timeout_s - time.monotonic()) + 0.05
+        ready, _ = ray.wait(list(self.by_ref), num_returns=1, timeout=timeout)
+        if ready:
+            self._collect(ready[0])
+        self._stop_hung_units()
+
+    def _stop_hung_units(self) -> None:
+        if self.unit_timeout_s is None:
+            return
+        import ray
+
+        now = time.monotonic()
+        for slot in self.slots:
+            if not slot.held or slot.actor is None or now - slot.head_started <= self.unit_timeout_s:
+                continue
+            held = list(slot.held)
+            slot.held.clear()
+            for ref, _ in held:
+                self.by_ref.pop(ref, None)
+            unit = held[0][1]
+            ray.kill(slot.actor)
+            slot.actor = None
+            queue = self.queues[slot.gpu_type]
+            for _, queued in reversed(held[1:]):
+                queue.appendleft(queued)
+            message = (f"the unit ran longer than timeouts.unit_s={self.unit_timeout_s:g} s on {slot.name}; "
+                       f"its worker was stopped and replaced")
+            self.store.write_failure(unit.unit_id, {
+                "unit_id": unit.unit_id, "unit": unit.to_dict(), "error_type": "Timeout", "message": message,
+                "traceback": "", "worker": slot.name, "timeout_s": self.unit_timeout_s,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.summary.failed += 1
+            self.bar.update(1)
+            if self.metrics is not None:
+                self.metrics.unit_finished(ok=False, worker=slot.name, table=None)
+            _say(f"unit {unit.unit_id}: Timeout: {message}")
+            slot.restarts += 1
+            self._start(slot)
+            self._fill(slot)
+
     def _collect(self, ref: Any) -> None:
         import ray
 
@@ -169,6 +271,8 @@ class SweepDriver:
             position = next(i for i, (r, _) in enumerate(slot.held) if r == ref)
             unit = slot.held[position][1]
             del slot.held[position]
+            if position == 0:
+                slot.head_started = time.monotonic()
             self._record(unit=unit, result=result)
             self.bar.update(1)
         self.bar.set_postfix(failed=self.summary.failed, rows=self.summary.rows)
@@ -236,12 +340,37 @@ class SweepDriver:
             slot.actor = None
             alive = [s for s in self.slots if s.actor is not None and s.gpu_type == slot.gpu_type]
             if not alive and queue:
-                raise RuntimeError(f"every worker for {slot.gpu_type or 'this sweep'} died; "
-                                   f"{len(queue)} units left unrun (resume the run to retry them)")
+                raise SweepAborted(f"every worker for {slot.gpu_type or 'this sweep'} died; "
+                                   f"{len(queue)} units left unrun", retryable=True)
             return
         slot.restarts += 1
         self._start(slot)
         _say(f"{slot.name} restarted ({slot.restarts}/{MAX_RESTARTS_PER_SLOT})")
+
+
+def _free_gpus(*, wanted: int, settle_s: float = 10.0) -> int:
+    """Ray's count of free GPUs; waits up to ``settle_s`` for GPUs of just-stopped actors to come back."""
+    import ray
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        free = int(ray.available_resources().get("GPU", 0))
+        if free >= wanted or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
+
+
+def _spread(slots: list[_Slot], n: int) -> list[_Slot]:
+    """n of the slots, taking the GPU types in turn so that every pinned type keeps a worker."""
+    by_type: dict[Optional[str], deque] = {}
+    for slot in slots:
+        by_type.setdefault(slot.gpu_type, deque()).append(slot)
+    kept: list[_Slot] = []
+    while len(kept) < n:
+        for group in by_type.values():
+            if group and len(kept) < n:
+                kept.append(group.popleft())
+    return kept
 
 
 def _root_cause(exc: BaseException) -> str:

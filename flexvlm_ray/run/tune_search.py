@@ -20,56 +20,28 @@ from collections import deque
 from types import SimpleNamespace
 from typing import Any, Optional
 
+from flexvlm_ray.knobs.base import INT_KNOBS
+from flexvlm_ray.searchers import KNOBS, config_key, full_config, make_searcher  # noqa: F401  (re-exported)
 from flexvlm_ray.run.scheduler import RunSummary, SweepDriver, _progress, _say
 from flexvlm_ray.spec.expand import WorkUnit, expand, knob_grid
 from flexvlm_ray.spec.schema import KnobGrid, SweepSpec, TuneSpec, grid_values
 from flexvlm_ray.store.writer import RunStore, atomic_write_bytes, atomic_write_json
 
-KNOBS = ("max_crops", "top_k", "active_blocks", "block_policy", "max_new_tokens")
-METRICS = ["latency", "quality"]
-MODES = ["min", "max"]
 SUGGESTIONS_PER_SAMPLE = 20  # a searcher that keeps repeating itself stops after this many
 
 
 def search_space(spec: SweepSpec) -> dict[str, list]:
     """Every knob's values in the grid (block_policy only where active_blocks is set)."""
     k = spec.knobs
-    space = {name: grid_values(getattr(k, name)) for name in ("max_crops", "top_k", "active_blocks",
-                                                             "max_new_tokens")}
+    space = {name: grid_values(getattr(k, name)) for name in INT_KNOBS}
     space["block_policy"] = list(k.block_policy) if k.active_blocks is not None else ["prefix"]
     return space
-
-
-def make_searcher(*, space: dict[str, list], searcher: str, seed: int):
-    """Ray Tune's OptunaSearch over the knobs with more than one value, two objectives."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}
-    free = {name: CategoricalDistribution(values) for name, values in space.items() if len(values) > 1}
-    return OptunaSearch(space=free, metric=METRICS, mode=MODES, sampler=samplers[searcher]())
-
-
-def full_config(params: dict[str, Any], space: dict[str, list]) -> dict[str, Any]:
-    """The searcher's params plus the knobs fixed by the grid (one value), in KNOBS order."""
-    config = {name: (params[name] if name in params else space[name][0]) for name in KNOBS}
-    if config["active_blocks"] is None:
-        config["block_policy"] = "prefix"
-    return config
-
-
-def config_key(config: dict[str, Any]) -> tuple:
-    return tuple(config[name] for name in KNOBS)
 
 
 def units_of(spec: SweepSpec, *, config: dict[str, Any], dataset_index: int) -> list[WorkUnit]:
     """The config's units for one dataset: the grid expansion of a one-config, one-dataset spec."""
     knobs = KnobGrid(**{name: ([config[name]] if config[name] is not None else None)
-                        for name in ("max_crops", "top_k", "active_blocks", "max_new_tokens")},
+                        for name in INT_KNOBS},
                      block_policy=[config["block_policy"]])
     one = spec.model_copy(update={"knobs": knobs, "datasets": [spec.datasets[dataset_index]]})
     return expand(one)
@@ -139,7 +111,9 @@ class TuneDriver(SweepDriver):
         self.spec, self.trials, self.log = spec, {}, []
         self.unit_index = len(self.store.manifest()["unit_ids"])
         self.summary = RunSummary(total=0, skipped=0)
-        stubs = [SimpleNamespace(gpu_type=t) for t in (spec.gpu_types or [None])]
+        # the most units the search can queue per GPU type (workers = min(GPUs, units))
+        most = sum(tune.num_samples * ds.shards for ds in spec.datasets) * spec.repeats
+        stubs = [SimpleNamespace(gpu_type=t) for t in (spec.gpu_types or [None]) for _ in range(most)]
         self._start_workers(self._make_slots(stubs, spec.gpu_types))
         self.queues = {s.gpu_type: deque() for s in self.slots}
         self.by_ref = {}
@@ -155,8 +129,7 @@ class TuneDriver(SweepDriver):
                         self._finish_trials()
                         continue
                     break
-                ready, _ = ray.wait(list(self.by_ref), num_returns=1)
-                self._collect(ready[0])
+                self._wait_one()
                 self._finish_trials()
         finally:
             self.bar.close()
@@ -254,7 +227,8 @@ def launch_tune(*, spec: SweepSpec, spec_text: str, spec_hash: str, output: str,
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
     driver = TuneDriver(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                        prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name))
+                        prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
+                        unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     try:
         summary = driver.run_search(spec=spec)
     except BaseException:
@@ -265,6 +239,7 @@ def launch_tune(*, spec: SweepSpec, spec_text: str, spec_hash: str, output: str,
     env["sessions"] = [{"started_units": summary.total - summary.skipped, "done": summary.done,
                         "failed": summary.failed, "wall_s": round(summary.wall_s, 3)}]
     store.write_env(env)
+    store.compact()
     status = run_status(store.root)
     store.update_manifest(status="complete" if status["pending"] == 0 and status["failed"] == 0 else "incomplete")
     _say(f"tune search: {sum(len(s.measured) for s in driver.searches)} configs measured, "

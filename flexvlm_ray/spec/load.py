@@ -6,6 +6,7 @@ Every line names the file, the key path, the bad value and what is allowed, e.g.
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, Optional, Sequence, get_args, get_origin
 
@@ -14,40 +15,126 @@ from pydantic import BaseModel, ValidationError
 
 from flexvlm_ray.spec.schema import SweepSpec, grid_values
 
+MAX_SPEC_BYTES = 1 << 20     # a spec file larger than this is refused unread
+MAX_LINE_CHARS = 300         # each problem line is cut to this length
+MAX_PROBLEMS = 50            # at most this many problem lines, then a count
+MAX_UNITS = 100_000          # expanded work units; --max-units raises it
+
 
 class SpecError(ValueError):
-    """A spec that cannot run; ``problems`` holds one line per problem."""
+    """A spec that cannot run; ``problems`` holds one line per problem, each of readable length."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+        lines = [truncate(" ".join(p.split())) for p in problems[:MAX_PROBLEMS]]  # one line each
+        if len(problems) > MAX_PROBLEMS:
+            lines.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
+        super().__init__("\n".join(lines))
+        self.problems = lines
 
 
-def load_spec(path: str | Path, *, overrides: Sequence[str] = ()) -> SweepSpec:
+def shipped_sweeps() -> Path:
+    """The sweep files installed with the package (``sweeps/`` of the checkout)."""
+    return Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def resolve_spec_path(path: str | Path) -> Path:
+    """``path`` if it exists; else the shipped sweep it names (``e2_pareto``, ``e2_pareto.yaml`` or
+    ``sweeps/e2_pareto.yaml``), so ``flexvlm-ray launch`` finds the sweeps outside a checkout."""
+    path = Path(path)
+    if path.exists():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    shipped = shipped_sweeps() / name
+    if (path.parent in (Path("."), Path("sweeps"))) and shipped.is_file():
+        return shipped
+    return path
+
+
+def truncate(line: str, limit: int = MAX_LINE_CHARS) -> str:
+    return line if len(line) <= limit else line[:limit - 25] + f" ... ({len(line)} chars)"
+
+
+def load_spec(path: str | Path, *, overrides: Sequence[str] = (), max_units: Optional[int] = None) -> SweepSpec:
+    path = resolve_spec_path(path)
+    return load_spec_text(read_spec_text(path), source=str(path), overrides=overrides, max_units=max_units)
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The spec file's text; SpecError when it cannot be read, is too large or is not UTF-8 text."""
     path = Path(path)
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError([f"{path}: the spec is {size} bytes; a spec may have at most {MAX_SPEC_BYTES}"])
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError([f"{path}: cannot read the spec: {exc.strerror or exc}"]) from None
-    return load_spec_text(text, source=str(path), overrides=overrides)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         f"a spec is a YAML text file"]) from None
 
 
-def load_spec_text(text: str, *, source: str, overrides: Sequence[str] = ()) -> SweepSpec:
+def load_spec_text(text: str, *, source: str, overrides: Sequence[str] = (),
+                   max_units: Optional[int] = None) -> SweepSpec:
     raw = parse_yaml(text, source=source)
     raw = apply_overrides(raw, overrides, source=source)
+    origin = _origins(overrides, source=source)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError([_pydantic_line(err, source=source) for err in exc.errors()]) from None
-    problems = [f"{source}: {loc}: {msg}" for loc, msg in check_semantics(spec)]
+        raise SpecError([_pydantic_line(err, source=origin(err["loc"])) for err in exc.errors()]) from None
+    limit = MAX_UNITS if max_units is None else max_units
+    count = unit_count(spec)
+    if count > limit:
+        raise SpecError([f"{source}: the spec expands to {count} work units, above the cap of {limit}; "
+                         f"shrink the grid, or raise the cap with --max-units {count}"])
+    problems = [f"{origin(loc.split('.'))}: {loc}: {msg}" for loc, msg in check_semantics(spec)]
     if problems:
         raise SpecError(problems)
     return spec
 
 
+def _origins(overrides: Sequence[str], *, source: str):
+    """loc -> where its value came from: the last ``--set`` whose key path overlaps the loc
+    (either is a prefix of the other), else the spec file."""
+    keyed = [(item.partition("=")[0].split("."), item) for item in overrides]
+
+    def origin(loc: Sequence[Any]) -> str:
+        parts = [str(p) for p in loc]
+        for key, item in reversed(keyed):
+            n = min(len(key), len(parts))
+            if n and key[:n] == parts[:n]:
+                return f"--set {item}"
+        return source
+
+    return origin
+
+
+def unit_count(spec: SweepSpec) -> int:
+    """How many work units ``expand`` would make, computed without making them."""
+    k = spec.knobs
+    configs = len(grid_values(k.max_crops)) * len(grid_values(k.top_k)) * len(grid_values(k.max_new_tokens))
+    configs *= len(k.active_blocks) * len(k.block_policy) if k.active_blocks is not None else 1
+    shards = sum(ds.shards for ds in spec.datasets)
+    return configs * shards * spec.repeats * len(spec.gpu_types or [None])
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` refusing aliases (``*name``): an alias can expand a few bytes into
+    gigabytes ("billion laughs"), and a spec has no need for them."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            mark = event.start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed "
+                                 f"in a spec; write the value out")
+    return yaml.safe_load(text)
+
+
 def parse_yaml(text: str, *, source: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -66,10 +153,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: st
     for item in overrides:
         key, sep, value_text = item.partition("=")
         if not sep or not key:
-            problems.append(f"{source}: --set {item!r}: expected KEY.PATH=VALUE")
+            problems.append(f"--set {item!r}: expected KEY.PATH=VALUE")
             continue
         try:
-            value = yaml.safe_load(value_text)
+            value = safe_load_yaml(value_text)
         except yaml.YAMLError:
             value = value_text
         parts = key.split(".")
@@ -82,7 +169,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: st
             else:
                 node[parts[-1]] = value
         except (IndexError, ValueError, TypeError, AttributeError):
-            problems.append(f"{source}: --set {item!r}: no such key path {key!r} in the spec")
+            problems.append(f"--set {item!r}: no such key path {key!r} in the spec {source}")
     if problems:
         raise SpecError(problems)
     return raw
@@ -114,39 +201,58 @@ def _pydantic_line(err: dict[str, Any], *, source: str) -> str:
     if kind == "extra_forbidden":
         owner = _model_at(loc)
         allowed = ", ".join(owner.model_fields) if owner else "see the docs"
-        return f"{source}: {_loc(loc)}: unknown key; allowed keys here: {allowed}"
+        hint = did_you_mean(str(loc[-1]), list(owner.model_fields)) if owner else ""
+        return f"{source}: {_loc(loc)}: unknown key{hint}; allowed keys here: {allowed}"
     if kind == "missing":
         return f"{source}: {_loc(loc)}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{source}: {_loc(loc)}: {msg} (got {err.get('input')!r})"
+    got = "" if "got " in msg else f" (got {truncate(repr(err.get('input')), 80)})"
+    return f"{source}: {_loc(loc)}: {msg}{got}"
+
+
+def did_you_mean(name: str, allowed: Sequence[str]) -> str:
+    """' (did you mean top_k?)' for the closest allowed name, or ''."""
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
     """Checks that need the registries: names exist, knob values fit the model's shape."""
     from flexvlm_ray.data import DATASETS
     from flexvlm_ray.metrics import METRICS
-    from flexvlm_ray.models import MODELS
+    from flexvlm_ray.models import MODELS, describe_model
     from flexvlm_ray.models.base import adapter_options
 
     problems: list[tuple[str, str]] = []
     if spec.model.family not in MODELS:
-        return [("model.family", f"unknown model {spec.model.family!r}; allowed: {', '.join(MODELS.names())}")]
-    family = MODELS.get(spec.model.family)
-    if spec.model.backend not in family.backends:
+        return [("model.family", f"unknown model {spec.model.family!r}{did_you_mean(spec.model.family, MODELS.names())}; "
+                                 f"allowed: {', '.join(MODELS.names())}")]
+    info = None
+    if spec.model.path is not None and not Path(spec.model.path).expanduser().exists():
+        problems.append(("model.path", f"{spec.model.path} does not exist on this machine (a path must be "
+                                       f"valid on the driver and on every worker node)"))
+    else:
+        try:
+            options = adapter_options(options=spec.model.options, trust_remote_code=spec.model.trust_remote_code)
+            info = describe_model(spec.model.family, preset=spec.model.preset, path=spec.model.path, options=options)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            problems.append(("model", str(exc)))
+    if info is not None and spec.model.backend not in info.backends:
         problems.append(("model.backend", f"backend {spec.model.backend!r} is not available for family "
-                         f"{spec.model.family!r}; allowed: {', '.join(family.backends)}"))
-    try:
-        options = adapter_options(options=spec.model.options, trust_remote_code=spec.model.trust_remote_code)
-        info = family.describe(preset=spec.model.preset, path=spec.model.path, options=options)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        problems.append(("model", str(exc)))
-        info = None
+                         f"{spec.model.family!r}; allowed: {', '.join(info.backends)}"))
 
     for i, ds in enumerate(spec.datasets):
         if ds.name not in DATASETS:
-            problems.append((f"datasets.{i}.name", f"unknown dataset {ds.name!r}; allowed: {', '.join(DATASETS.names())}"))
+            problems.append((f"datasets.{i}.name", f"unknown dataset {ds.name!r}{did_you_mean(ds.name, DATASETS.names())}; "
+                                                   f"allowed: {', '.join(DATASETS.names())}"))
             continue
         entry = DATASETS.get(ds.name)
+        if ds.path is not None and entry.synthetic:
+            problems.append((f"datasets.{i}.path", f"{ds.name} is synthetic (generated in the package) and reads "
+                                                   f"no files; remove path"))
+        elif ds.path is not None and not Path(ds.path).expanduser().exists():
+            problems.append((f"datasets.{i}.path", f"{ds.path} does not exist on this machine (a path must be "
+                                                   f"valid on the driver and on every worker node)"))
         if ds.split not in entry.splits:
             problems.append((f"datasets.{i}.split", f"{ds.split!r} is not a split of {ds.name}; allowed: {', '.join(entry.splits)}"))
         if entry.metric != "none" and entry.metric not in METRICS:
@@ -165,7 +271,6 @@ def _check_control(spec: SweepSpec) -> list[tuple[str, str]]:
     """A closed-loop run: registered policies, one entry per label, a training split every dataset has."""
     if spec.control is None:
         return []
-    from flexvlm_ray.control.policies import POLICIES, policy_label
     from flexvlm_ray.data import DATASETS
 
     problems: list[tuple[str, str]] = []
@@ -175,12 +280,9 @@ def _check_control(spec: SweepSpec) -> list[tuple[str, str]]:
         problems.append(("gpu_types", f"a control run fits one controller on one GPU type; got {spec.gpu_types}"))
     labels = []
     for i, policy in enumerate(spec.control.policies):
-        if policy.name not in POLICIES:
-            problems.append((f"control.policies.{i}.name",
-                             f"unknown policy {policy.name!r}; allowed: {', '.join(POLICIES.names())}"))
         if policy.name == "full" and policy.guardrail:
             problems.append((f"control.policies.{i}.guardrail", "the full policy runs no reduced knobs; no guardrail"))
-        labels.append(policy_label(policy.name, policy.guardrail))
+        labels.append(f"{policy.name}+guard" if policy.guardrail else policy.name)
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         problems.append(("control.policies", f"listed twice: {', '.join(repeated)}"))

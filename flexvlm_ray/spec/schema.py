@@ -6,7 +6,9 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from flexvlm_ray.models.base import BLOCK_POLICIES
+from flexvlm_ray.knobs.base import BLOCK_POLICIES
+from flexvlm_ray.models.base import BACKENDS
+from flexvlm_ray.searchers import SAMPLERS
 
 
 class _Strict(BaseModel):
@@ -14,6 +16,11 @@ class _Strict(BaseModel):
 
 
 GRID_HELP = "an integer, a list of integers, or a range {start: A, stop: B, step: C} (inclusive)"
+# Bounds that hold before any model is known (spec.load checks each knob against the model too).
+MAX_GRID_VALUES = 1024        # values of one knob
+MAX_KNOB_VALUE = 1_000_000    # any knob value
+MAX_NEW_TOKENS = 32_768       # output length; also bounded by the model's context where it is known
+MAX_REPEATS, MAX_SHARDS, MAX_SAMPLES = 1000, 100_000, 10_000_000
 
 
 def _to_grid(value: Any) -> list[int]:
@@ -23,7 +30,7 @@ def _to_grid(value: Any) -> list[int]:
 
     if is_int(value):
         return [value]
-    if isinstance(value, list) and all(is_int(v) for v in value):
+    if isinstance(value, list) and len(value) <= MAX_GRID_VALUES and all(is_int(v) for v in value):
         return list(value)
     if isinstance(value, dict):
         extra = set(value) - {"start", "stop", "step"}
@@ -32,7 +39,12 @@ def _to_grid(value: Any) -> list[int]:
         start, stop, step = value["start"], value["stop"], value.get("step", 1)
         if not all(is_int(v) for v in (start, stop, step)) or step < 1 or stop < start:
             raise ValueError(f"a range needs integers start <= stop and step >= 1, got {value}")
+        count = (stop - start) // step + 1
+        if count > MAX_GRID_VALUES:
+            raise ValueError(f"the range has {count} values; a knob takes at most {MAX_GRID_VALUES}")
         return list(range(start, stop + 1, step))
+    if isinstance(value, list) and len(value) > MAX_GRID_VALUES:
+        raise ValueError(f"{len(value)} values; a knob takes at most {MAX_GRID_VALUES}")
     raise ValueError(f"expected {GRID_HELP}")
 
 
@@ -51,7 +63,7 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: cuda when the worker sees a GPU, else cpu")
-    backend: Literal["hf", "fast"] = "hf"
+    backend: Literal[BACKENDS] = "hf"
     trust_remote_code: bool = False
     options: dict[str, Any] = Field(default_factory=dict, description="family-specific options")
 
@@ -59,8 +71,8 @@ class ModelSpec(_Strict):
 class DatasetSpec(_Strict):
     name: str
     split: str = "validation"
-    num_samples: Optional[int] = Field(default=None, ge=1)
-    shards: int = Field(default=1, ge=1, description="disjoint shards (one unit each)")
+    num_samples: Optional[int] = Field(default=None, ge=1, le=MAX_SAMPLES)
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS, description="disjoint shards (one unit each)")
     path: Optional[str] = Field(default=None, description="local folder/Parquet instead of the hub")
 
 
@@ -68,7 +80,7 @@ class KnobGrid(_Strict):
     max_crops: Optional[IntGrid] = None
     top_k: Optional[IntGrid] = None
     active_blocks: Optional[IntGrid] = None
-    block_policy: list[Literal["prefix", "importance", "random"]] = Field(default_factory=lambda: ["prefix"])
+    block_policy: list[Literal[BLOCK_POLICIES]] = Field(default_factory=lambda: ["prefix"])
     max_new_tokens: IntGrid = Field(default_factory=lambda: [16])
 
     @field_validator("max_crops", "top_k", "active_blocks", "max_new_tokens")
@@ -80,9 +92,13 @@ class KnobGrid(_Strict):
         floor = 0 if info.field_name == "max_new_tokens" else 1
         bad = [v for v in values if v is not None and v < floor]
         if bad:
-            raise ValueError(f"values must be >= {floor}, got {bad}")
+            raise ValueError(f"values must be >= {floor}, got {bad[:10]}")
+        ceiling = MAX_NEW_TOKENS if info.field_name == "max_new_tokens" else MAX_KNOB_VALUE
+        bad = [v for v in values if v is not None and v > ceiling]
+        if bad:
+            raise ValueError(f"values must be <= {ceiling}, got {bad[:10]}")
         if len(set(values)) != len(values):
-            raise ValueError(f"repeated values {values}")
+            raise ValueError(f"repeated values {values[:20]}")
         return grid
 
     @field_validator("block_policy")
@@ -94,8 +110,8 @@ class KnobGrid(_Strict):
 
 
 class MeasureSpec(_Strict):
-    warmup: int = Field(default=1, ge=0, description="untimed passes before each unit's first sample")
-    runs_per_sample: int = Field(default=1, ge=1, description="timed passes of every sample")
+    warmup: int = Field(default=1, ge=0, le=1000, description="untimed passes before each unit's first sample")
+    runs_per_sample: int = Field(default=1, ge=1, le=1000, description="timed passes of every sample")
     decode_mode: Literal["forced", "natural"] = Field(
         default="forced", description="forced: exactly max_new_tokens (EOS ignored); natural: stop at EOS")
     prefill_hook: bool = Field(default=True, description="also time prefill with block hooks")
@@ -105,14 +121,19 @@ class MeasureSpec(_Strict):
 
 
 class TuneSpec(_Strict):
-    num_samples: int = Field(default=16, ge=1, description="distinct knob configurations the search may measure")
+    num_samples: int = Field(default=16, ge=1, le=MAX_GRID_VALUES, description="distinct knob configurations the search may measure")
     seed: int = Field(default=0, description="seed of the searcher's sampler")
-    searcher: Literal["tpe", "nsga2", "random"] = Field(
+    searcher: Literal[SAMPLERS] = Field(
         default="tpe", description="optuna sampler behind Ray Tune's OptunaSearch (multi-objective)")
 
 
+# the policies of flexvlm_ray.control.POLICIES (spec sits below control in the import order, so the names
+# are listed here; tests/test_e4.py checks that the two agree)
+POLICY_NAMES = ("flops_proxy", "full", "learned", "lut", "random", "static")
+
+
 class PolicySpec(_Strict):
-    name: str = Field(description="policy name (flexvlm_ray.control.POLICIES)")
+    name: Literal[POLICY_NAMES] = Field(description="policy name (flexvlm_ray.control.POLICIES)")
     guardrail: bool = Field(default=False, description="drop configs whose estimated T_total > budget x margin")
 
 
@@ -149,15 +170,24 @@ class ControlSpec(_Strict):
         return budgets
 
 
+class TimeoutSpec(_Strict):
+    """Limits that keep a run from hanging. Not part of the spec hash or unit ids (they change
+    nothing that is measured), so they may be raised in RUN_DIR/spec.yaml before a --resume."""
+    unit_s: float = Field(default=1800.0, gt=0, description="a unit running longer on its worker (a "
+                          "restarted worker's model load included) is stopped and recorded as a Timeout failure")
+    worker_start_s: float = Field(default=900.0, gt=0, description="time for every worker to start and "
+                                  "load the model (GPUs free in the cluster included)")
+
+
 class SweepSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
     experiment: str = Field(description="analysis family, e.g. quickstart, motivation_exp3, e2")
-    description: str = ""
+    description: str = Field(default="", max_length=10_000)
     model: ModelSpec
     datasets: list[DatasetSpec] = Field(min_length=1)
     knobs: KnobGrid = Field(default_factory=KnobGrid)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
-    repeats: int = Field(default=1, ge=1, description="independent repetitions of every unit")
+    repeats: int = Field(default=1, ge=1, le=MAX_REPEATS, description="independent repetitions of every unit")
     gpu_types: Optional[list[str]] = Field(
         default=None, min_length=1, description="pin units to these Ray accelerator types")
     order: Literal["grid", "interleave"] = Field(
@@ -167,5 +197,6 @@ class SweepSpec(_Strict):
         default="grid", description="grid: every knob combination; tune: an adaptive multi-objective search "
                                     "over the knob grid (latency P50 min, mean score max) per dataset")
     tune: Optional[TuneSpec] = Field(default=None, description="settings of search: tune")
+    timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec, description="per-unit and worker-start limits")
     control: Optional[ControlSpec] = Field(
         default=None, description="a closed-loop run (E4): policies pick knobs per request under budgets")

@@ -1,22 +1,19 @@
-"""Read a run back: one Arrow table (pyarrow.dataset over the parts) or a DataFrame."""
+"""Read a run back: exactly the manifest's units, verified, as one Arrow table or a DataFrame.
+
+A finished run is read from its compacted rows.parquet (one file); otherwise every part is read
+and checked against its checksum. Corrupt parts and stray files are left out with a warning.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
-from flexvlm_ray.store.schema import ROW_SCHEMA
 from flexvlm_ray.store.writer import RunStore
 
 
 def load_table(run_dir: str | Path) -> pa.Table:
-    store = RunStore(run_dir)
-    store.manifest()  # a clear error when this is not a run folder
-    paths = store.part_paths()
-    if not paths:
-        return ROW_SCHEMA.empty_table()
-    return pads.dataset([str(p) for p in paths], schema=ROW_SCHEMA, format="parquet").to_table()
+    return RunStore(run_dir).read_rows().table
 
 
 def load_frame(run_dir: str | Path):

@@ -6,9 +6,17 @@ back by ``load_flexmoe``. ``PRESETS`` holds the two built-in shapes:
 * ``tiny``: a CPU-sized model with Molmo's crop geometry (336 px crops, tiling decided with
   Molmo's 14 px patches and 4+4 patch margins) but a 42 px ViT patch (8x8 patches per crop), so a
   2x2 pooling gives 16 tokens per crop.
-* ``molmoe-1b``: the seed model's shape: CLIP ViT-L/14 at 336 px (24 layers, hidden 1024), 2x2
-  pooling to 144 tokens per crop, and an OLMoE-1B-7B decoder (16 blocks, hidden 2048, 64 experts,
-  top-8, expert width 1024, vocab 50304).
+* ``molmoe-1b``: the seed model's exact shape (what ``flexmoe_checkpoint`` builds from the released
+  MolmoE-1B config.json): a CLIP ViT-L/14 at 336 px cut to 23 layers (hidden 1024, no
+  post-layernorm), features of layers -2 and -9 (2048 wide), ``pad_embed`` by the image mask, 2x2
+  attention pooling (q/k/v from 2048 to 1024) to 144 tokens per crop, a SwiGLU projector
+  1024 -> 1024 -> 2048, image features *added* to the token embeddings, and an OLMoE-1B-7B decoder
+  (16 blocks, hidden 2048, 64 experts, top-8 without renormalisation, expert width 1024, 50304 + 128
+  token embeddings, an untied 50304-row head); Molmo's own preprocessing and prompt
+  (``flexvlm_ray.models.molmo_preprocess``) with this module's word-level tokenizer.
+
+The fields after ``rope_theta`` (``num_kv_heads`` .. ``image_std``) default to the ``tiny`` preset's
+behaviour, so configs saved before they existed load unchanged.
 
 The tokenizer is word level (``tokenizers.models.WordLevel``): special tokens, a fixed list of
 English words, then ``[unusedN]`` fillers up to the decoder's vocabulary size, so every id decodes.
@@ -16,11 +24,16 @@ English words, then ``[unusedN]`` fillers up to the decoder's vocabulary size, s
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
+
+IMAGE_EMBED_MODES = ("replace", "add")
+PREPROCESSORS = ("flexmoe", "molmo")
 
 # Special tokens: the order fixes their ids.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[IMG]", "[IM_START]", "[IM_END]", "[IM_COL]")
@@ -82,6 +95,16 @@ class FlexMoeConfig:
     vocab_size: int = 50304
     max_positions: int = 4096
     rope_theta: float = 10000.0
+    # MolmoE details (defaults: the tiny preset's behaviour)
+    num_kv_heads: int = 0              # decoder key/value heads; 0: num_heads
+    rms_norm_eps: float = 1e-5         # decoder RMSNorm epsilon
+    extra_embeddings: int = 0          # token embedding rows after vocab_size (MolmoE: 128); never predicted
+    vit_post_layernorm: bool = True    # CLIP's post-layernorm module (never used for the features); MolmoE has none
+    pad_embed: bool = False            # MolmoE 'pad_and_partial_pad': two embeddings added to ViT features by image mask
+    image_embed_mode: str = "replace"  # 'replace': features replace the [IMG] embeddings; 'add': added to them (MolmoE)
+    preprocess: str = "flexmoe"        # 'flexmoe' (flexmoe_preprocess) | 'molmo' (molmo_preprocess, the checkpoint's own)
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)   # CLIP
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
         if self.crop_px % self.vit_patch_px:
@@ -92,11 +115,23 @@ class FlexMoeConfig:
             raise ValueError(f"pool_margin {self.pool_margin} leaves no window in {self.pooled_per_side} pooled tokens")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k {self.top_k} is not in 1..{self.num_experts}")
-        if self.vocab_size < len(SPECIAL_TOKENS) + len(WORDS):
+        if self.image_embed_mode not in IMAGE_EMBED_MODES:
+            raise ValueError(f"image_embed_mode '{self.image_embed_mode}' is not one of {', '.join(IMAGE_EMBED_MODES)}")
+        if self.preprocess not in PREPROCESSORS:
+            raise ValueError(f"preprocess '{self.preprocess}' is not one of {', '.join(PREPROCESSORS)}")
+        if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        if self.extra_embeddings < 0:
+            raise ValueError(f"extra_embeddings must be >= 0, got {self.extra_embeddings}")
+        if self.preprocess == "flexmoe" and self.vocab_size < len(SPECIAL_TOKENS) + len(WORDS):
             raise ValueError(f"vocab_size {self.vocab_size} < {len(SPECIAL_TOKENS) + len(WORDS)} (specials + words)")
         for layer in self.vit_feature_layers:
             if not -self.vit_layers <= layer <= self.vit_layers or layer == 0:
                 raise ValueError(f"vit_feature_layers {self.vit_feature_layers} out of range for {self.vit_layers} layers")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def patches_per_side(self) -> int:
@@ -119,7 +154,7 @@ class FlexMoeConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown flexmoe config keys: {sorted(unknown)}")
-        tuples = {"tiling_margins", "vit_feature_layers"}
+        tuples = {"tiling_margins", "vit_feature_layers", "image_mean", "image_std"}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
 
     def to_json(self) -> str:
@@ -148,7 +183,9 @@ PRESETS: dict[str, FlexMoeConfig] = {
         vit_heads=4, vit_feature_layers=scaled_feature_layers(num_layers=3), pool_dim=64, pool_heads=4,
         projector_hidden=256, projector_out_norm=True, hidden_size=128, num_blocks=4, num_heads=4, num_experts=8, top_k=2,
         expert_width=192, vocab_size=512, max_positions=4096),
-    "molmoe-1b": FlexMoeConfig(name="molmoe-1b"),
+    # the released MolmoE-1B config.json through flexmoe_checkpoint.molmo_config (tests check they agree)
+    "molmoe-1b": FlexMoeConfig(name="molmoe-1b", vit_layers=23, projector_hidden=1024, extra_embeddings=128,
+                               vit_post_layernorm=False, pad_embed=True, image_embed_mode="add", preprocess="molmo"),
 }
 
 
@@ -173,3 +210,70 @@ def word_level_tokenizer(*, tokens: Sequence[str], special_tokens: Sequence[str]
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(list(special_tokens))
     return tok
+
+
+# -- folders, options and the spec-time description (no torch) -------------------------------------
+ASSETS_TINY = Path(__file__).resolve().parents[2] / "assets" / "tiny"
+DEFAULT_PRESET = "tiny"
+CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
+BACKENDS = ("hf", "fast")
+OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs")
+FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs")
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+DECODE_MOE = ("fused", "gather", "grouped")     # the fast backend's decode MoE paths
+PREFILL_MOE = ("grouped", "loop", "fused")      # ... and its prefill MoE paths
+KERNELS = ("triton", "torch")
+
+
+def read_flexmoe_config(directory: str | os.PathLike) -> FlexMoeConfig:
+    """The config of a saved flexmoe folder; a clear error when the folder or its files are missing."""
+    folder = Path(directory)
+    missing = [name for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if not folder.is_dir() or missing:
+        raise FileNotFoundError(f"flexmoe model folder '{folder}' is missing "
+                                f"{', '.join(missing) if folder.is_dir() else 'entirely'}; "
+                                f"expected {CONFIG_FILE}, {TOKENIZER_FILE}, {WEIGHTS_FILE} (see save_flexmoe)")
+    return FlexMoeConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+
+
+def preset_config(preset: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
+    """A preset's config and its weights folder (the shipped trained ``tiny``; None: random weights)."""
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset '{name}' for family 'flexmoe'. Available: {', '.join(sorted(PRESETS))}")
+    if name == "tiny" and (ASSETS_TINY / WEIGHTS_FILE).is_file():
+        return read_flexmoe_config(ASSETS_TINY), ASSETS_TINY
+    return PRESETS[name], None
+
+
+def check_options(options: dict[str, Any]) -> None:
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options for family 'flexmoe': {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
+    for name, allowed in (("experts_implementation", EXPERTS_IMPLEMENTATIONS),
+                          ("attn_implementation", ATTN_IMPLEMENTATIONS), ("decode_moe", DECODE_MOE),
+                          ("prefill_moe", PREFILL_MOE), ("kernels", KERNELS)):
+        if options.get(name) is not None and options[name] not in allowed:
+            raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
+    if options.get("cuda_graphs") is not None and not isinstance(options["cuda_graphs"], bool):
+        raise ValueError(f"cuda_graphs must be true or false, got {options['cuda_graphs']!r}")
+
+
+def describe(*, preset: Optional[str], path: Optional[str], options: dict[str, Any]):
+    """The family's ``ModelInfo`` for spec validation: a preset reads JSON and Python only (no torch); a
+    MolmoE checkpoint folder is checked by the checkpoint module."""
+    from flexvlm_ray.models.base import ModelInfo
+
+    check_options(options)
+    if path is None:
+        config, _ = preset_config(preset)
+    else:
+        from flexvlm_ray.models.flexmoe.checkpoint import checkpoint_kind, open_molmo_checkpoint
+
+        config = (open_molmo_checkpoint(path).config if checkpoint_kind(path) == "molmo"
+                  else read_flexmoe_config(path))
+    return ModelInfo(family="flexmoe", preset=config.name if path is None else str(path),
+                     num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
+                     max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
+                     hidden_size=config.hidden_size, vocab_size=config.vocab_size, backends=BACKENDS)

@@ -21,7 +21,7 @@ biases (all linear in the width, small next to the matmuls).
 """
 from __future__ import annotations
 
-from flexvlm_ray.models.flexmoe_config import FlexMoeConfig
+from flexvlm_ray.models.flexmoe.config import FlexMoeConfig
 
 
 def vision_flops(*, config: FlexMoeConfig, num_crops: int) -> float:

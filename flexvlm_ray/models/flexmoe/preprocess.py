@@ -26,7 +26,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from flexvlm_ray.models.crops import crop_grid
-from flexvlm_ray.models.flexmoe_config import (BOS_ID, IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID,
+from flexvlm_ray.models.flexmoe.config import (BOS_ID, IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID,
                                                FlexMoeConfig)
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)

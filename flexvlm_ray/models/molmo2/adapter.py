@@ -50,12 +50,12 @@ from flexvlm_ray.knobs.blocks import block_influence, cached_importance, select_
 from flexvlm_ray.knobs.moe import validate_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
-from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
+from flexvlm_ray.models.common import BlockKVCache, calibration_samples
+from flexvlm_ray.models.flexmoe.config import WORDS, word_level_tokenizer
 from flexvlm_ray.models.hf_common import (check_blocks_unchanged, check_has_image, check_max_crops, device_and_dtype,
                                           greedy_token, max_crops_for, model_identity, numel, prefill_state,
                                           record_token, resolve_hf_config, weights_source)
-from flexvlm_ray.models.molmo2_preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
+from flexvlm_ray.models.molmo2.preprocess import (IMAGE_TOKEN_NAMES, Molmo2ImageSettings, image_token_ids,
                                                   preprocess_image)
 
 FAMILY = "molmo2"
@@ -174,8 +174,8 @@ class Molmo2Adapter(ModelAdapter):
         else:
             from transformers import AutoTokenizer
             self.model = m.Molmo2ForConditionalGeneration.from_pretrained(
-                self.folder, local_files_only=True, dtype=self.dtype).to(self.device)
-            auto = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+                self.folder, local_files_only=True, trust_remote_code=False, dtype=self.dtype).to(self.device)
+            auto = AutoTokenizer.from_pretrained(self.folder, local_files_only=True, trust_remote_code=False)
             self.tokenizer = auto.backend_tokenizer
             self._eos = auto.eos_token_id
             self._bos = auto.bos_token_id if auto.bos_token_id is not None else auto.eos_token_id
@@ -395,7 +395,7 @@ class Molmo2Adapter(ModelAdapter):
 
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
         """Analytic FLOPs per stage (``molmo2_flops``) over the blocks that run now."""
-        from flexvlm_ray.models.molmo2_flops import molmo2_flops
+        from flexvlm_ray.models.molmo2.flops import molmo2_flops
 
         inputs = prepared.inputs
         return molmo2_flops(config=self.config, num_crops=prepared.num_crops,

@@ -13,9 +13,11 @@ blocks from ``n_layers`` (or ``num_hidden_layers``), experts and top-k from ``mo
 
 Knob targets are found structurally (``discover_structure``) on the loaded model: routers (modules
 with an integer ``top_k``, set in place), the ``nn.ModuleList`` of decoder blocks and the vision
-backbone. A config with experts but no such router is refused: MolmoE's released remote code builds
-its MoE with megablocks, where top_k is fixed when the layer is built, so a runtime top_k knob needs a
-plain-PyTorch MoE port of that code.
+backbone. MolmoE's released remote code (``modeling_molmoe.py``) builds every MoE layer as one plain
+module (``MolmoeSparseMoeBlock``: ``gate``, ``experts``, ``ff_norm``) that reads ``self.top_k`` at
+every forward, so those modules are the routers and the top_k knob works on them (softmax then
+top-k without renormalisation, as that code does). A config with experts but no module with an
+integer ``top_k`` (an MoE whose k is fixed when it is built) is refused.
 
 Call conventions this adapter relies on (those of Molmo's remote code): the module holding the
 blocks also holds ``wte`` (embedding), ``ln_f`` (final norm) and ``ff_out`` (LM head; weight-tied
@@ -41,6 +43,8 @@ normalization constants, ``image_masks`` (all ones here; Molmo marks padded patc
 processor writes ``User: ... Assistant:`` and may place the image tokens differently), and token
 ids taken from the folder's tokenizer by name (``<im_start>``, ``<im_end>``, ``<im_patch>``,
 ``<im_col>``). Latency shapes follow Molmo's; answer quality of a real checkpoint is not its own.
+For a MolmoE checkpoint, ``model: {family: flexmoe, path: DIR}`` runs the same weights with the
+checkpoint's own preprocessing and prompt (``flexvlm_ray.models.molmo_preprocess``) and the fast backend.
 """
 from __future__ import annotations
 
@@ -57,9 +61,9 @@ from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.discover import discover_structure
-from flexvlm_ray.models.flexmoe import calibration_samples
-from flexvlm_ray.models.flexmoe_config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
-from flexvlm_ray.models.flexmoe_preprocess import layout_image
+from flexvlm_ray.models.common import calibration_samples
+from flexvlm_ray.models.flexmoe.config import IM_COL_ID, IM_END_ID, IM_START_ID, IMG_ID, FlexMoeConfig
+from flexvlm_ray.models.flexmoe.preprocess import layout_image
 from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
                                           device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
                                           prefill_state, record_token, weights_source)
@@ -143,7 +147,7 @@ class MolmoRemoteAdapter(ModelAdapter):
         self.structure = discover_structure(self.model)
         if self.info.num_experts and not self.structure.routers:
             raise ValueError(f"family '{FAMILY}': config.json has {self.info.num_experts} experts but no module with an "
-                             f"integer top_k was found (megablocks MoE layers fix top_k when built)")
+                             f"integer top_k was found (an MoE that fixes top_k when it is built)")
         router_k = sorted({r.top_k for r in self.structure.routers})
         if self.info.num_experts and router_k != [self.info.default_top_k]:
             raise ValueError(f"family '{FAMILY}': routers have top_k {router_k}, config.json says "

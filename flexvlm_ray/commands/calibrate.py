@@ -1,6 +1,5 @@
 """``flexvlm-ray calibrate``: fit the E3 stage estimator on a run, report held-out error,
-optionally recalibrate it to another GPU type's run from K rows. Wire into cli.py with
-``main.add_command(calibrate_command)``."""
+optionally recalibrate it to another GPU type's run from K rows."""
 from __future__ import annotations
 
 import sys
@@ -82,7 +81,7 @@ def calibrate_command(run_dir: str, other_dir: Optional[str], k: int, holdout: f
     saved.save(target)
     click.echo(f"estimator written to {target}")
     if report_dir:
-        from analysis.e3 import analyze_runs
+        from flexvlm_ray.analysis.e3 import analyze_runs
 
         paths = analyze_runs(run_dirs=[run_dir] + ([other_dir] if other_dir else []), out_dir=report_dir,
                              seed=seed, holdout=holdout)

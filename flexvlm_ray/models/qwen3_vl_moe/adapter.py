@@ -47,8 +47,8 @@ from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cac
 from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models.flexmoe import BlockKVCache, calibration_samples
-from flexvlm_ray.models.flexmoe_config import WORDS, word_level_tokenizer
+from flexvlm_ray.models.common import BlockKVCache, calibration_samples
+from flexvlm_ray.models.flexmoe.config import WORDS, word_level_tokenizer
 from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image,
                                           device_and_dtype, greedy_token, model_identity, numel, prefill_state,
                                           record_token, resolve_hf_config, weights_source)
@@ -144,8 +144,9 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         else:
             from transformers import AutoTokenizer
             self.model = Qwen3VLMoeForConditionalGeneration.from_pretrained(
-                folder, local_files_only=True, dtype=self.dtype).to(self.device)
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True).backend_tokenizer
+                folder, local_files_only=True, trust_remote_code=False, dtype=self.dtype).to(self.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                           trust_remote_code=False).backend_tokenizer
             self._eos = self.config.text_config.eos_token_id
             default_pixels = None
             processor_args = _processor_args_from(folder)
@@ -366,7 +367,7 @@ class Qwen3VLMoeAdapter(ModelAdapter):
 
     def flops(self, *, prepared: Prepared, num_output_tokens: int, knobs: Knobs) -> dict[str, float]:
         """Analytic FLOPs per stage (``qwen3_vl_moe_flops``) under the knobs applied now."""
-        from flexvlm_ray.models.qwen3_vl_moe_flops import qwen3_vl_moe_flops
+        from flexvlm_ray.models.qwen3_vl_moe.flops import qwen3_vl_moe_flops
 
         top_k = self.info.default_top_k if knobs.top_k is None else knobs.top_k
         return qwen3_vl_moe_flops(config=self.config, grid_thw=prepared.extras["image_grid_thw"],

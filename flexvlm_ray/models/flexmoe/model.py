@@ -6,9 +6,16 @@ connector modules written here, following Molmo's vision backbone:
 * ``AttentionPool2x2`` ("attention-meanq"): every 2x2 window of ViT features (two ViT layers
   concatenated) is one attention query, the mean of the window, over its four features as keys
   and values; multi-head, with q/k/v/o projections (biases on).
+* ``PadEmbed`` (``pad_embed`` configs, MolmoE's "pad_and_partial_pad"): ``weight[0]`` is added to
+  the ViT features of patches whose image mask is 0 (all padding), ``weight[1]`` where it is below 1
+  and not 0 (partly padding, or the -1 row Molmo's processor gives its last crop); crops whose pixels
+  are all -1 (a batch's padding crops in Molmo) are zeroed first.
 * ``ProjectorMLP``: ``w2(silu(w1 x) * w3 x)`` to the decoder hidden size (no biases); with
   ``projector_out_norm`` (the ``tiny`` preset) an RMSNorm follows, its scale initialised to the
   decoder's embedding init std, so image tokens enter the decoder at word-embedding scale.
+
+MolmoE configs also replace the decoder's token embedding by one of ``vocab_size + extra_embeddings``
+rows (the head keeps ``vocab_size``) and CLIP's post-layernorm by an identity (MolmoE has none).
 
 ``build_flexmoe`` creates the weights directly on the target device in the target dtype (under a
 ``torch.device`` context and a temporary default dtype), so the 7B model is never materialized on
@@ -18,7 +25,6 @@ the CPU. ``save_flexmoe`` / ``load_flexmoe`` write and read ``config.json``, ``t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -30,10 +36,10 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, OlmoeConfig, OlmoeForCausalLM
 
-from flexvlm_ray.models.flexmoe_config import BOS_ID, EOS_ID, PAD_ID, FlexMoeConfig, build_tokenizer
+from flexvlm_ray.models.flexmoe.config import (BOS_ID, CONFIG_FILE, EOS_ID, PAD_ID, TOKENIZER_FILE, WEIGHTS_FILE,  # noqa: F401
+                                              FlexMoeConfig, build_tokenizer, read_flexmoe_config)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
 
 
 class AttentionPool2x2(nn.Module):
@@ -57,6 +63,26 @@ class AttentionPool2x2(nn.Module):
         k, v = split(self.wk(windows)), split(self.wv(windows))
         out = F.scaled_dot_product_attention(q, k, v)          # (n, heads, 1, head_dim)
         return self.wo(out.transpose(1, 2).reshape(n, -1))
+
+
+class PadEmbed(nn.Module):
+    """MolmoE's padding embeddings, added to the ViT features by the per-patch image mask."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(2, dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, features: torch.Tensor, *, image_masks: torch.Tensor,
+                crop_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """features (num_crops, patches, dim), image_masks (num_crops, patches), crop_valid (num_crops,) bool."""
+        if crop_valid is not None:
+            features = features * crop_valid.to(features.dtype)[:, None, None]
+        all_pad = image_masks == 0
+        partial = (image_masks < 1) & ~all_pad
+        dtype = features.dtype
+        return (features + self.weight[0].to(dtype) * all_pad[..., None].to(dtype)
+                + self.weight[1].to(dtype) * partial[..., None].to(dtype))
 
 
 class ProjectorMLP(nn.Module):
@@ -89,7 +115,8 @@ def olmoe_config(config: FlexMoeConfig, *, attn_implementation: str, experts_imp
     c = config
     return OlmoeConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.expert_width,
                        num_hidden_layers=c.num_blocks, num_attention_heads=c.num_heads,
-                       num_key_value_heads=c.num_heads, num_experts=c.num_experts, num_experts_per_tok=c.top_k,
+                       num_key_value_heads=c.kv_heads, num_experts=c.num_experts, num_experts_per_tok=c.top_k,
+                       rms_norm_eps=c.rms_norm_eps,
                        max_position_embeddings=c.max_positions, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
                        eos_token_id=EOS_ID, norm_topk_prob=False, tie_word_embeddings=False,
                        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
@@ -113,21 +140,35 @@ class FlexMoeModel(nn.Module):
                                       out_norm_scale=decoder_config.initializer_range if c.projector_out_norm
                                       else None)
         self.decoder = OlmoeForCausalLM(decoder_config)
+        self.pad: Optional[PadEmbed] = None
+        if c.pad_embed:
+            self.pad = PadEmbed(dim=c.vit_hidden * len(c.vit_feature_layers))
+        if c.extra_embeddings:
+            self.decoder.model.embed_tokens = nn.Embedding(c.vocab_size + c.extra_embeddings, c.hidden_size,
+                                                           padding_idx=decoder_config.pad_token_id)
+        if not c.vit_post_layernorm:
+            self.vision.post_layernorm = nn.Identity()
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.decoder.model.layers
 
     def connector_modules(self) -> list[nn.Module]:
-        return [self.pool, self.projector]
+        return [self.pool, self.projector] + ([self.pad] if self.pad is not None else [])
 
     def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(num_crops, patches, vit_hidden * 2): two ViT layers' patch features, CLS dropped."""
         hidden = self.vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         return torch.cat([hidden[layer][:, 1:] for layer in self.config.vit_feature_layers], dim=-1)
 
-    def pool_and_project(self, features: torch.Tensor) -> torch.Tensor:
-        """(num_crops * tokens_per_crop, hidden): 2x2 attention pooling of every window, then the MLP."""
+    def pool_and_project(self, features: torch.Tensor, *, image_masks: Optional[torch.Tensor] = None,
+                         crop_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(num_crops * tokens_per_crop, hidden): padding embeddings (``pad_embed`` configs), 2x2
+        attention pooling of every window, then the MLP."""
+        if self.pad is not None:
+            if image_masks is None:
+                raise ValueError("this model adds padding embeddings: pool_and_project needs image_masks")
+            features = self.pad(features, image_masks=image_masks, crop_valid=crop_valid)
         n, _, dim = features.shape
         p = self.config.pooled_per_side
         windows = features.view(n, p, 2, p, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(n * p * p, 4, dim)
@@ -138,6 +179,12 @@ def splice_image_embeds(*, hidden: torch.Tensor, row: int, embeds: torch.Tensor,
                         feature_index: torch.Tensor) -> None:
     """Write the pooled image features (in sequence order) into the ``[IMG]`` positions of one row."""
     hidden[row, positions] = embeds[feature_index].to(hidden.dtype)
+
+
+def add_image_embeds(*, hidden: torch.Tensor, row: int, embeds: torch.Tensor, positions: torch.Tensor,
+                     feature_index: torch.Tensor) -> None:
+    """Add the pooled image features (in sequence order) to the embeddings at the image positions (MolmoE)."""
+    hidden[row, positions] += embeds[feature_index].to(hidden.dtype)
 
 
 @contextlib.contextmanager
@@ -170,17 +217,6 @@ def save_flexmoe(*, model: FlexMoeModel, tokenizer: Optional[Tokenizer], directo
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
     return out
-
-
-def read_flexmoe_config(directory: str | os.PathLike) -> FlexMoeConfig:
-    """The config of a saved flexmoe folder; a clear error when the folder or its files are missing."""
-    folder = Path(directory)
-    missing = [name for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
-    if not folder.is_dir() or missing:
-        raise FileNotFoundError(f"flexmoe model folder '{folder}' is missing "
-                                f"{', '.join(missing) if folder.is_dir() else 'entirely'}; "
-                                f"expected {CONFIG_FILE}, {TOKENIZER_FILE}, {WEIGHTS_FILE} (see save_flexmoe)")
-    return FlexMoeConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
 
 
 def load_flexmoe(directory: str | os.PathLike, *, device: str | torch.device, dtype: torch.dtype,

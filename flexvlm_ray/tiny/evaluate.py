@@ -1,6 +1,6 @@
 """Quality of the trained ``tiny`` flexmoe model under reduced knobs, against constant baselines.
 
-    python -m flexvlm_ray.eval_tiny [--model-dir flexvlm_ray/assets/tiny] [--docs docs/TINY_MODEL.md]
+    flexvlm-ray eval-tiny [--model-dir flexvlm_ray/assets/tiny] [--docs docs/TINY_MODEL.md]
 
 Every prediction goes through the engine's own pass (``flexvlm_ray.measure.engine.measure_pass``):
 ``prepare`` -> ``vision_encoder`` -> ``projector`` -> ``prefill`` -> ``decode_step`` until ``[EOS]``
@@ -35,7 +35,8 @@ from flexvlm_ray.measure.engine import measure_pass
 from flexvlm_ray.metrics.cider import CiderDMetric
 from flexvlm_ray.metrics.vqa import vqa_accuracy
 from flexvlm_ray.models import MODELS, Knobs
-from flexvlm_ray.models.flexmoe import ASSETS_TINY, FlexMoeAdapter
+from flexvlm_ray.models.flexmoe.adapter import FlexMoeAdapter
+from flexvlm_ray.models.flexmoe.config import ASSETS_TINY
 
 VQA_SLICE = 200
 CAPTION_SLICE = 100
@@ -151,7 +152,7 @@ def markdown_table(*, result: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate the trained tiny flexmoe model under reduced knobs.")
+    parser = argparse.ArgumentParser(prog="flexvlm-ray eval-tiny", description="Evaluate the trained tiny flexmoe model under reduced knobs.")
     parser.add_argument("--model-dir", type=Path, default=ASSETS_TINY)
     parser.add_argument("--out", type=Path, default=None, help="eval.json to write (default: in the model folder)")
     args = parser.parse_args(argv)

@@ -1,12 +1,14 @@
 """``flexmoe``: a MolmoE-style VLM assembled from transformers modules, with every knob live.
 
-Presets (``flexvlm_ray.models.flexmoe_config.PRESETS``): ``tiny`` (the default; CPU-sized, loads
+Presets (``flexvlm_ray.models.flexmoe.config.PRESETS``): ``tiny`` (the default; CPU-sized, loads
 ``flexvlm_ray/assets/tiny/`` when that folder holds a saved model, else random weights from the
 seed) and ``molmoe-1b`` (the seed model's shape, random weights built directly on the device).
-``path`` loads a folder written by ``save_flexmoe`` instead of a preset.
+``path`` loads a folder written by ``save_flexmoe``, or a MolmoE checkpoint folder (config.json with
+``model_type`` "molmo": the released MolmoE-1B or a fine-tune; ``flexvlm_ray.models.flexmoe.checkpoint``
+maps its weights, ``flexvlm_ray.models.molmo_preprocess`` is its own preprocessing and prompt).
 
 Backends (spec ``model.backend``): ``hf`` runs transformers' modules block by block; ``fast``
-runs the same weights through ``flexvlm_ray.models.fast_decoder`` (static KV cache, MoE cost that
+runs the same weights through ``flexvlm_ray.models.flexmoe.fast.decoder`` (static KV cache, MoE cost that
 follows top_k, CUDA graphs for decode; see docs/FAST_RUNTIME.md). Knob semantics are shared.
 
 Options:
@@ -23,8 +25,9 @@ Options:
     cuda_graphs (fast only): true (default) | false   decode steps as CUDA graphs (CUDA only).
 
 Stages: ``vision_encoder`` runs CLIP and concatenates two layers' patch features (CLS dropped);
-``projector`` pools every 2x2 window and projects it; ``prefill`` embeds the prompt, splices the
-pooled features into the ``[IMG]`` positions and runs the decoder; ``decode_step`` feeds one token.
+``projector`` adds the padding embeddings (MolmoE), pools every 2x2 window and projects it;
+``prefill`` embeds the prompt, splices the pooled features into the ``[IMG]`` positions (MolmoE:
+adds them to the ``<im_patch>`` embeddings) and runs the decoder; ``decode_step`` feeds one token.
 The decoder loop is the adapter's own (embeddings -> chosen blocks -> norm -> lm_head) with its own
 per-block KV cache and position counter, so skipped blocks simply have no cache entries.
 """
@@ -34,110 +37,47 @@ import hashlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.knobs.blocks import apply_moe_block_knobs, block_influence, cached_importance
 from flexvlm_ray.knobs.moe import set_top_k, temporary_top_k
+from flexvlm_ray.models.common import BlockKVCache, calibration_samples  # noqa: F401  (used below)
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
-from flexvlm_ray.models import fused_ops
-from flexvlm_ray.models.fast_decoder import DECODE_MOE, KERNELS, PREFILL_MOE, FastDecoder, grouped_mm_runs
-from flexvlm_ray.models.flexmoe_config import (EOS_ID, PRESETS, SPECIAL_TOKENS, FlexMoeConfig,
-                                               build_tokenizer)
-from flexvlm_ray.models.flexmoe_flops import flexmoe_flops
-from flexvlm_ray.models.flexmoe_model import (WEIGHTS_FILE, FlexMoeModel, build_flexmoe, load_flexmoe,
-                                              read_flexmoe_config, splice_image_embeds)
-from flexvlm_ray.models.flexmoe_preprocess import build_sequence, layout_image
+from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
+from flexvlm_ray.models.flexmoe.fast.decoder import FastDecoder, grouped_mm_runs
+from flexvlm_ray.models.flexmoe.checkpoint import (MolmoCheckpoint, checkpoint_kind, load_molmo_checkpoint,
+                                                   open_molmo_checkpoint, weights_digest)
+from flexvlm_ray.models.flexmoe.config import (BACKENDS, EOS_ID, FAST_OPTIONS, SPECIAL_TOKENS, FlexMoeConfig,
+                                               build_tokenizer, check_options, describe, preset_config)
+from flexvlm_ray.models.flexmoe.flops import flexmoe_flops
+from flexvlm_ray.models.flexmoe.model import (WEIGHTS_FILE, FlexMoeModel, add_image_embeds, build_flexmoe,
+                                              load_flexmoe, read_flexmoe_config, splice_image_embeds)
+from flexvlm_ray.models.flexmoe.preprocess import build_sequence, layout_image
+from flexvlm_ray.models.molmo_preprocess import PromptTokens, molmo_layout, molmo_sequence
 from flexvlm_ray.models.hf_common import (active_llm_params, check_blocks_unchanged, check_has_image, check_max_crops,
                                           device_and_dtype, greedy_token, max_crops_for, model_identity, numel,
                                           prefill_state, record_token, weights_source)
 
-ASSETS_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-DEFAULT_PRESET = "tiny"
-OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs")
-FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs")
-BACKENDS = ("hf", "fast")
-EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 CALIBRATION_VERSION = 1
-CALIBRATION_PROMPTS = ("what color is the car ?", "how many people are there ?", "describe the image .")
-CALIBRATION_SIZES = ((336, 336), (640, 480), (480, 640))
-
-
-class BlockKVCache:
-    """Keys and values per decoder block index; blocks that never run have no entry.
-
-    It implements the one cache method transformers' attention calls:
-    ``update(key_states, value_states, layer_idx) -> (all keys, all values)``.
-    """
-
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx in self.keys:
-            key_states = torch.cat([self.keys[layer_idx], key_states], dim=-2)
-            value_states = torch.cat([self.values[layer_idx], value_states], dim=-2)
-        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        return key_states, value_states
-
-    def length(self, layer_idx: int) -> int:
-        return int(self.keys[layer_idx].shape[-2]) if layer_idx in self.keys else 0
-
-
-def calibration_images() -> list[Image.Image]:
-    """Deterministic synthetic images (colored rectangles on a gradient) for importance scores."""
-    rng = np.random.default_rng(1234)
-    images = []
-    for w, h in CALIBRATION_SIZES:
-        arr = np.zeros((h, w, 3), dtype=np.uint8)
-        arr[...] = (np.linspace(0, 255, w, dtype=np.uint8)[None, :, None] // 2)
-        for _ in range(6):
-            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
-            arr[y0:y1, x0:x1] = rng.integers(0, 256, size=3, dtype=np.uint8)
-        images.append(Image.fromarray(arr, "RGB"))
-    return images
-
-
-def calibration_samples() -> list[Sample]:
-    """The calibration set of importance scores: ``calibration_images`` with ``CALIBRATION_PROMPTS``."""
-    return [Sample(sample_id="calibration", image=image, prompt=prompt)
-            for image, prompt in zip(calibration_images(), CALIBRATION_PROMPTS)]
-
-
 def _resolve_config(*, preset: Optional[str], path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
     """The config and the weights folder (None: random weights) for a preset or a path."""
+    config, folder, _ = _resolve_source(preset=preset, path=path)
+    return config, folder
+
+
+def _resolve_source(*, preset: Optional[str],
+                    path: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path], Optional[MolmoCheckpoint]]:
+    """The config, the weights folder (None: random weights) and, for a MolmoE folder, the checked
+    checkpoint, for a preset or a path."""
     if path is not None:
-        return read_flexmoe_config(path), Path(path)
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset '{name}' for family 'flexmoe'. Available: {', '.join(sorted(PRESETS))}")
-    if name == "tiny" and (ASSETS_TINY / WEIGHTS_FILE).is_file():
-        return read_flexmoe_config(ASSETS_TINY), ASSETS_TINY
-    return PRESETS[name], None
-
-
-def _check_options(options: dict[str, Any]) -> None:
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown options for family 'flexmoe': {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
-    experts = options.get("experts_implementation")
-    if experts is not None and experts not in EXPERTS_IMPLEMENTATIONS:
-        raise ValueError(f"experts_implementation '{experts}' is not one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
-    attn = options.get("attn_implementation")
-    if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation '{attn}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    for name, allowed in (("decode_moe", DECODE_MOE), ("prefill_moe", PREFILL_MOE), ("kernels", KERNELS)):
-        if options.get(name) is not None and options[name] not in allowed:
-            raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
-    if options.get("cuda_graphs") is not None and not isinstance(options["cuda_graphs"], bool):
-        raise ValueError(f"cuda_graphs must be true or false, got {options['cuda_graphs']!r}")
+        if checkpoint_kind(path) == "molmo":
+            checkpoint = open_molmo_checkpoint(path)
+            return checkpoint.config, Path(path), checkpoint
+        return read_flexmoe_config(path), Path(path), None
+    config, weights_dir = preset_config(preset)
+    return config, weights_dir, None
 
 
 def _file_sha256(path: Path) -> str:
@@ -154,12 +94,7 @@ class FlexMoeAdapter(ModelAdapter):
 
     @classmethod
     def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
-        _check_options(options)
-        config, _ = _resolve_config(preset=preset, path=path)
-        return ModelInfo(family="flexmoe", preset=config.name if path is None else str(path),
-                         num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
-                         max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
-                         hidden_size=config.hidden_size, vocab_size=config.vocab_size)
+        return describe(preset=preset, path=path, options=options)
 
     def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
                  seed: int, options: dict[str, Any], backend: str = "hf") -> None:
@@ -170,10 +105,12 @@ class FlexMoeAdapter(ModelAdapter):
             raise ValueError(f"options {sorted(set(options) & set(FAST_OPTIONS))} need backend 'fast'")
         self.device, self.dtype = device_and_dtype(device=device, dtype=dtype)
         self.seed = int(seed)
-        self.config, self.weights_dir = _resolve_config(preset=preset, path=path)
+        self.config, self.weights_dir, self.checkpoint = _resolve_source(preset=preset, path=path)
         attn = options.get("attn_implementation", "sdpa")
         experts = options.get("experts_implementation") or "grouped_mm"
         self.model, self.tokenizer = self._load(attn=attn, experts=experts)
+        self.prompt_tokens: Optional[PromptTokens] = (PromptTokens.from_tokenizer(self.tokenizer)
+                                                      if self.config.preprocess == "molmo" else None)
         if "experts_implementation" not in options and not self._experts_run():
             self.model.decoder.set_experts_implementation("eager")
         self.attn_implementation = attn
@@ -195,7 +132,7 @@ class FlexMoeAdapter(ModelAdapter):
         decoder (with its static KV cache and captured graphs) is built once per option set and kept.
         """
         options = dict(options or {})
-        _check_options(options)
+        check_options(options)
         allowed = {"hf": {"experts_implementation"}, "fast": set(FAST_OPTIONS)}
         if backend not in allowed:
             raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
@@ -231,6 +168,9 @@ class FlexMoeAdapter(ModelAdapter):
                            prefill_moe=prefill_moe, cuda_graphs=options.get("cuda_graphs", True), kernels=kernels)
 
     def _load(self, *, attn: str, experts: str) -> tuple[FlexMoeModel, Any]:
+        if self.checkpoint is not None:
+            return load_molmo_checkpoint(self.checkpoint, device=self.device, dtype=self.dtype,
+                                         attn_implementation=attn, experts_implementation=experts)
         if self.weights_dir is not None:
             return load_flexmoe(self.weights_dir, device=self.device, dtype=self.dtype,
                                 attn_implementation=attn, experts_implementation=experts)
@@ -251,8 +191,12 @@ class FlexMoeAdapter(ModelAdapter):
     # -- identity ----------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """What determines the weights: config, dtype and the seed or the weights file's hash."""
-        weights = (f"sha256:{_file_sha256(self.weights_dir / WEIGHTS_FILE)}" if self.weights_dir is not None
-                   else weights_source(seed=self.seed, folder=None))
+        if self.checkpoint is not None:
+            weights = weights_digest(self.checkpoint)
+        elif self.weights_dir is not None:
+            weights = f"sha256:{_file_sha256(self.weights_dir / WEIGHTS_FILE)}"
+        else:
+            weights = weights_source(seed=self.seed, folder=None)
         return model_identity(family="flexmoe", config=self.config, dtype=self.dtype, weights=weights,
                               calibration=CALIBRATION_VERSION)
 
@@ -260,15 +204,24 @@ class FlexMoeAdapter(ModelAdapter):
     def prepare(self, *, sample: Any, knobs: Knobs) -> Prepared:
         max_crops = max_crops_for(knobs=knobs, default=self.config.max_crops, limit=self.config.max_crops)
         check_has_image(sample=sample)
-        layout = layout_image(image=sample.image, config=self.config, max_crops=max_crops)
-        ids, positions = build_sequence(layout=layout, prompt=sample.prompt, tokenizer=self.tokenizer)
         dev = self.device
+        if self.prompt_tokens is not None:
+            layout = molmo_layout(image=sample.image, config=self.config, max_crops=max_crops,
+                                  tokens=self.prompt_tokens)
+            ids, positions = molmo_sequence(layout=layout, prompt=sample.prompt, tokenizer=self.tokenizer,
+                                            tokens=self.prompt_tokens)
+        else:
+            layout = layout_image(image=sample.image, config=self.config, max_crops=max_crops)
+            ids, positions = build_sequence(layout=layout, prompt=sample.prompt, tokenizer=self.tokenizer)
         inputs = {
             "pixel_values": torch.from_numpy(layout.pixels).to(device=dev, dtype=self.dtype),
             "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
             "image_positions": torch.from_numpy(positions).to(device=dev, dtype=torch.long),
             "feature_index": torch.from_numpy(layout.feature_index).to(device=dev),
         }
+        if self.prompt_tokens is not None:
+            inputs["image_masks"] = torch.from_numpy(layout.image_masks).to(device=dev)
+            inputs["crop_valid"] = torch.from_numpy(layout.crop_valid).to(device=dev)
         return Prepared(inputs=inputs, num_crops=layout.num_crops, num_vision_tokens=len(positions),
                         num_language_tokens=len(ids) - len(positions), num_total_tokens=len(ids),
                         extras={"tiling": layout.tiling, "max_crops": max_crops})
@@ -288,14 +241,18 @@ class FlexMoeAdapter(ModelAdapter):
     @torch.inference_mode()
     def projector(self, prepared: Prepared, features: torch.Tensor) -> torch.Tensor:
         """(num_crops * tokens_per_crop, hidden): 2x2 attention pooling, then the MLP projector."""
-        return self.model.pool_and_project(features)
+        inputs = prepared.inputs
+        return self.model.pool_and_project(features, image_masks=inputs.get("image_masks"),
+                                           crop_valid=inputs.get("crop_valid"))
 
     def _embed_prompt(self, prepared: Prepared, embeds: torch.Tensor) -> torch.Tensor:
-        """(1, T, H): token embeddings with the image features spliced into the [IMG] positions."""
+        """(1, T, H): token embeddings with the image features spliced into the [IMG] positions
+        (``image_embed_mode`` 'add', MolmoE: added to the embeddings of those positions)."""
         inputs = prepared.inputs
         hidden = self.model.decoder.model.embed_tokens(inputs["input_ids"])
-        splice_image_embeds(hidden=hidden, row=0, embeds=embeds, positions=inputs["image_positions"],
-                            feature_index=inputs["feature_index"])
+        place = add_image_embeds if self.config.image_embed_mode == "add" else splice_image_embeds
+        place(hidden=hidden, row=0, embeds=embeds, positions=inputs["image_positions"],
+              feature_index=inputs["feature_index"])
         return hidden
 
     @torch.inference_mode()
@@ -351,6 +308,8 @@ class FlexMoeAdapter(ModelAdapter):
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
+        if self.prompt_tokens is not None and not self.prompt_tokens.word_level:
+            return self.prompt_tokens.decode(self.tokenizer, token_ids)
         words = []
         for tid in token_ids:
             tok = self.tokenizer.id_to_token(int(tid))
@@ -360,7 +319,7 @@ class FlexMoeAdapter(ModelAdapter):
 
     @property
     def eos_token_id(self) -> Optional[int]:
-        return EOS_ID
+        return self.prompt_tokens.eos if self.prompt_tokens is not None else EOS_ID
 
     # -- knobs -------------------------------------------------------------------------
     def apply_knobs(self, knobs: Knobs) -> None:
@@ -413,6 +372,15 @@ class FlexMoeAdapter(ModelAdapter):
         if self.fast is not None:
             return {"attention": block.attention, "ffn": block.ffn}
         return {"attention": block.self_attn, "ffn": block.mlp}
+
+    @classmethod
+    def count_params(cls, *, preset: Optional[str], path: Optional[str],
+                     options: dict[str, Any]) -> dict[str, int]:
+        """Counted on a 'meta' device build from the config: no weights, no memory."""
+        config, _ = _resolve_config(preset=preset, path=path)
+        with torch.device("meta"):
+            model = FlexMoeModel(config)
+        return flexmoe_param_counts(model=model, top_k=config.top_k, active_blocks=range(config.num_blocks))
 
     def param_counts(self) -> dict[str, int]:
         return flexmoe_param_counts(model=self.model, top_k=self.knobs.top_k or self.config.top_k,

@@ -32,7 +32,7 @@ work is issued:
   ``(active blocks, top_k per block, prompt length padded to PREFILL_BUCKET)`` unless forward hooks
   time its blocks, and the ViT per crop count. On the CPU the same bodies run eagerly.
 * **Triton kernels** (``kernels: triton``, ``decode_moe: fused``, ``prefill_moe: fused``;
-  ``flexvlm_ray.models.fused_ops``):
+  ``flexvlm_ray.models.flexmoe.fast.ops``):
   fused RMSNorm (with the residual add), q/k norm + RoPE written into the cache (with v), the router's
   softmax + top-k, the pair sort, SiLU-mul, the prefill MoE's weighted combine (with the residual), and
   the decode MoE as two GEMVs over the chosen experts; q, k and v weights are concatenated once so their
@@ -52,11 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexvlm_ray.models import fused_ops
+from flexvlm_ray.models.flexmoe.config import DECODE_MOE, KERNELS, PREFILL_MOE  # noqa: F401  (re-exported)
+from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
 
-DECODE_MOE = ("fused", "gather", "grouped")
-PREFILL_MOE = ("grouped", "loop", "fused")
-KERNELS = ("triton", "torch")
 KV_BUCKET = 512
 PREFILL_BUCKET = 128
 GRAPH_WARMUP = 2
