@@ -15,7 +15,8 @@ BASE = {"registry"}  # usable by every part
 ALLOWED: dict[str, set[str] | str] = {
     "__main__": "*", "cli": "*", "commands": "*",
     "analysis": {"store", "knobs", "estimator", "searchers", "models", "spec"},
-    "run": {"measure", "spec", "models", "knobs", "data", "metrics", "store", "searchers", "flexvlm_ray"},
+    "run": {"control", "measure", "spec", "models", "knobs", "data", "metrics", "store", "searchers", "flexvlm_ray"},
+    "control": {"measure", "estimator", "models", "knobs", "data", "metrics", "store"},
     "tiny": {"measure", "models", "knobs", "data", "metrics"},
     "measure": {"spec", "models", "knobs", "data", "metrics", "store"},
     "spec": {"models", "knobs", "data", "metrics", "store", "searchers"},

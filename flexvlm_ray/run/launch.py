@@ -67,13 +67,15 @@ def writing(run_dir: Path):
 
 
 def spec_hash(spec: SweepSpec) -> str:
-    """Hash of the spec; a grid spec leaves out the search keys, and no spec has its timeouts in
-    it, so runs from before they existed keep their hash."""
+    """Hash of the spec; a grid spec leaves out the search keys, a spec without control its control
+    key, and no spec has its timeouts in it, so runs from before they existed keep their hash."""
     data = spec.model_dump(mode="json")
     data.pop("timeouts", None)  # limits change nothing that is measured
     if spec.search == "grid":
         data.pop("search", None)
         data.pop("tune", None)
+    if spec.control is None:
+        data.pop("control", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -221,9 +223,15 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
 
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
-    driver = SweepDriver(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                         prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
-                         unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
+    common = dict(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
+                  prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
+                  unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
+    if spec.control is not None:   # a closed-loop run (E4): train / reference units, then the policies
+        from flexvlm_ray.run.closed_loop import ClosedLoopDriver
+
+        driver = ClosedLoopDriver(spec=spec, **common)
+    else:
+        driver = SweepDriver(**common)
     with interruption_recorded(store):
         summary = driver.run(units=units, gpu_types=spec.gpu_types)
     env = driver_env(ray_version=ray.__version__)

@@ -86,6 +86,8 @@ class _Slot:
 
 
 class SweepDriver:
+    worker_cls: type = ModelWorker   # the actor class (run.closed_loop uses a subclass)
+
     def __init__(self, *, store: RunStore, run_id: str, model: dict[str, Any], seed: int,
                  prefetch: int = 1, progress: bool = True, metrics: Any = None,
                  unit_timeout_s: Optional[float] = None, worker_start_timeout_s: Optional[float] = None) -> None:
@@ -160,7 +162,7 @@ class SweepDriver:
 
         self.slots = slots
         self.cpu_threads = max(1, (os.cpu_count() or 1) // len(slots))
-        self.remote_cls = ray.remote(ModelWorker)
+        self.remote_cls = ray.remote(self.worker_cls)
         for slot in slots:
             self._start(slot)
         try:

@@ -113,8 +113,8 @@ class ModelWorker:
         try:
             samples, metric = self._selection(unit)
             indices = shard_indices(total=len(samples), shard=unit.shard, num_shards=unit.num_shards)
-            rows = run_unit(adapter=self.adapter, unit=unit, samples=[(i, samples[i]) for i in indices],
-                            metric=metric, context={**self.context, "run_id": run_id})
+            rows = self.unit_rows(unit=unit, samples=[(i, samples[i]) for i in indices], metric=metric,
+                                  context={**self.context, "run_id": run_id})
             for row in rows:
                 row["dtype"] = self.dtype
             return {"unit_id": unit.unit_id, "ok": True, "table": rows_to_table(rows),
@@ -123,6 +123,10 @@ class ModelWorker:
             self._recover(exc)
             return {"unit_id": unit.unit_id, "ok": False, "busy_s": time.perf_counter() - started,
                     "worker": self.name, "failure": failure_record(exc, worker=self.name)}
+
+    def unit_rows(self, *, unit: WorkUnit, samples: list, metric: Any, context: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of one unit (subclasses measure other kinds of units: run.closed_loop)."""
+        return run_unit(adapter=self.adapter, unit=unit, samples=samples, metric=metric, context=context)
 
     def _recover(self, exc: BaseException) -> None:
         import torch

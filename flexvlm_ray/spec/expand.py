@@ -35,6 +35,7 @@ class WorkUnit:
     gpu_type: Optional[str]
     measure: dict[str, Any]        # MeasureSpec as a plain dict
     seed: int
+    control: Optional[dict[str, Any]] = None   # closed-loop runs (spec.control): role, policy, budget fraction
 
     @property
     def config_key(self) -> tuple:
@@ -71,6 +72,10 @@ def knob_grid(spec: SweepSpec) -> list[Knobs]:
 
 
 def expand(spec: SweepSpec) -> list[WorkUnit]:
+    if spec.control is not None:
+        from flexvlm_ray.spec.closed_loop import expand_closed_loop
+
+        return expand_closed_loop(spec)
     model = spec.model.model_dump()
     measure = spec.measure.model_dump()
     gpu_types: list[Optional[str]] = list(spec.gpu_types) if spec.gpu_types else [None]

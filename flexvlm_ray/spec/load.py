@@ -263,6 +263,36 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
     if info is not None:
         problems += _check_knob_ranges(spec, info)
     problems += _check_search(spec)
+    problems += _check_control(spec)
+    return problems
+
+
+def _check_control(spec: SweepSpec) -> list[tuple[str, str]]:
+    """A closed-loop run: registered policies, one entry per label, a training split every dataset has."""
+    if spec.control is None:
+        return []
+    from flexvlm_ray.data import DATASETS
+
+    problems: list[tuple[str, str]] = []
+    if spec.search != "grid":
+        problems.append(("search", "a control run takes its configurations from the knob grid; use search: grid"))
+    if spec.gpu_types and len(spec.gpu_types) > 1:
+        problems.append(("gpu_types", f"a control run fits one controller on one GPU type; got {spec.gpu_types}"))
+    labels = []
+    for i, policy in enumerate(spec.control.policies):
+        if policy.name == "full" and policy.guardrail:
+            problems.append((f"control.policies.{i}.guardrail", "the full policy runs no reduced knobs; no guardrail"))
+        labels.append(f"{policy.name}+guard" if policy.guardrail else policy.name)
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        problems.append(("control.policies", f"listed twice: {', '.join(repeated)}"))
+    for i, ds in enumerate(spec.datasets):
+        if ds.name in DATASETS and spec.control.train_split not in DATASETS.get(ds.name).splits:
+            problems.append(("control.train_split", f"{spec.control.train_split!r} is not a split of {ds.name}; "
+                             f"allowed: {', '.join(DATASETS.get(ds.name).splits)}"))
+        elif ds.name in DATASETS and spec.control.train_split == ds.split:
+            problems.append((f"datasets.{i}.split", f"{ds.split!r} is also control.train_split; the policies must be "
+                             f"evaluated on held-out requests (another split)"))
     return problems
 
 

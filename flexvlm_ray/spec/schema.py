@@ -155,6 +155,49 @@ class TuneSpec(_Strict):
         default="tpe", description="optuna sampler behind Ray Tune's OptunaSearch (multi-objective)")
 
 
+# the policies of flexvlm_ray.control.POLICIES (spec sits below control in the import order, so the names
+# are listed here; tests/test_e4.py checks that the two agree)
+POLICY_NAMES = ("flops_proxy", "full", "learned", "lut", "random", "static")
+
+
+class PolicySpec(_Strict):
+    name: Literal[POLICY_NAMES] = Field(description="policy name (flexvlm_ray.control.POLICIES)")
+    guardrail: bool = Field(default=False, description="drop configs whose estimated T_total > budget x margin")
+
+
+def _policy_entry(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class ControlSpec(_Strict):
+    """A closed-loop (E4) run: a profiling grid over training requests, the full model on the
+    held-out requests, then every policy x budget on the held-out requests."""
+
+    policies: list[Annotated[PolicySpec, BeforeValidator(_policy_entry)]] = Field(
+        min_length=1, description="policies to evaluate: names or {name, guardrail}")
+    budgets: list[float] = Field(default_factory=lambda: [0.35, 0.5, 0.7, 0.85, 1.0],
+                                 description="budgets as fractions of the full model's P50 T_total per workload")
+    margin: float = Field(default=0.9, gt=0, le=2, description="guardrail: admit configs estimated <= budget x margin")
+    train_split: str = Field(default="train", description="split of every dataset the policies are trained on")
+    train_samples: int = Field(default=64, ge=2, description="training requests per dataset")
+    quantile: float = Field(default=0.95, gt=0, le=1, description="latency quantile static and lut fit to the budget")
+    lut_min_cell: int = Field(default=5, ge=1, description="training requests a lut cell needs (else it falls back)")
+    hidden: int = Field(default=64, ge=4, le=512, description="learned policy: hidden width of its MLP")
+    epochs: int = Field(default=300, ge=1, description="learned policy: full-batch training epochs")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, budgets: list[float]) -> list[float]:
+        if not budgets:
+            raise ValueError("give at least one budget fraction")
+        bad = [b for b in budgets if not 0 < b <= 2]
+        if bad:
+            raise ValueError(f"budget fractions must be in (0, 2], got {bad}")
+        if len(set(budgets)) != len(budgets):
+            raise ValueError(f"repeated budget fractions {budgets}")
+        return budgets
+
+
 class TimeoutSpec(_Strict):
     """Limits that keep a run from hanging. Not part of the spec hash or unit ids (they change
     nothing that is measured), so they may be raised in RUN_DIR/spec.yaml before a --resume."""
@@ -183,3 +226,5 @@ class SweepSpec(_Strict):
                                     "over the knob grid (latency P50 min, mean score max) per dataset")
     tune: Optional[TuneSpec] = Field(default=None, description="settings of search: tune")
     timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec, description="per-unit and worker-start limits")
+    control: Optional[ControlSpec] = Field(
+        default=None, description="a closed-loop run (E4): policies pick knobs per request under budgets")
