@@ -1,6 +1,7 @@
 """The closed loop of one E4 work unit, run inside a worker: per request, ask the policy for knobs
 under the unit's budget (timed: ``decision_us``, features and estimates included), then run the
-sample with those knobs through the engine's own steady pass, so latency and quality are measured.
+sample with those knobs through the engine's own per-sample body (warm-up before the first pass of
+a shape or knob setting the unit has not run yet, then the timed passes), so latency and quality are measured.
 
 Rows are the engine's rows with the knobs the policy chose, plus ``role`` ('control'), ``policy``,
 ``guardrail``, ``budget_fraction``, ``budget_ms``, ``reference_p50_ms``, ``decision_us`` and
@@ -16,7 +17,8 @@ from flexvlm_ray.control.estimate import Guardrail
 from flexvlm_ray.control.features import Request
 from flexvlm_ray.control.policies import Controller, policy_label
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.measure.engine import _identity, _quality, measure_pass, steady_pass
+from flexvlm_ray.measure.engine import ShapeWarmup, _identity, _quality, ci_rel_half_width, timed_passes
+from flexvlm_ray.measure.noise import noise_control
 from flexvlm_ray.metrics.base import Metric
 from flexvlm_ray.models.base import ModelAdapter
 
@@ -34,25 +36,16 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
              "guardrail": guardrail is not None, "budget_fraction": float(control["budget_fraction"]),
              "budget_ms": float(budget_ms), "reference_p50_ms": float(reference_p50_ms)}
     measure = unit.measure
-    valid = [s for _, s in samples if s.error is None]
-    if valid and measure["warmup"]:
-        first = controller.decide(Request.of_sample(valid[0], dataset=unit.dataset), budget_ms, policy=policy,
-                                  guardrail=guardrail)
-        warm = dataclasses.replace(unit, knobs=first.knobs)
-        adapter.apply_knobs(first.knobs)
-        try:
-            for _ in range(measure["warmup"]):
-                measure_pass(adapter=adapter, sample=valid[0], unit=warm)
-        finally:
-            adapter.restore_knobs()
+    seen: set[tuple] = set()   # shapes and knob settings this unit has warmed up (ShapeWarmup's key)
     rows = []
-    for index, sample in samples:
-        for run_index in range(measure["runs_per_sample"]):
+    with noise_control(measure) as noise:
+        for index, sample in samples:
             if sample.error is not None:
-                base = _identity(unit=unit, sample=sample, index=index, run_index=run_index, adapter=adapter,
-                                 context=context)
-                rows.append({**base, **extra, "status": "error", "error_type": "SampleError",
-                             "error_message": sample.error})
+                for run_index in range(measure["runs_per_sample"]):
+                    base = _identity(unit=unit, sample=sample, index=index, run_index=run_index, adapter=adapter,
+                                     context=context)
+                    rows.append({**base, **noise, **extra, "status": "error", "error_type": "SampleError",
+                                 "error_message": sample.error})
                 continue
             started = time.perf_counter_ns()
             decision = controller.decide(Request.of_sample(sample, dataset=unit.dataset), budget_ms, policy=policy,
@@ -60,12 +53,18 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
             decision_us = (time.perf_counter_ns() - started) / 1e3
             chosen = dataclasses.replace(unit, knobs=decision.knobs)
             adapter.apply_knobs(decision.knobs)
-            try:
-                result = steady_pass(adapter=adapter, sample=sample, unit=chosen)
+            try:   # the same per-sample body as run_unit: warm-up for a new shape or knob setting, then timed passes
+                prepared = adapter.prepare(sample=sample, knobs=chosen.knobs)
+                warmed = ShapeWarmup(adapter=adapter, unit=chosen, seen=seen).ensure(sample=sample, prepared=prepared)
+                results = timed_passes(adapter=adapter, sample=sample, unit=chosen, prepared=prepared)
             finally:
                 adapter.restore_knobs()
-            base = _identity(unit=chosen, sample=sample, index=index, run_index=run_index, adapter=adapter,
-                             context=context)
-            rows.append({**base, **result, **_quality(result, sample=sample, metric=metric, measure=measure),
-                         **extra, "decision_us": decision_us, "violated": bool(result["T_total"] > budget_ms)})
+            summary = {"sample_passes": len(results),
+                       "sample_ci_rel": ci_rel_half_width([r["T_total"] for r in results if r["status"] == "ok"])}
+            for run_index, result in enumerate(results):
+                base = _identity(unit=chosen, sample=sample, index=index, run_index=run_index, adapter=adapter,
+                                 context=context)
+                rows.append({**base, **noise, **result, **summary, "warmup_passes": warmed if run_index == 0 else 0,
+                             **_quality(result, sample=sample, metric=metric, measure=measure),
+                             **extra, "decision_us": decision_us, "violated": bool(result["T_total"] > budget_ms)})
     return rows

@@ -90,9 +90,9 @@ def shape_key(*, unit: WorkUnit, prepared: Prepared) -> tuple:
 class ShapeWarmup:
     """Untimed passes before the first timed pass of every shape and knob setting not yet run."""
 
-    def __init__(self, *, adapter: ModelAdapter, unit: WorkUnit) -> None:
+    def __init__(self, *, adapter: ModelAdapter, unit: WorkUnit, seen: Optional[set[tuple]] = None) -> None:
         self.adapter, self.unit = adapter, unit
-        self.seen: set[tuple] = set()
+        self.seen: set[tuple] = set() if seen is None else seen   # shared across units of other knobs
 
     def ensure(self, *, sample: Sample, prepared: Prepared) -> int:
         """Run the warm-up passes if this shape is new; how many ran (timed-path passes)."""
