@@ -13,8 +13,8 @@
 #
 # Copy the same OUT_DIR to every node (SHA256SUMS lets you compare), so driver and workers run the same
 # package versions. `build` runs pip with --isolated, so a local pip configuration (a CPU-wheel mirror, a
-# constraints file) cannot swap the CUDA torch for a CPU one; INDEX_URL replaces PyPI (a company mirror),
-# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cu128) adds a torch index.
+# constraints file) cannot swap the CUDA torch for a CPU one; INDEX_URL replaces pip's default index (a
+# company mirror), TORCH_INDEX_URL adds a torch index (e.g. PyTorch's own CUDA wheel index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd="${1:-}"
@@ -27,7 +27,8 @@ build)
     platform="${PLATFORM:-manylinux_2_28_x86_64}"
     # the CPU pins without Triton: a CUDA torch requires its own Triton version, which pip resolves
     grep -v -E '^\s*(#|$)|^triton==' requirements-cpu.txt > "$out/requirements.txt"
-    extra=(--index-url "${INDEX_URL:-https://pypi.org/simple}")
+    extra=()
+    if [ -n "${INDEX_URL:-}" ]; then extra+=(--index-url "$INDEX_URL"); fi
     if [ -n "${TORCH_INDEX_URL:-}" ]; then extra+=(--extra-index-url "$TORCH_INDEX_URL"); fi
     python3 -m pip --isolated wheel --no-deps -w "$out" .
     platforms=()
