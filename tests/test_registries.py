@@ -120,3 +120,13 @@ def test_model_families_are_lazy_names_and_load_their_adapter():
 
     assert {"simulated", "flexmoe", "qwen3_vl_moe", "molmo2", "molmo_remote"} <= set(MODELS.names())
     assert issubclass(MODELS.get("simulated"), ModelAdapter)
+
+
+def test_every_search_a_spec_can_name_is_a_registered_strategy():
+    from typing import get_args
+
+    from flexvlm_ray.run.strategies import STRATEGIES
+    from flexvlm_ray.spec.schema import SweepSpec
+
+    assert set(get_args(SweepSpec.model_fields["search"].annotation)) | {"closed_loop"} <= set(STRATEGIES.names())
+    assert [STRATEGIES.get(n).resumable for n in ("grid", "tune", "closed_loop")] == [True, False, True]

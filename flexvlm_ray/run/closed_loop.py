@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from flexvlm_ray.run.scheduler import RunSummary, SweepDriver, _progress, _say
+from flexvlm_ray.run.progress import progress_bar, say
+from flexvlm_ray.run.scheduler import RunSummary, SweepDriver
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import WorkUnit
 from flexvlm_ray.spec.schema import SweepSpec
@@ -80,13 +81,13 @@ class ClosedLoopDriver(SweepDriver):
         pending = [u for u in units if u.unit_id not in done_ids]
         self.summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
         if self.summary.skipped:
-            _say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
+            say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
         if not pending:
             return self.summary
         self._start_workers(self._make_slots(pending, gpu_types))
         self.queues = {s.gpu_type: deque() for s in self.slots}
         self.by_ref = {}
-        self.bar = _progress(total=len(pending), enabled=self.progress)
+        self.bar = progress_bar(total=len(pending), enabled=self.progress)
         started = time.perf_counter()
         first = [u for u in pending if (u.control or {}).get("role") != "control"]
         later = [u for u in pending if (u.control or {}).get("role") == "control"]
@@ -127,13 +128,13 @@ class ClosedLoopDriver(SweepDriver):
 
         folder = self.store.root / CONTROL_DIR
         if (folder / "controller.json").is_file() and (folder / "reference.json").is_file():
-            _say(f"using the controller saved in {folder}")
+            say(f"using the controller saved in {folder}")
             return Controller.load(folder).to_payload(), json.loads((folder / "reference.json").read_text())["p50_ms"]
         reference = self._reference_p50([u for u in units if (u.control or {}).get("role") == "reference"])
         controller, env = self._fit([u for u in units if (u.control or {}).get("role") == "train"])
         controller.save(folder)
         atomic_write_json(folder / "reference.json", {"p50_ms": reference, "measured_on": "reference units (full configuration, held-out requests)"})
-        _say(f"controller fitted on {len(env)} training requests x {len(env.space)} configs; saved in {folder}")
+        say(f"controller fitted on {len(env)} training requests x {len(env.space)} configs; saved in {folder}")
         return controller.to_payload(), reference
 
     def _frame(self, unit_ids: list[str]):

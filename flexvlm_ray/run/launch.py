@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from flexvlm_ray.run.strategies import strategy_of
 from flexvlm_ray.spec.expand import WorkUnit, expand
 from flexvlm_ray.spec.load import SpecError, load_spec, load_spec_text
 from flexvlm_ray.spec.schema import SweepSpec
@@ -132,18 +133,14 @@ def launch(*, spec_path: str, overrides: Sequence[str] = (), num_gpus: Optional[
                               f"`flexvlm-ray launch --resume {run_dir}` or pick another --run-id")
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     with writing(run_dir):
-        if spec.search == "tune":
-            from flexvlm_ray.run.tune_search import launch_tune
-
-            with _interruptible(run_dir, resumable=False):
-                return launch_tune(spec=spec, spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
-                                   spec_hash=spec_hash(spec), output=output, run_id=run_id, num_gpus=num_gpus,
-                                   address=address, dashboard=dashboard, progress=progress, prefetch=prefetch)
-        units = expand(spec)
+        strategy = strategy_of(spec)
+        units = strategy.units(spec)
         store = RunStore(run_dir)
         store.create(spec_text=frozen_spec_text(spec, source=spec_path, overrides=overrides),
                      spec_hash=spec_hash(spec), units=units, run_id=run_id)
-        with _interruptible(store.root, resumable=True):
+        if strategy.manifest_fields(spec):
+            store.update_manifest(**strategy.manifest_fields(spec))
+        with _interruptible(store.root, resumable=strategy.resumable):
             return store.root, _execute(spec=spec, units=units, store=store, run_id=run_id, num_gpus=num_gpus,
                                         address=address, dashboard=dashboard, progress=progress,
                                         prefetch=prefetch)
@@ -199,9 +196,9 @@ def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
     # a run launched with --max-units above the default cap resumes without the flag
     spec = load_spec_text(store.spec_text(), source=str(store.root / "spec.yaml"),
                           max_units=max(MAX_UNITS, len(manifest["unit_ids"])))
-    if spec.search == "tune":
-        raise SpecError([f"{store.root}: a search: tune run cannot be resumed (the searcher's state is not "
-                         f"stored); launch the spec again under a new --run-id"])
+    if not strategy_of(spec).resumable:
+        raise SpecError([f"{store.root}: a search: {spec.search} run cannot be resumed (the searcher's state is "
+                         f"not stored); launch the spec again under a new --run-id"])
     if spec_hash(spec) != manifest["spec_hash"]:
         raise SpecError([f"{store.root}/spec.yaml changed since the run started "
                          f"(hash {spec_hash(spec)} != {manifest['spec_hash']}); start a new run"])
@@ -219,21 +216,15 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
 
     from flexvlm_ray.run.cluster import connect
     from flexvlm_ray.run.metrics import LiveMetrics
-    from flexvlm_ray.run.scheduler import SweepDriver
 
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
-    common = dict(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                  prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
-                  unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
-    if spec.control is not None:   # a closed-loop run (E4): train / reference units, then the policies
-        from flexvlm_ray.run.closed_loop import ClosedLoopDriver
-
-        driver = ClosedLoopDriver(spec=spec, **common)
-    else:
-        driver = SweepDriver(**common)
+    strategy = strategy_of(spec)
+    driver = strategy.driver(spec=spec, store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
+                             prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
+                             unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     with interruption_recorded(store):
-        summary = driver.run(units=units, gpu_types=spec.gpu_types)
+        summary = strategy.run(driver=driver, spec=spec, units=units)
     env = driver_env(ray_version=ray.__version__)
     previous = json.loads((store.root / "env.json").read_text()) if (store.root / "env.json").exists() else {}
     env["workers"] = summary.workers or previous.get("workers", [])
@@ -247,6 +238,7 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
         status = run_status(store.root)
         store.update_manifest(status="complete" if status["pending"] == 0 and status["failed"] == 0
                               else "incomplete")
+    strategy.finished(driver=driver, store=store)
     return summary
 
 

@@ -19,13 +19,13 @@ a message naming both counts when none is free.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from flexvlm_ray.run.cluster import describe_slots, gpu_slots
+from flexvlm_ray.run.progress import progress_bar, say
 from flexvlm_ray.run.worker import ModelWorker, failure_record
 from flexvlm_ray.spec.expand import WorkUnit
 from flexvlm_ray.store.writer import RunStore
@@ -102,18 +102,18 @@ class SweepDriver:
         pending = [u for u in units if u.unit_id not in done_ids]
         self.summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
         if self.summary.skipped:
-            _say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
+            say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
         if not pending:
             return self.summary
         self._start_workers(self._make_slots(pending, gpu_types))
-        _say(f"{len(self.slots)} workers ready ({describe_slots([s.gpu_type for s in self.slots])}); "
+        say(f"{len(self.slots)} workers ready ({describe_slots([s.gpu_type for s in self.slots])}); "
              f"model load {max(w['load_s'] for w in self.summary.workers):.1f} s")
 
         self.queues: dict[Optional[str], deque] = {s.gpu_type: deque() for s in self.slots}
         for unit in pending:
             self.queues[unit.gpu_type].append(unit)
         self.by_ref: dict[Any, _Slot] = {}
-        self.bar = _progress(total=len(pending), enabled=self.progress)
+        self.bar = progress_bar(total=len(pending), enabled=self.progress)
         started = time.perf_counter()
         try:
             for slot in self.slots:
@@ -152,7 +152,7 @@ class SweepDriver:
                                f"by other jobs or actors (Ray's available resources: 0 GPU); wait for them or free "
                                f"them, then resume", retryable=True)
         if free < len(slots):
-            _say(f"{free} of the cluster's {len(slots)} GPUs are free (others are held); starting {free} workers")
+            say(f"{free} of the cluster's {len(slots)} GPUs are free (others are held); starting {free} workers")
             slots = _spread(slots, free)
         return [_Slot(i, s.gpu_type) for i, s in enumerate(slots)]
 
@@ -254,7 +254,7 @@ class SweepDriver:
             self.bar.update(1)
             if self.metrics is not None:
                 self.metrics.unit_finished(ok=False, worker=slot.name, table=None)
-            _say(f"unit {unit.unit_id}: Timeout: {message}")
+            say(f"unit {unit.unit_id}: Timeout: {message}")
             slot.restarts += 1
             self._start(slot)
             self._fill(slot)
@@ -291,7 +291,7 @@ class SweepDriver:
             failure = result["failure"]
             self.store.write_failure(unit.unit_id, {"unit_id": unit.unit_id, "unit": unit.to_dict(), **failure})
             summary.failed += 1
-            _say(f"unit {unit.unit_id} failed on {result['worker']}: "
+            say(f"unit {unit.unit_id} failed on {result['worker']}: "
                  f"{failure['error_type']}: {failure['message'][:200]}")
         if self.metrics is not None:
             self.metrics.unit_finished(ok=result["ok"], worker=result["worker"], table=table)
@@ -324,7 +324,7 @@ class SweepDriver:
         self.deaths[unit.unit_id] += 1
         if self.deaths[unit.unit_id] < UNIT_ATTEMPTS_ON_WORKER_DEATH:
             queue.appendleft(unit)
-            _say(f"unit {unit.unit_id}: {slot.name} died ({_root_cause(exc)[:200]}); retrying the unit once")
+            say(f"unit {unit.unit_id}: {slot.name} died ({_root_cause(exc)[:200]}); retrying the unit once")
         else:
             self.store.write_failure(unit.unit_id, {"unit_id": unit.unit_id, "unit": unit.to_dict(),
                                                     **failure_record(exc, worker=slot.name),
@@ -334,9 +334,9 @@ class SweepDriver:
             self.bar.update(1)
             if self.metrics is not None:
                 self.metrics.unit_finished(ok=False, worker=slot.name, table=None)
-            _say(f"unit {unit.unit_id}: {slot.name} died again ({_root_cause(exc)[:200]}); recorded as failed")
+            say(f"unit {unit.unit_id}: {slot.name} died again ({_root_cause(exc)[:200]}); recorded as failed")
         if slot.restarts >= MAX_RESTARTS_PER_SLOT:
-            _say(f"{slot.name} died {slot.restarts + 1} times; not restarting it")
+            say(f"{slot.name} died {slot.restarts + 1} times; not restarting it")
             slot.actor = None
             alive = [s for s in self.slots if s.actor is not None and s.gpu_type == slot.gpu_type]
             if not alive and queue:
@@ -345,7 +345,7 @@ class SweepDriver:
             return
         slot.restarts += 1
         self._start(slot)
-        _say(f"{slot.name} restarted ({slot.restarts}/{MAX_RESTARTS_PER_SLOT})")
+        say(f"{slot.name} restarted ({slot.restarts}/{MAX_RESTARTS_PER_SLOT})")
 
 
 def _free_gpus(*, wanted: int, settle_s: float = 10.0) -> int:
@@ -378,10 +378,3 @@ def _root_cause(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _progress(*, total: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, unit="unit", disable=not enabled, dynamic_ncols=True)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from collections import deque
 from types import SimpleNamespace
 from typing import Any, Optional
 
 from flexvlm_ray.knobs.base import INT_KNOBS
 from flexvlm_ray.searchers import KNOBS, config_key, full_config, make_searcher  # noqa: F401  (re-exported)
-from flexvlm_ray.run.scheduler import RunSummary, SweepDriver, _progress, _say
+from flexvlm_ray.run.progress import progress_bar
+from flexvlm_ray.run.scheduler import RunSummary, SweepDriver
 from flexvlm_ray.spec.expand import WorkUnit, expand, knob_grid
 from flexvlm_ray.spec.schema import KnobGrid, SweepSpec, TuneSpec, grid_values
 from flexvlm_ray.store.writer import RunStore, atomic_write_bytes, atomic_write_json
@@ -99,8 +99,6 @@ class TuneDriver(SweepDriver):
     """The grid driver's worker pool, fed by searchers instead of a fixed unit list."""
 
     def run_search(self, *, spec: SweepSpec) -> RunSummary:
-        import ray
-
         tune = spec.tune or TuneSpec()
         space = search_space(spec)
         grid_size = len(knob_grid(spec))
@@ -117,7 +115,7 @@ class TuneDriver(SweepDriver):
         self._start_workers(self._make_slots(stubs, spec.gpu_types))
         self.queues = {s.gpu_type: deque() for s in self.slots}
         self.by_ref = {}
-        self.bar = _progress(total=0, enabled=self.progress)
+        self.bar = progress_bar(total=0, enabled=self.progress)
         started = time.perf_counter()
         try:
             while True:
@@ -209,39 +207,3 @@ class TuneDriver(SweepDriver):
         self.log.append({"order": len(self.log), "trial": trial_id, "dataset": search.dataset,
                          "config": config, "new_config": new, **(result or {"latency": None, "quality": None})})
         atomic_write_json(self.store.root / "tune_trials.json", self.log)
-
-
-def launch_tune(*, spec: SweepSpec, spec_text: str, spec_hash: str, output: str, run_id: str,
-                num_gpus: Optional[int], address: Optional[str], dashboard: bool, progress: bool,
-                prefetch: int):
-    """Create the run folder, connect Ray and run the search; (run_dir, RunSummary)."""
-    from flexvlm_ray.run.cluster import connect
-    from flexvlm_ray.run.launch import driver_env, run_status
-    from flexvlm_ray.run.metrics import LiveMetrics
-
-    import ray
-
-    store = RunStore(Path(output) / spec.name / run_id)
-    store.create(spec_text=spec_text, spec_hash=spec_hash, units=[], run_id=run_id)
-    store.update_manifest(sweep=spec.name, experiment=spec.experiment, search="tune")
-    connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
-    store.update_manifest(status="running")
-    driver = TuneDriver(store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
-                        prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
-                        unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
-    try:
-        summary = driver.run_search(spec=spec)
-    except BaseException:
-        store.update_manifest(status="interrupted")
-        raise
-    env = driver_env(ray_version=ray.__version__)
-    env["workers"] = summary.workers
-    env["sessions"] = [{"started_units": summary.total - summary.skipped, "done": summary.done,
-                        "failed": summary.failed, "wall_s": round(summary.wall_s, 3)}]
-    store.write_env(env)
-    store.compact()
-    status = run_status(store.root)
-    store.update_manifest(status="complete" if status["pending"] == 0 and status["failed"] == 0 else "incomplete")
-    _say(f"tune search: {sum(len(s.measured) for s in driver.searches)} configs measured, "
-         f"{len(driver.log)} trials; log in {store.root / 'tune_trials.json'}")
-    return store.root, summary
