@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections import deque
 from typing import Any, Optional
 
 import numpy as np
 
-from flexvlm_ray.run.progress import progress_bar, say
+from flexvlm_ray.run.progress import say
 from flexvlm_ray.run.scheduler import RunSummary, SweepDriver
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import WorkUnit
@@ -77,17 +76,9 @@ class ClosedLoopDriver(SweepDriver):
     def run(self, *, units: list[WorkUnit], gpu_types: Optional[list[str]]) -> RunSummary:
         import ray
 
-        done_ids = self.store.done_ids()
-        pending = [u for u in units if u.unit_id not in done_ids]
-        self.summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
-        if self.summary.skipped:
-            say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
+        pending = self._begin(units=units, gpu_types=gpu_types)
         if not pending:
             return self.summary
-        self._start_workers(self._make_slots(pending, gpu_types))
-        self.queues = {s.gpu_type: deque() for s in self.slots}
-        self.by_ref = {}
-        self.bar = progress_bar(total=len(pending), enabled=self.progress)
         started = time.perf_counter()
         first = [u for u in pending if (u.control or {}).get("role") != "control"]
         later = [u for u in pending if (u.control or {}).get("role") == "control"]

@@ -98,22 +98,11 @@ class SweepDriver:
 
     def run(self, *, units: list[WorkUnit], gpu_types: Optional[list[str]]) -> RunSummary:
         """Run every unit that the store has no result for. Ray must be connected."""
-        done_ids = self.store.done_ids()
-        pending = [u for u in units if u.unit_id not in done_ids]
-        self.summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
-        if self.summary.skipped:
-            say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
+        pending = self._begin(units=units, gpu_types=gpu_types)
         if not pending:
             return self.summary
-        self._start_workers(self._make_slots(pending, gpu_types))
-        say(f"{len(self.slots)} workers ready ({describe_slots([s.gpu_type for s in self.slots])}); "
-             f"model load {max(w['load_s'] for w in self.summary.workers):.1f} s")
-
-        self.queues: dict[Optional[str], deque] = {s.gpu_type: deque() for s in self.slots}
         for unit in pending:
             self.queues[unit.gpu_type].append(unit)
-        self.by_ref: dict[Any, _Slot] = {}
-        self.bar = progress_bar(total=len(pending), enabled=self.progress)
         started = time.perf_counter()
         try:
             for slot in self.slots:
@@ -125,6 +114,24 @@ class SweepDriver:
             self.summary.wall_s = time.perf_counter() - started
             self._stop_all()
         return self.summary
+
+    def _begin(self, *, units: list[WorkUnit], gpu_types: Optional[list[str]]) -> list[WorkUnit]:
+        """Skip the units the store holds, start the workers, set up empty queues and the progress bar;
+        the units still to run ([] when every one is stored: then no worker starts)."""
+        done_ids = self.store.done_ids()
+        pending = [u for u in units if u.unit_id not in done_ids]
+        self.summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
+        if self.summary.skipped:
+            say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
+        if not pending:
+            return []
+        self._start_workers(self._make_slots(pending, gpu_types))
+        say(f"{len(self.slots)} workers ready ({describe_slots([s.gpu_type for s in self.slots])}); "
+            f"model load {max(w['load_s'] for w in self.summary.workers):.1f} s")
+        self.queues: dict[Optional[str], deque] = {s.gpu_type: deque() for s in self.slots}
+        self.by_ref: dict[Any, _Slot] = {}
+        self.bar = progress_bar(total=len(pending), enabled=self.progress)
+        return pending
 
     # -- slots and actors ------------------------------------------------------------------
     @staticmethod
