@@ -50,8 +50,8 @@ install)
     PATH="$venv/bin:$PATH" "$0" check
     ;;
 check)
-    python -m pip check
-    python - <<'PY'
+    python3 -m pip check || echo "(pip check found the problems above)"
+    python3 - <<'PY'
 import importlib.metadata as md
 import sys
 
@@ -65,8 +65,13 @@ except md.PackageNotFoundError:
     triton = None
 wanted = [Requirement(r) for r in (md.requires("torch") or []) if r.startswith("triton")]
 wanted = [r for r in wanted if r.marker is None or r.marker.evaluate()]
-print(f"python {sys.version.split()[0]}; flexvlm-ray {md.version('flexvlm-ray')}; ray {md.version('ray')}; "
-      f"transformers {md.version('transformers')}")
+import flexvlm_ray
+import ray
+import transformers
+
+# module versions, not distribution metadata: a source checkout on PYTHONPATH has no metadata
+print(f"python {sys.version.split()[0]}; flexvlm-ray {flexvlm_ray.__version__} ({flexvlm_ray.__file__}); "
+      f"ray {ray.__version__}; transformers {transformers.__version__}")
 print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA available {torch.cuda.is_available()}"
       + (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
 print(f"triton {triton}; torch requires {', '.join(str(r) for r in wanted) or 'none'}")
