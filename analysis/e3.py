@@ -1,6 +1,6 @@
 """E3 stage-aware latency estimator: error vs calibration samples, cross-GPU transfer,
 budget enforcement. Works on one run (one GPU type, or several pinned in one run) or on
-several run folders (one per GPU type): ``python -m flexvlm_ray.analysis.e3 RUN_A RUN_B --out DIR``.
+several run folders (one per GPU type): ``flexvlm-ray calibrate RUN_A --on RUN_B --report-dir DIR``.
 
 Every error is reported as the mean over ``SPLITS`` holdout splits of the knob configurations (30%
 of the configs held out, unseen by every fit, the source GPU's included) with its range over the
@@ -14,7 +14,6 @@ quality: a capacity proxy ranks configs but is never reported as quality).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -183,17 +182,3 @@ def analyze_runs(*, run_dirs: Sequence[str | Path], out_dir: str | Path, seed: i
     rows = label_runs(frames, [Path(d).name for d in run_dirs])
     return (analyze_e3(rows=rows, out_dir=Path(out_dir), holdout=holdout, seed=seed)
             + analyze_m4(rows=rows, out_dir=Path(out_dir), holdout=holdout, seed=seed))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for path in analyze_runs(run_dirs=args.run_dirs, out_dir=args.out, seed=args.seed):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()
