@@ -50,3 +50,13 @@ def ray_local():
     ray.init(num_gpus=2, num_cpus=3, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """FLEXVLM_CACHE (importance scores of block_policy 'importance') under a throw-away folder for a
+    whole test module; a module opts in with ``pytestmark = pytest.mark.usefixtures("module_cache")``."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLEXVLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()

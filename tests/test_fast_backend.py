@@ -24,13 +24,7 @@ DECODE_STEPS = 4
 REL_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated_cache(tmp_path_factory):
-    """Importance scores (block_policy 'importance') are cached under a throw-away folder."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLEXVLM_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache")   # importance scores in a throw-away cache
 
 
 @pytest.fixture(scope="module")
