@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flexvlm_ray.run.launch import check_run_id, launch, resume, run_status
+from flexvlm_ray.run.tune_search import units_frame
 from flexvlm_ray.spec.load import SpecError, load_spec_text
 from flexvlm_ray.store.lock import RunLock, RunLocked, holder
 from flexvlm_ray.store.reader import load_frame
@@ -132,6 +133,8 @@ def test_a_corrupt_part_is_left_out_reported_and_moved_aside_for_rerun(tmp_path,
         store.read_part("u002")
     rows = load_frame(store.root)
     assert sorted(set(rows["unit_id"])) == ["u000", "u001", "u003"] and len(rows) == 6
+    searched = units_frame(store, ["u001", "u002"])  # what an adaptive search reads back per trial
+    assert sorted(set(searched["unit_id"])) == ["u001"] and len(searched) == 2
     status = run_status(store.root)
     assert (status["done"], status["pending"], status["corrupt"]) == (3, 1, 1)
     assert "u002.parquet" in capsys.readouterr().err
@@ -232,6 +235,15 @@ def test_spec_bounds_fail_fast_with_short_lines(text, expect):
     assert expect in str(info.value)
     assert all(len(line) <= 300 for line in info.value.problems)
     assert time.process_time() - started < 30  # generous: the unbounded versions took minutes and GBs
+
+
+@pytest.mark.parametrize("tokens, noted", [(64, False), (4095, False), (4096, True), (32768, True)])
+def test_outputs_past_the_trained_context_are_noted_not_refused(capsys, tokens, noted):
+    text = (f"name: t\nexperiment: motivation_exp4\nmodel: {{family: flexmoe, preset: molmoe-1b}}\n"
+            f"datasets: [{{name: shapes_vqa, num_samples: 1}}]\nknobs: {{max_new_tokens: [{tokens}]}}\n")
+    load_spec_text(text, source="s.yaml")  # valid: rotary positions are computed per token
+    err = capsys.readouterr().err
+    assert ("trained context of 4096" in err) == noted
 
 
 def test_an_alias_bomb_returns_at_once():

@@ -37,6 +37,10 @@ class ModelInfo:
     hidden_size: int
     vocab_size: int
     backends: tuple[str, ...] = ("hf",)   # the `model.backend` values the family runs
+    # positions the model was trained on (0: not known). Not a hard limit: every shipped family
+    # computes its rotary positions per token, so longer sequences run (latency stays valid; the
+    # answers past this length are out of distribution).
+    trained_context: int = 0
 
 
 @dataclass

@@ -48,15 +48,23 @@ def units_of(spec: SweepSpec, *, config: dict[str, Any], dataset_index: int) -> 
 
 
 def units_frame(store: RunStore, unit_ids: list[str]):
-    """The stored rows of the given units as a DataFrame (empty when none is stored)."""
-    import pyarrow.dataset as pads
+    """The stored rows of the given units as a DataFrame (empty when none is stored). Each part is
+    checked against its checksum; a corrupt one is left out with a warning (its unit counts as not
+    measured, and ``--resume`` moves it aside and runs it again)."""
+    import pyarrow as pa
 
     from flexvlm_ray.store.schema import ROW_SCHEMA
+    from flexvlm_ray.store.writer import CorruptPart
 
-    paths = store.part_paths(unit_ids)
-    if not paths:
+    tables = []
+    for path in store.part_paths(unit_ids):
+        try:
+            tables.append(store.read_part(path.stem))
+        except CorruptPart as exc:
+            store.warn_corrupt(exc, moved=False)
+    if not tables:
         return ROW_SCHEMA.empty_table().to_pandas()
-    return pads.dataset([str(p) for p in paths], schema=ROW_SCHEMA, format="parquet").to_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
 
 
 def objectives(frame) -> Optional[dict[str, float]]:

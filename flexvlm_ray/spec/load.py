@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, get_args, get_origin
 
@@ -262,6 +263,8 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
 
     if info is not None:
         problems += _check_knob_ranges(spec, info)
+        for line in context_notes(spec, info):
+            print(f"note: {line}", file=sys.stderr)
     problems += _check_search(spec)
     problems += _check_control(spec)
     return problems
@@ -310,6 +313,20 @@ def _check_search(spec: SweepSpec) -> list[tuple[str, str]]:
     if budget > configs:
         return [("tune.num_samples", f"{budget} is above the grid's {configs} configurations; allowed 1..{configs}")]
     return []
+
+
+def context_notes(spec: SweepSpec, info: Any) -> list[str]:
+    """Output lengths that, with any prompt, run past the positions the model was trained on. Not an
+    error: every shipped family computes rotary positions per token, so such a run is valid for
+    latency (its answers past that length are out of distribution); the hard cap is the schema's."""
+    if not info.trained_context:
+        return []
+    long = [v for v in grid_values(spec.knobs.max_new_tokens) if v is not None and v >= info.trained_context]
+    if not long:
+        return []
+    return [f"knobs.max_new_tokens: {long} reach {info.preset}'s trained context of {info.trained_context} "
+            f"positions (prompt included); rotary positions are computed per token, so latency stays valid, "
+            f"answers past that length are out of distribution"]
 
 
 def _check_knob_ranges(spec: SweepSpec, info: Any) -> list[tuple[str, str]]:

@@ -246,14 +246,14 @@ class RunStore:
                     self.read_part(unit_id, columns=["unit_id"])
             except CorruptPart as exc:
                 corrupt.append(unit_id)
-                self._corrupt_warning(exc, moved=move_aside)
+                self.warn_corrupt(exc, moved=move_aside)
                 if move_aside:
                     self._move_aside(unit_id)
             else:
                 done.add(unit_id)
         return done, corrupt
 
-    def _corrupt_warning(self, exc: CorruptPart, *, moved: bool) -> None:
+    def warn_corrupt(self, exc: CorruptPart, *, moved: bool) -> None:
         tail = f"moved to {self.corrupt}/; its unit runs again" if moved else \
             f"left out; `flexvlm-ray launch --resume {self.root}` moves it aside and runs its unit again"
         warn(f"{exc}; {tail}")
@@ -317,7 +317,7 @@ class RunStore:
                 continue
             except CorruptPart as exc:
                 corrupt.append(unit_id)
-                self._corrupt_warning(exc, moved=False)
+                self.warn_corrupt(exc, moved=False)
         if not done:
             return RunRows(table=schema.empty_table(), done=done, corrupt=corrupt, stray=stray)
         try:
@@ -332,7 +332,7 @@ class RunStore:
                     good.append(unit_id)
                 except CorruptPart as exc:
                     corrupt.append(unit_id)
-                    self._corrupt_warning(exc, moved=False)
+                    self.warn_corrupt(exc, moved=False)
             done = good
             table = pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
         return RunRows(table=table, done=done, corrupt=corrupt, stray=stray)

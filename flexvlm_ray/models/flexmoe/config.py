@@ -276,4 +276,5 @@ def describe(*, preset: Optional[str], path: Optional[str], options: dict[str, A
     return ModelInfo(family="flexmoe", preset=config.name if path is None else str(path),
                      num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
                      max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
-                     hidden_size=config.hidden_size, vocab_size=config.vocab_size, backends=BACKENDS)
+                     hidden_size=config.hidden_size, vocab_size=config.vocab_size, backends=BACKENDS,
+                     trained_context=config.max_positions)

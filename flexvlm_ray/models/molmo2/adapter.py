@@ -156,7 +156,8 @@ class Molmo2Adapter(ModelAdapter):
         return ModelInfo(family=FAMILY, preset=preset or "tiny" if path is None else str(path),
                          num_blocks=text.num_hidden_layers, num_experts=0, default_top_k=0,
                          max_crops_limit=MAX_CROPS_LIMIT, vision_tokens_per_crop=per_side * per_side,
-                         hidden_size=text.hidden_size, vocab_size=text.vocab_size)
+                         hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+                         trained_context=int(getattr(text, "max_position_embeddings", 0) or 0))
 
     def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
                  seed: int, options: dict[str, Any]) -> None:

@@ -131,7 +131,9 @@ class MolmoRemoteAdapter(ModelAdapter):
                          default_top_k=int(_first(config, "moe_top_k", "num_experts_per_tok", default=0)) if experts else 0,
                          max_crops_limit=MAX_CROPS_LIMIT, vision_tokens_per_crop=geometry.tokens_per_crop,
                          hidden_size=int(_first(config, "d_model", "hidden_size", default=0)),
-                         vocab_size=int(_first(config, "vocab_size", default=0)))
+                         vocab_size=int(_first(config, "vocab_size", default=0)),
+                         trained_context=int(_first(config, "max_sequence_length", "max_position_embeddings",
+                                                     default=0)))
 
     def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
                  seed: int, options: dict[str, Any]) -> None:

@@ -122,7 +122,8 @@ class Qwen3VLMoeAdapter(ModelAdapter):
         return ModelInfo(family=FAMILY, preset=preset or "tiny" if path is None else str(path),
                          num_blocks=text.num_hidden_layers, num_experts=text.num_experts,
                          default_top_k=text.num_experts_per_tok, max_crops_limit=0,
-                         vision_tokens_per_crop=0, hidden_size=text.hidden_size, vocab_size=text.vocab_size)
+                         vision_tokens_per_crop=0, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+                         trained_context=int(getattr(text, "max_position_embeddings", 0) or 0))
 
     def __init__(self, *, preset: Optional[str], path: Optional[str], dtype: str, device: str,
                  seed: int, options: dict[str, Any]) -> None:
