@@ -134,6 +134,7 @@ def test_run_breakdown_and_its_line():
     line = breakdown_line(b)
     assert line.startswith("wall time: 10.5 s after Ray start; model passes 57% of it")
     assert "captures 1.0" in line and "analysis 0.2" in line and "Ray start 3.0" in line
+    assert max(len(x) for x in line.splitlines()) <= 100
 
 
 SHAPE_SPEC = """

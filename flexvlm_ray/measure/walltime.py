@@ -138,8 +138,8 @@ def run_breakdown(*, driver: dict[str, float], workers: dict[str, dict[str, Any]
             "passes_s": passes, "passes_fraction": passes / (after * n) if after > 0 else None}
 
 
-def breakdown_line(b: dict[str, Any]) -> str:
-    """One line for the launch summary."""
+def breakdown_line(b: dict[str, Any], *, width: int = 100) -> str:
+    """The launch summary's wall-time lines (the share of model passes first, then the phases)."""
     p, d = b["phases_s"], b["driver_s"]
     frac = b.get("passes_fraction")
     parts = [f"Ray start {d.get('ray_start_s', 0.0):.1f}", f"build {p['build']:.1f}",
@@ -153,4 +153,12 @@ def breakdown_line(b: dict[str, Any]) -> str:
         parts.append(f"analysis {d['analysis_s']:.1f}")
     workers = f" x {b['num_workers']} workers" if b["num_workers"] > 1 else ""
     share = f"; model passes {100 * frac:.0f}% of it" if frac is not None else ""
-    return f"wall time: {b['after_ray_s']:.1f} s after Ray start{workers}{share} (s: {', '.join(parts)})"
+    summed = " (workers' phases summed)" if b["num_workers"] > 1 else ""
+    lines, line = [f"wall time: {b['after_ray_s']:.1f} s after Ray start{workers}{share}; seconds{summed}:"], " "
+    for part in parts:                       # lines of at most `width` characters, split between parts
+        if len(line) + len(part) + 2 > width:
+            lines.append(line.rstrip(","))
+            line = " "
+        line += f" {part},"
+    lines.append(line.rstrip(","))
+    return "\n".join(lines)
