@@ -192,6 +192,7 @@ BACKENDS = {
     "fast-gather": ("fast", {"kernels": "torch", "decode_moe": "gather"}),
     "fast-eager": ("fast", {"cuda_graphs": False}),
     "fast-grouped": ("fast", {"prefill_moe": "grouped"}),
+    "fast-fused-decode": ("fast", {"fused_decode": True}),   # decode only: the prefill is the defaults'
 }
 PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast", "fast-torch", "fast-eager",   # gather: decode only
                     "fast-grouped")

@@ -290,14 +290,20 @@ def test_engine_hooks_time_the_fast_blocks(fast):
     assert len(row["T_attention_per_block"]) == 4 and all(ms > 0 for ms in row["T_ffn_per_block"])
 
 
-def test_setup_count_counts_the_fast_decoders_graphs(fast):
-    """On the CPU nothing is captured; each graph a fast decoder holds counts once."""
+def test_setup_count_counts_the_fast_decoders_captures(fast):
+    """On the CPU nothing is captured; every capture counts once, also one that the LRU bound dropped later."""
     assert fast.setup_count() == 0
-    fast.fast.graphs[("prefill", "test")] = object()
+    decoder = fast.fast
+    bound = decoder.max_graphs
+    decoder.max_graphs = 1
     try:
-        assert fast.setup_count() == 1
+        decoder.graph(("prefill", "a"), object)
+        decoder.graph(("prefill", "b"), object)
+        assert fast.setup_count() == 2 and list(decoder.graphs) == [("prefill", "b")]
     finally:
-        del fast.fast.graphs[("prefill", "test")]
+        decoder.max_graphs = bound
+        decoder.graphs.clear()
+        decoder.captures = 0
 
 
 def test_fast_options_need_the_fast_backend():

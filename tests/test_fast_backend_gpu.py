@@ -152,7 +152,8 @@ def test_defaults_on_cuda_are_the_triton_kernels(molmoe):
 
 
 @pytest.mark.parametrize("options", [{"decode_moe": "grouped"}, {"decode_moe": "gather"},
-                                     {"decode_moe": "grouped", "kernels": "torch"}], ids=lambda o: "-".join(o.values()))
+                                     {"decode_moe": "grouped", "kernels": "torch"}, {"fused_decode": True}],
+                         ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_decode_paths_agree_under_graphs(molmoe, options):
     knobs = Knobs(top_k=8)
     ref_logits, ref_tokens = run(molmoe, knobs)                        # defaults: triton kernels, fused decode
@@ -192,6 +193,55 @@ def test_fused_ops_round_like_pytorch_on_the_gpu():
     torch.testing.assert_close(fused_ops.moe_combine(y=y, inverse=pairs.inverse, weights=wts, residual=res[:37]),
                                _combine(y=y, pairs=pairs, weights=wts, residual=res[:37], dtype=bf),
                                rtol=8e-3, atol=2e-2)
+
+
+def test_fused_decode_kernels_match_the_reference_on_the_gpu():
+    """fused_decode's kernels at molmoe-1b shapes in bf16 against the kernels and eager code they replace."""
+    from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
+    from flexvlm_ray.models.flexmoe.fast.decoder import experts_gather, rms_norm, route
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    x, res = torch.randn(1, 2048, device=dev, dtype=bf), torch.randn(1, 2048, device=dev, dtype=bf)
+    nw = 1 + 0.1 * torch.randn(2048, device=dev, dtype=bf)
+    qkv_w = torch.randn(6144, 2048, device=dev, dtype=bf) / 45
+    normed = torch.empty(1, 2048, device=dev, dtype=bf)
+    out = fused_ops.gemv(x, qkv_w, norm_weight=nw, eps=1e-5, normed_out=normed)
+    ref_normed = rms_norm(x, nw, 1e-5)
+    assert torch.equal(normed, ref_normed)                             # the same rounding, element by element
+    assert rel_err(out, torch.nn.functional.linear(ref_normed, qkv_w)) < 1e-2
+    o_w = torch.randn(2048, 2048, device=dev, dtype=bf) / 45
+    assert rel_err(fused_ops.gemv(x, o_w, residual=res), res + torch.nn.functional.linear(x, o_w)) < 1e-2
+    router = torch.randn(64, 2048, device=dev, dtype=bf) / 45
+    for top_k in (1, 8, 32):
+        normed, weights, ids = fused_ops.norm_route(x, norm_weight=nw, eps=1e-5, router=router, top_k=top_k,
+                                                    norm_topk_prob=False)
+        ref_w, ref_i = route(x=ref_normed, weight=router, top_k=top_k, norm_topk_prob=False)
+        assert torch.equal(normed, ref_normed)
+        assert set(ids[0].tolist()[:-1]) <= set(ref_i[0].tolist())    # the last may swap with a near-tie
+        assert rel_err(weights, ref_w) < 2e-2
+    gate_up = torch.randn(64, 2048, 2048, device=dev, dtype=bf) / 40
+    down = torch.randn(64, 2048, 1024, device=dev, dtype=bf) / 30
+    ids = torch.randperm(64, device=dev)[:8].view(1, 8)
+    weights = torch.softmax(torch.randn(1, 8, device=dev), -1).to(bf)
+    fused = fused_ops.moe_decode(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, residual=res)
+    ref = experts_gather(x=x, ids=ids, weights=weights, gate_up=gate_up, down=down, act=torch.nn.functional.silu)
+    assert rel_err(fused, res + ref) < 1e-2
+
+
+def test_graph_cache_bound_under_graphs(molmoe):
+    """With max_graphs 2, decode graphs of three top_k settings: the least recently used is dropped, the
+    captures counted, and the replayed results still match the unbounded decoder's."""
+    knobs = [Knobs(top_k=k, max_new_tokens=3) for k in (1, 2, 4)]
+    ref = [run(molmoe, k, steps=2) for k in knobs]
+    molmoe.set_backend(backend="fast", options={"max_graphs": 2})
+    try:
+        for k, (ref_logits, ref_tokens) in zip(knobs + knobs[:1], ref + ref[:1]):
+            logits, _ = run(molmoe, k, steps=2, forced=ref_tokens[:-1])
+            assert max(rel_err(a, b) for a, b in zip(logits, ref_logits)) < BF16_REL
+            assert len(molmoe.fast.graphs) <= 2
+        assert molmoe.fast.evictions > 0 and molmoe.fast.captures > len(molmoe.fast.graphs)
+    finally:
+        molmoe.set_backend(backend="fast")
 
 
 def test_grouped_gemm_prefill_matches_the_loop(molmoe):

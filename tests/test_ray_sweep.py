@@ -37,7 +37,9 @@ def test_sweep_end_to_end_on_two_logical_gpus(ray_local, write_spec, tmp_path):
     assert rows.groupby("unit_id").size().eq(2).all()
     assert set(rows["worker"]) == {"worker-0", "worker-1"}  # both GPUs pulled work
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "env.json", "failures", "manifest.json",
-                                                         "parts", "rows.parquet", "spec.yaml", "units.jsonl"]
+                                                         "parts", "rows.parquet", "spec.yaml", "units.jsonl",
+                                                         "walltime.json"]
+    assert set(summary.breakdown["workers"]) == {"worker-0", "worker-1"}
     assert RunStore(run_dir).read_rows().compacted  # the finished run reads from one file
     env = (run_dir / "env.json").read_text()
     assert '"gpu_name": "cpu"' in env and '"ray":' in env

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -98,15 +99,32 @@ def _report(*, run_dir: Path, summary, analyze: bool) -> bool:
         steps += [("experiment analysis", lambda: _write_analysis(run_dir)),
                   ("report", lambda: _write_report(run_dir))]
     ok = True
+    started = time.perf_counter()
     for name, step in steps:
         try:
             step()
         except Exception as exc:  # one failing step costs only itself
             ok = False
             click.echo(_step_failure(name, exc), err=True)
+    _walltime_line(run_dir=run_dir, summary=summary, analysis_s=time.perf_counter() - started)
     if not summary.ok:
         _failure_advice(run_dir)
     return ok
+
+
+def _walltime_line(*, run_dir: Path, summary, analysis_s: float) -> None:
+    """The run's wall-time breakdown with the summary and analysis time added (RUN_DIR/walltime.json)."""
+    breakdown = getattr(summary, "breakdown", None)
+    if not breakdown:
+        return
+    from flexvlm_ray.run.launch import write_walltime
+
+    try:
+        breakdown = write_walltime(run_dir, driver={**breakdown["driver_s"], "analysis_s": analysis_s},
+                                   workers=breakdown["workers"], replace_last=True)
+    except OSError as exc:
+        click.echo(f"walltime.json not updated: {exc.strerror or exc}", err=True)
+    click.echo(breakdown["line"])
 
 
 def _step_failure(name: str, exc: BaseException) -> str:

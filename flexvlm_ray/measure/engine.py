@@ -15,8 +15,8 @@ to the last block's output during prefill) and comes from a separate, untimed-fo
 the blocks, so on the fast backend that pass runs eagerly (``prefill_hook_path``).
 
 Warm-up is per distinct shape and knob setting, not per unit: before the first timed pass of a
-sample whose (knobs, crop count, vision / total tokens, input tensor shapes) the unit has not run
-yet, ``measure.warmup`` untimed passes of that sample run (and as many hooked prefill passes when
+sample whose (knobs, crop count, vision / total tokens, input tensor shapes) the worker has not run
+yet (``run_unit``'s ``warmed_shapes``, kept by the worker across its units; without it, per unit), ``measure.warmup`` untimed passes of that sample run (and as many hooked prefill passes when
 hooks are on); ``warmup_passes`` on the sample's first row counts them. A timed pass during which
 the model still did one-time setup (``ModelAdapter.setup_count`` grew: a CUDA graph captured for a
 shape it had not run) is run again, up to ``MAX_SETUP_PASSES`` passes in all; ``setup_passes``
@@ -27,6 +27,10 @@ more follow until the 95% confidence interval of the mean ``T_total`` over the s
 a relative half-width <= target_ci (Student t) or ``measure.max_runs`` passes ran.
 ``sample_passes`` and ``sample_ci_rel`` (the half-width reached) are on every row of the sample.
 Noise controls (``flexvlm_ray.measure.noise``) wrap the unit's passes.
+
+Wall time: every pass, preprocessing step and discarded setup pass is filed with the worker's active
+``WallClock`` (``flexvlm_ray.measure.walltime``): 'warmup', 'timed', 'hook', 'prepare', and 'capture'
+for a pass during which the model did one-time setup.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from typing import Any, Iterator, Optional, Sequence
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.noise import noise_control
 from flexvlm_ray.measure.timer import StageTimer, Stopwatch
+from flexvlm_ray.measure.walltime import clock, model_pass
 from flexvlm_ray.metrics.base import Metric
 from flexvlm_ray.models.base import ModelAdapter, Prepared
 from flexvlm_ray.spec.expand import WorkUnit
@@ -49,13 +54,18 @@ HOOK_METHOD = "separate_pass"
 
 
 def run_unit(*, adapter: ModelAdapter, unit: WorkUnit, samples: list[tuple[int, Sample]],
-             metric: Optional[Metric], context: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for every (sample, timed pass) of the unit. ``samples`` are (index in selection, sample)."""
+             metric: Optional[Metric], context: dict[str, Any],
+             warmed_shapes: Optional[set[tuple]] = None) -> list[dict[str, Any]]:
+    """Rows for every (sample, timed pass) of the unit. ``samples`` are (index in selection, sample).
+
+    ``warmed_shapes``: the ``shape_key``s this adapter has already warmed up (a worker keeps one set for
+    its lifetime, so a shape and knob setting seen in an earlier unit is not warmed up again); None: the
+    unit warms up every shape it meets once."""
     measure = unit.measure
     adapter.apply_knobs(unit.knobs)
     try:
         with noise_control(measure) as noise:
-            warm = ShapeWarmup(adapter=adapter, unit=unit)
+            warm = ShapeWarmup(adapter=adapter, unit=unit, seen=warmed_shapes)
             rows = []
             for index, sample in samples:
                 if sample.error is not None:
@@ -65,7 +75,8 @@ def run_unit(*, adapter: ModelAdapter, unit: WorkUnit, samples: list[tuple[int, 
                         rows.append({**base, **noise, "status": "error", "error_type": "SampleError",
                                      "error_message": sample.error})
                     continue
-                prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
+                with clock().phase("prepare"):
+                    prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
                 warmed = warm.ensure(sample=sample, prepared=prepared)
                 results = timed_passes(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
                 summary = {"sample_passes": len(results), "sample_ci_rel": ci_rel_half_width(
@@ -101,10 +112,13 @@ class ShapeWarmup:
             return 0
         self.seen.add(key)
         count = self.unit.measure["warmup"]
+        setup = self.adapter.setup_count
         for _ in range(count):
-            measure_pass(adapter=self.adapter, sample=sample, unit=self.unit, prepared=prepared)
+            with model_pass("warmup", setup_count=setup):
+                measure_pass(adapter=self.adapter, sample=sample, unit=self.unit, prepared=prepared)
             if _hooks_on(self.unit.measure):
-                hook_pass(adapter=self.adapter, unit=self.unit, prepared=prepared)
+                with model_pass("warmup", setup_count=setup):
+                    hook_pass(adapter=self.adapter, unit=self.unit, prepared=prepared)
         return count
 
 
@@ -136,7 +150,8 @@ def timed_passes(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     while len(results) < maximum:
         result = steady_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
         if _hooks_on(measure):
-            result.update(hook_pass(adapter=adapter, unit=unit, prepared=prepared))
+            with model_pass("hook", setup_count=adapter.setup_count):
+                result.update(hook_pass(adapter=adapter, unit=unit, prepared=prepared))
         results.append(result)
         if len(results) < minimum:
             continue
@@ -154,9 +169,9 @@ def steady_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     ``setup_passes``: the passes discarded. Where every pass did setup the last one is kept with
     status 'error' (its times include setup, so analyses leave it out)."""
     for discarded in range(MAX_SETUP_PASSES):
-        before = adapter.setup_count()
-        result = measure_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
-        if adapter.setup_count() == before:
+        with model_pass("timed", setup_count=adapter.setup_count) as filed:   # a setup pass is filed as capture
+            result = measure_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
+        if not filed["setup"]:
             return {**result, "setup_passes": discarded}
     return {**result, "setup_passes": discarded, "status": "error", "error_type": "SteadyStateError",
             "error_message": f"{type(adapter).__name__} did one-time setup (a CUDA graph capture) in each of "

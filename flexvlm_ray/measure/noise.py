@@ -11,7 +11,10 @@ one buys:
 * ``cpu_threads`` alone (without ``pin_cpus``): only ``torch.set_num_threads``.
 * ``check_gpu_idle``: the compute processes on the worker's GPU other than this one are counted
   (``nvidia-smi --query-compute-apps``) and written into every row (``gpu_other_processes``), so a
-  run that shared its GPU is visible; None where nvidia-smi is not there.
+  run that shared its GPU is visible; None where nvidia-smi is not there. One call takes 0.1 s or more,
+  so a worker asks at most every ``GPU_CHECK_MAX_AGE_S`` seconds and its units in between reuse the answer.
+
+The controls' own setup (the collection, the nvidia-smi call) is filed as 'noise' wall time.
 
 ``sync`` (``pass`` or ``stage``) is applied by the StageTimer: one host synchronisation per pass,
 or one after every stage (the comparison).
@@ -21,10 +24,13 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 DEFAULT_PINNED_THREADS = 4
+GPU_CHECK_MAX_AGE_S = 30.0
+_gpu_check: Optional[tuple[float, Optional[int]]] = None     # (when, answer) of this process's last call
 
 
 def controls_label(measure: dict[str, Any]) -> str:
@@ -73,18 +79,47 @@ def other_gpu_processes() -> Optional[int]:
     return len(pids - {str(os.getpid())})
 
 
+def recent_other_gpu_processes(*, max_age_s: float = GPU_CHECK_MAX_AGE_S) -> Optional[int]:
+    """``other_gpu_processes``, asked again only when this process's last answer is older than ``max_age_s``."""
+    global _gpu_check
+    now = time.monotonic()
+    if _gpu_check is None or now - _gpu_check[0] > max_age_s:
+        _gpu_check = (now, other_gpu_processes())
+    return _gpu_check[1]
+
+
 @contextmanager
 def noise_control(measure: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Apply the unit's noise controls for the duration of its passes; yields the row fields they add."""
+    from flexvlm_ray.measure.walltime import clock
+
+    with clock().phase("noise"):
+        fields, restore = _apply(measure)
+    try:
+        yield fields
+    finally:
+        restore()
+
+
+def _apply(measure: dict[str, Any]):
     import torch
 
     fields: dict[str, Any] = {"noise_controls": controls_label(measure)}
     if measure.get("check_gpu_idle") and torch.cuda.is_available():
-        fields["gpu_other_processes"] = other_gpu_processes()
+        fields["gpu_other_processes"] = recent_other_gpu_processes()
     threads_before = torch.get_num_threads()
     affinity_before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     threads = measure.get("cpu_threads")
     gc_was_on = gc.isenabled()
+
+    def restore() -> None:
+        if gc_was_on:
+            gc.enable()
+        if threads:
+            torch.set_num_threads(threads_before)
+        if measure.get("pin_cpus") and affinity_before is not None:
+            os.sched_setaffinity(0, affinity_before)
+
     try:
         if measure.get("pin_cpus") and affinity_before is not None:
             threads = threads or DEFAULT_PINNED_THREADS
@@ -94,11 +129,7 @@ def noise_control(measure: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if measure.get("gc_off"):
             gc.collect()
             gc.disable()
-        yield fields
-    finally:
-        if gc_was_on:
-            gc.enable()
-        if threads:
-            torch.set_num_threads(threads_before)
-        if measure.get("pin_cpus") and affinity_before is not None:
-            os.sched_setaffinity(0, affinity_before)
+    except BaseException:
+        restore()
+        raise
+    return fields, restore

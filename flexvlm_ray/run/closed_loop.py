@@ -92,6 +92,7 @@ class ClosedLoopDriver(SweepDriver):
         finally:
             self.bar.close()
             self.summary.wall_s = time.perf_counter() - started
+            self._final_walltimes()
             self._stop_all()
         return self.summary
 

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -131,7 +132,7 @@ def launch(*, spec_path: str, overrides: Sequence[str] = (), num_gpus: Optional[
     if (run_dir / "manifest.json").exists():  # checked again under the lock, by RunStore.create
         raise FileExistsError(f"{run_dir} already holds a run; resume it with "
                               f"`flexvlm-ray launch --resume {run_dir}` or pick another --run-id")
-    connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
+    ray_start_s = _timed_connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     with writing(run_dir):
         strategy = strategy_of(spec)
         units = strategy.units(spec)
@@ -143,7 +144,7 @@ def launch(*, spec_path: str, overrides: Sequence[str] = (), num_gpus: Optional[
         with _interruptible(store.root, resumable=strategy.resumable):
             return store.root, _execute(spec=spec, units=units, store=store, run_id=run_id, num_gpus=num_gpus,
                                         address=address, dashboard=dashboard, progress=progress,
-                                        prefetch=prefetch)
+                                        prefetch=prefetch, ray_start_s=ray_start_s)
 
 
 def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[str] = None,
@@ -156,7 +157,7 @@ def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[st
     with writing(store.root):
         spec, units = check_resumable(store)
         preflight(spec=spec, num_gpus=num_gpus, address=address)
-        connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
+        ray_start_s = _timed_connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
         store.remove_partial_writes()  # safe: we hold the lock, so no live writer has a write in flight
         try:
             store.units()
@@ -168,7 +169,16 @@ def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[st
         with _interruptible(store.root, resumable=True):
             return store.root, _execute(spec=spec, units=units, store=store, run_id=manifest["run_id"],
                                         num_gpus=num_gpus, address=address, dashboard=dashboard,
-                                        progress=progress, prefetch=prefetch)
+                                        progress=progress, prefetch=prefetch, ray_start_s=ray_start_s)
+
+
+def _timed_connect(*, num_gpus: Optional[int], address: Optional[str], dashboard: bool) -> float:
+    """Connect Ray (start a local cluster or join one); the seconds it took."""
+    from flexvlm_ray.run.cluster import connect
+
+    started = time.perf_counter()
+    connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
+    return time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -211,7 +221,7 @@ def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
 
 def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id: str,
              num_gpus: Optional[int], address: Optional[str], dashboard: bool, progress: bool,
-             prefetch: int):
+             prefetch: int, ray_start_s: float = 0.0):
     import ray
 
     from flexvlm_ray.run.cluster import connect
@@ -225,6 +235,7 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
                              unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     with interruption_recorded(store):
         summary = strategy.run(driver=driver, spec=spec, units=units)
+    finishing = time.perf_counter()
     env = driver_env(ray_version=ray.__version__)
     previous = json.loads((store.root / "env.json").read_text()) if (store.root / "env.json").exists() else {}
     env["workers"] = summary.workers or previous.get("workers", [])
@@ -239,7 +250,32 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
         store.update_manifest(status="complete" if status["pending"] == 0 and status["failed"] == 0
                               else "incomplete")
     strategy.finished(driver=driver, store=store)
+    if summary.walltime:
+        summary.breakdown = write_walltime(store.root, driver={
+            "ray_start_s": ray_start_s, "workers_start_s": summary.workers_start_s, "units_s": summary.wall_s,
+            "finish_s": time.perf_counter() - finishing}, workers=summary.walltime)
     return summary
+
+
+WALLTIME_FILE = "walltime.json"
+
+
+def write_walltime(run_dir: Path, *, driver: dict[str, float], workers: dict[str, Any],
+                   replace_last: bool = False) -> dict[str, Any]:
+    """The run's wall-time breakdown (``measure.walltime.run_breakdown``) written to RUN_DIR/walltime.json:
+    the latest session at the top level, every session (a resumed run has several) in ``sessions``, oldest
+    first; ``replace_last``: this breakdown updates the last session (the launch command adds its analysis)."""
+    from flexvlm_ray.measure.walltime import breakdown_line, run_breakdown
+    from flexvlm_ray.store.writer import atomic_write_json
+
+    breakdown = run_breakdown(driver=driver, workers=workers)
+    breakdown["line"] = breakdown_line(breakdown)
+    path = Path(run_dir) / WALLTIME_FILE
+    previous = json.loads(path.read_text()).get("sessions", []) if path.exists() else []
+    if replace_last:
+        previous = previous[:-1]
+    atomic_write_json(path, {**breakdown, "sessions": previous + [breakdown]})
+    return breakdown
 
 
 @contextlib.contextmanager

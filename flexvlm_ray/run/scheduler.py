@@ -63,6 +63,9 @@ class RunSummary:
     busy_s: float = 0.0
     per_worker: Counter = field(default_factory=Counter)
     workers: list[dict[str, Any]] = field(default_factory=list)
+    workers_start_s: float = 0.0        # actors started and the model loaded on each (driver's view)
+    walltime: dict[str, dict[str, Any]] = field(default_factory=dict)   # worker -> its WallClock snapshot
+    breakdown: Optional[dict[str, Any]] = None   # the run's wall-time breakdown (launch writes walltime.json)
 
     @property
     def ok(self) -> bool:
@@ -112,6 +115,7 @@ class SweepDriver:
         finally:
             self.bar.close()
             self.summary.wall_s = time.perf_counter() - started
+            self._final_walltimes()
             self._stop_all()
         return self.summary
 
@@ -125,7 +129,9 @@ class SweepDriver:
             say(f"Found {self.summary.skipped} existing results. Skipping them; {len(pending)} units to run.")
         if not pending:
             return []
+        started = time.perf_counter()
         self._start_workers(self._make_slots(pending, gpu_types))
+        self.summary.workers_start_s = time.perf_counter() - started
         say(f"{len(self.slots)} workers ready ({describe_slots([s.gpu_type for s in self.slots])}); "
             f"model load {max(w['load_s'] for w in self.summary.workers):.1f} s")
         self.queues: dict[Optional[str], deque] = {s.gpu_type: deque() for s in self.slots}
@@ -202,6 +208,19 @@ class SweepDriver:
             if slot.actor is not None:
                 ray.kill(slot.actor)
                 slot.actor = None
+
+    def _final_walltimes(self, timeout_s: float = 10.0) -> None:
+        """The last WallClock snapshot of every live worker that holds no unit (its idle time to the end)."""
+        import ray
+
+        idle = [s for s in getattr(self, "slots", []) if s.actor is not None and not s.held]
+        if not idle or not hasattr(self, "summary"):
+            return
+        try:
+            for snapshot in ray.get([s.actor.walltime.remote() for s in idle], timeout=timeout_s):
+                self.summary.walltime[snapshot["worker"]] = snapshot
+        except Exception:  # a worker that cannot answer keeps the snapshot of its last unit
+            pass
 
     def _fill(self, slot: _Slot) -> None:
         queue = self.queues[slot.gpu_type]
@@ -289,6 +308,8 @@ class SweepDriver:
         summary = self.summary
         summary.busy_s += result["busy_s"]
         summary.per_worker[result["worker"]] += 1
+        if result.get("walltime"):
+            summary.walltime[result["worker"]] = result["walltime"]
         table = result.get("table")
         if result["ok"]:
             self.store.write_part(unit.unit_id, table)

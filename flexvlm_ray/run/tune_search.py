@@ -120,7 +120,9 @@ class TuneDriver(SweepDriver):
         # the most units the search can queue per GPU type (workers = min(GPUs, units))
         most = sum(tune.num_samples * ds.shards for ds in spec.datasets) * spec.repeats
         stubs = [SimpleNamespace(gpu_type=t) for t in (spec.gpu_types or [None]) for _ in range(most)]
+        begun = time.perf_counter()
         self._start_workers(self._make_slots(stubs, spec.gpu_types))
+        self.summary.workers_start_s = time.perf_counter() - begun
         self.queues = {s.gpu_type: deque() for s in self.slots}
         self.by_ref = {}
         self.bar = progress_bar(total=0, enabled=self.progress)
@@ -140,6 +142,7 @@ class TuneDriver(SweepDriver):
         finally:
             self.bar.close()
             self.summary.wall_s = time.perf_counter() - started
+            self._final_walltimes()
             self._stop_all()
         return self.summary
 

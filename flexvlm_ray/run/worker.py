@@ -4,6 +4,12 @@ A plain class, so tests can drive it without Ray; the scheduler wraps it with
 ``ray.remote(num_gpus=1)``. The model is loaded once in ``__init__``; knobs change in place
 per unit. A unit that raises (CUDA out-of-memory included) comes back as a failure record and
 the worker stays usable.
+
+The worker keeps, across its units, the shapes and knob settings it has warmed up (so a later unit
+warms up only what is new to the worker) and a ``WallClock`` of where its time went (model build,
+dataset loading, preprocessing, graph captures, warm-up, timed and hooked passes, other host work,
+idle between units); every result carries the clock's snapshot (``walltime``), which the driver writes
+to the run folder (``walltime.json``).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any, Optional
 
 from flexvlm_ray.data import DATASETS, shard_indices
 from flexvlm_ray.measure.engine import run_unit
+from flexvlm_ray.measure.walltime import WallClock
 from flexvlm_ray.metrics import METRICS
 from flexvlm_ray.models import MODELS
 from flexvlm_ray.models.base import adapter_options
@@ -62,6 +69,7 @@ def gpu_info() -> dict[str, Any]:
 class ModelWorker:
     def __init__(self, *, model: dict[str, Any], seed: int, name: str,
                  cpu_threads: Optional[int] = None) -> None:
+        self.clock = WallClock(phase="build")
         import torch
 
         if cpu_threads:
@@ -82,6 +90,8 @@ class ModelWorker:
         self.adapter.synchronize()
         self.load_s = time.perf_counter() - started
         self._selections: dict[tuple, tuple[list, Any]] = {}
+        self.warmed_shapes: set[tuple] = set()    # engine.shape_key of every shape warmed up on this worker
+        self.clock.switch("idle")
         self.context = {"worker": name, "hostname": socket.gethostname(),
                         "gpu_name": self.gpu["gpu_name"], "dtype": self.dtype}
 
@@ -96,40 +106,64 @@ class ModelWorker:
                 "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **self.gpu}
 
+    def walltime(self) -> dict[str, Any]:
+        """Where this worker's time went so far (``WallClock.snapshot``), with its name."""
+        return {**self.clock.snapshot(), "worker": self.name}
+
     def _selection(self, unit: WorkUnit) -> tuple[list, Any]:
         """The dataset selection (all shards) and its fitted metric, cached per worker."""
         key = (unit.dataset, unit.split, unit.path, unit.num_samples, unit.seed)
         if key not in self._selections:
-            entry = DATASETS.get(unit.dataset)
-            samples = entry.load(split=unit.split, num_samples=unit.num_samples, seed=unit.seed,
-                                 path=unit.path)
-            metric = METRICS.get(entry.metric)().fit(samples) if entry.metric != "none" else None
-            self._selections[key] = (samples, metric)
+            with self.clock.phase("data"):
+                self._selections[key] = self._load_selection(unit)
         return self._selections[key]
 
+    @staticmethod
+    def _load_selection(unit: WorkUnit) -> tuple[list, Any]:
+        entry = DATASETS.get(unit.dataset)
+        samples = entry.load(split=unit.split, num_samples=unit.num_samples, seed=unit.seed,
+                             path=unit.path)
+        metric = METRICS.get(entry.metric)().fit(samples) if entry.metric != "none" else None
+        return samples, metric
+
     def run(self, unit_data: dict[str, Any], run_id: str) -> dict[str, Any]:
+        self.clock.switch("host")
+        try:
+            return self._run(unit_data, run_id)
+        finally:
+            self.clock.count("units")
+            self.clock.switch("idle")
+
+    def _run(self, unit_data: dict[str, Any], run_id: str) -> dict[str, Any]:
         unit = WorkUnit.from_dict(unit_data)
         started = time.perf_counter()
         try:
             samples, metric = self._selection(unit)
             indices = shard_indices(total=len(samples), shard=unit.shard, num_shards=unit.num_shards)
-            rows = self.unit_rows(unit=unit, samples=[(i, samples[i]) for i in indices], metric=metric,
-                                  context={**self.context, "run_id": run_id})
+            with self.clock.active():
+                rows = self.unit_rows(unit=unit, samples=[(i, samples[i]) for i in indices], metric=metric,
+                                      context={**self.context, "run_id": run_id})
             for row in rows:
                 row["dtype"] = self.dtype
-            return {"unit_id": unit.unit_id, "ok": True, "table": rows_to_table(rows),
-                    "busy_s": time.perf_counter() - started, "worker": self.name}
+            table = rows_to_table(rows)
+            return {"unit_id": unit.unit_id, "ok": True, "table": table,
+                    "busy_s": time.perf_counter() - started, "worker": self.name,
+                    "walltime": self.walltime()}
         except Exception as exc:  # every failure becomes a record; the worker stays up
             self._recover(exc)
             return {"unit_id": unit.unit_id, "ok": False, "busy_s": time.perf_counter() - started,
-                    "worker": self.name, "failure": failure_record(exc, worker=self.name)}
+                    "worker": self.name, "failure": failure_record(exc, worker=self.name),
+                    "walltime": self.walltime()}
 
     def unit_rows(self, *, unit: WorkUnit, samples: list, metric: Any, context: dict[str, Any]) -> list[dict[str, Any]]:
         """The rows of one unit (subclasses measure other kinds of units: run.closed_loop)."""
-        return run_unit(adapter=self.adapter, unit=unit, samples=samples, metric=metric, context=context)
+        return run_unit(adapter=self.adapter, unit=unit, samples=samples, metric=metric, context=context,
+                        warmed_shapes=self.warmed_shapes)
 
     def _recover(self, exc: BaseException) -> None:
         import torch
+
+        self.warmed_shapes.clear()    # the failure may have left the model's state (graphs, caches) anywhere
 
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -71,6 +71,18 @@ def knob_grid(spec: SweepSpec) -> list[Knobs]:
     return combos
 
 
+def _none_first(value: Any) -> tuple:
+    return (value is not None, value if value is not None else 0)
+
+
+def shape_order(knobs: Knobs) -> tuple:
+    """Sort key of ``order: shape``: active blocks and their policy, top_k and output length first (they key
+    a worker's decode and prefill graphs), crop count last (it keys the vision graphs and the prompt
+    length), so consecutive units on a worker replay the graphs the previous ones captured."""
+    return (_none_first(knobs.active_blocks), knobs.block_policy, _none_first(knobs.top_k),
+            _none_first(knobs.max_new_tokens), _none_first(knobs.max_crops))
+
+
 def expand(spec: SweepSpec) -> list[WorkUnit]:
     if spec.control is not None:
         from flexvlm_ray.spec.closed_loop import expand_closed_loop
@@ -87,6 +99,9 @@ def expand(spec: SweepSpec) -> list[WorkUnit]:
     if spec.order == "interleave":
         # repeat-major, then shard, then config: consecutive units walk across configs
         cells.sort(key=lambda c: (c[3], c[1], c[2], gpu_types.index(c[4]), c[0]))
+    elif spec.order == "shape":
+        # repeat-major, then the knobs that key the decoder's graphs, then crops, dataset and shard
+        cells.sort(key=lambda c: (c[3], gpu_types.index(c[4]), shape_order(c[5]), c[1], c[2], c[0]))
     units = []
     for index, (_, _, shard, repeat, gpu_type, knobs, ds) in enumerate(cells):
         content = dict(model=model, dataset=ds.name, split=ds.split, path=ds.path,

@@ -218,8 +218,10 @@ class SweepSpec(_Strict):
     repeats: int = Field(default=1, ge=1, le=MAX_REPEATS, description="independent repetitions of every unit")
     gpu_types: Optional[list[str]] = Field(
         default=None, min_length=1, description="pin units to these Ray accelerator types")
-    order: Literal["grid", "interleave"] = Field(
-        default="grid", description="interleave: alternate configs so clock drift does not follow one knob")
+    order: Literal["grid", "interleave", "shape"] = Field(
+        default="grid", description="interleave: alternate configs so clock drift does not follow one knob; "
+                                    "shape: units that share CUDA graphs (active blocks, policy, top_k) run "
+                                    "one after another, crops within them")
     seed: int = 0
     search: Literal["grid", "tune"] = Field(
         default="grid", description="grid: every knob combination; tune: an adaptive multi-objective search "

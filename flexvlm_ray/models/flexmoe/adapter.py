@@ -23,6 +23,9 @@ Options:
     kernels (fast only): 'triton' (default on CUDA with Triton: fused norms, q/k norm + RoPE, SiLU-mul,
         MoE combine) | 'torch' (default elsewhere: the same math as chains of PyTorch ops).
     cuda_graphs (fast only): true (default) | false   decode steps as CUDA graphs (CUDA only).
+    max_graphs (fast only): captured graphs kept per decoder, least recently used dropped beyond (default 512).
+    fused_decode (fast only): false (default) | true   a decode step's block in fewer Triton kernels (needs
+        kernels 'triton' and decode_moe 'fused'; docs/FAST_RUNTIME.md).
 
 Stages: ``vision_encoder`` runs CLIP and concatenates two layers' patch features (CLS dropped);
 ``projector`` adds the padding embeddings (MolmoE), pools every 2x2 window and projects it;
@@ -46,7 +49,7 @@ from flexvlm_ray.models.common import BlockKVCache, calibration_samples  # noqa:
 from flexvlm_ray.models.base import (DecodeState, Knobs, ModelAdapter, ModelInfo, Prepared,
                                      register_model)
 from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
-from flexvlm_ray.models.flexmoe.fast.decoder import FastDecoder, grouped_mm_runs
+from flexvlm_ray.models.flexmoe.fast.decoder import MAX_GRAPHS, FastDecoder, grouped_mm_runs
 from flexvlm_ray.models.flexmoe.checkpoint import (MolmoCheckpoint, checkpoint_kind, load_molmo_checkpoint,
                                                    open_molmo_checkpoint, weights_digest)
 from flexvlm_ray.models.flexmoe.config import (BACKENDS, EOS_ID, FAST_OPTIONS, SPECIAL_TOKENS, FlexMoeConfig,
@@ -165,7 +168,9 @@ class FlexMoeAdapter(ModelAdapter):
             raise RuntimeError(f"the grouped GEMM does not run on {self.device} in {self.dtype}; "
                                f"use prefill_moe 'loop' and decode_moe 'gather'")
         return FastDecoder(causal_lm=self.model.decoder, max_len=self.config.max_positions, decode_moe=decode_moe,
-                           prefill_moe=prefill_moe, cuda_graphs=options.get("cuda_graphs", True), kernels=kernels)
+                           prefill_moe=prefill_moe, cuda_graphs=options.get("cuda_graphs", True), kernels=kernels,
+                           max_graphs=options.get("max_graphs") or MAX_GRAPHS,
+                           fused_decode=bool(options.get("fused_decode", False)))
 
     def _load(self, *, attn: str, experts: str) -> tuple[FlexMoeModel, Any]:
         if self.checkpoint is not None:
@@ -399,8 +404,9 @@ class FlexMoeAdapter(ModelAdapter):
         return self.fast.last_prefill_path if self.fast is not None else "eager"
 
     def setup_count(self) -> int:
-        """CUDA graphs captured so far by every fast decoder of this model (vision, prefill, decode)."""
-        return sum(len(decoder.graphs) for decoder in self._fast_decoders.values())
+        """CUDA graphs captured so far by every fast decoder of this model (vision, prefill, decode; a graph
+        dropped by a decoder's least-recently-used bound and captured again counts again)."""
+        return sum(decoder.captures for decoder in self._fast_decoders.values())
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -217,8 +217,9 @@ ASSETS_TINY = Path(__file__).resolve().parents[2] / "assets" / "tiny"
 DEFAULT_PRESET = "tiny"
 CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
 BACKENDS = ("hf", "fast")
-OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs")
-FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs")
+OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs",
+           "max_graphs", "fused_decode")
+FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs", "max_graphs", "fused_decode")
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DECODE_MOE = ("fused", "gather", "grouped")     # the fast backend's decode MoE paths
@@ -256,8 +257,12 @@ def check_options(options: dict[str, Any]) -> None:
                           ("prefill_moe", PREFILL_MOE), ("kernels", KERNELS)):
         if options.get(name) is not None and options[name] not in allowed:
             raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
-    if options.get("cuda_graphs") is not None and not isinstance(options["cuda_graphs"], bool):
-        raise ValueError(f"cuda_graphs must be true or false, got {options['cuda_graphs']!r}")
+    for flag in ("cuda_graphs", "fused_decode"):
+        if options.get(flag) is not None and not isinstance(options[flag], bool):
+            raise ValueError(f"{flag} must be true or false, got {options[flag]!r}")
+    graphs = options.get("max_graphs")
+    if graphs is not None and (isinstance(graphs, bool) or not isinstance(graphs, int) or graphs < 1):
+        raise ValueError(f"max_graphs must be a whole number >= 1 (captured graphs a worker keeps), got {graphs!r}")
 
 
 def describe(*, preset: Optional[str], path: Optional[str], options: dict[str, Any]):

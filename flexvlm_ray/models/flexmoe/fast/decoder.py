@@ -45,6 +45,7 @@ forward hooks time them.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -58,6 +59,7 @@ from flexvlm_ray.models.flexmoe.fast import ops as fused_ops
 KV_BUCKET = 512
 PREFILL_BUCKET = 128
 GRAPH_WARMUP = 2
+MAX_GRAPHS = 512         # captured graphs a decoder keeps (least recently used dropped beyond)
 
 
 def grouped_mm_function() -> Optional[Callable[..., torch.Tensor]]:
@@ -254,6 +256,17 @@ def check_kernels(*, kernels: str, decode_moe: str, prefill_moe: str, device: to
         raise ValueError(f"the Triton experts kernels compute SiLU; this model's activation is {type(act).__name__}")
 
 
+def check_fused_decode(*, causal_lm: nn.Module, kernels: str, decode_moe: str) -> None:
+    """``fused_decode`` runs the Triton kernels and the fused decode MoE on bias-free, unclipped projections."""
+    if kernels != "triton" or decode_moe != "fused":
+        raise ValueError(f"fused_decode needs kernels 'triton' and decode_moe 'fused' (got {kernels!r}, {decode_moe!r})")
+    layer = causal_lm.model.layers[0]
+    a = layer.self_attn
+    if a.config.clip_qkv is not None or any(getattr(m, "bias", None) is not None
+                                            for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.gate)):
+        raise ValueError("fused_decode computes bias-free q/k/v, o and router projections without clip_qkv")
+
+
 # -- modules -----------------------------------------------------------------------------------
 @dataclass
 class Step:
@@ -320,26 +333,35 @@ class FastAttention(nn.Module):
             keys.index_copy_(1, step.position, k)
         return self._attend(q=q, v=v.view(t, self.kv_heads, self.head_dim).transpose(0, 1), step=step)
 
+    def fused_qkv_weight(self) -> torch.Tensor:
+        """[q; k; v] projection weights, concatenated on first use (the only copy the fast backend makes)."""
+        if self.qkv_weight is None:
+            a = self.attn
+            self.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().contiguous()
+        return self.qkv_weight
+
     def _forward_fused(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """Same computation: one GEMM for q, k and v (their weights concatenated once, the only copy the
         fast backend makes), q/k norm + RoPE in one kernel each, ``k`` written into the cache by it."""
-        a, t = self.attn, x.shape[0]
-        if self.qkv_weight is None:
-            self.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        return self.attend_qkv(F.linear(x, self.fused_qkv_weight()), step)
+
+    def attend_qkv(self, qkv: torch.Tensor, step: Step, *, project: bool = True) -> torch.Tensor:
+        """Attention from the fused q/k/v projection (T, (heads + 2 kv_heads) D): q/k norm + RoPE (k and v
+        written into the cache), SDPA, then o_proj (``project``; else the heads' output (T, heads D))."""
+        a, t = self.attn, qkv.shape[0]
         width_q, width_kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = F.linear(x, self.qkv_weight)
         # q in (T, heads, D) memory, seen as (heads, T, D): SDPA's output takes q's layout, so the heads go
         # back to (T, H) for o_proj without a copy
-        q = torch.empty(t, self.heads, self.head_dim, dtype=x.dtype, device=x.device).transpose(0, 1)
+        q = torch.empty(t, self.heads, self.head_dim, dtype=qkv.dtype, device=qkv.device).transpose(0, 1)
         fused_ops.qk_norm_rope(qkv[:, :width_q], weight=a.q_norm.weight, eps=a.q_norm.variance_epsilon, cos=step.cos,
                                sin=step.sin, heads=self.heads, out=q, position=step.zero)
         fused_ops.qk_norm_rope(qkv[:, width_q:width_q + width_kv], weight=a.k_norm.weight, eps=a.k_norm.variance_epsilon,
                                cos=step.cos, sin=step.sin, heads=self.kv_heads, out=self.cache.keys[self.index],
                                position=step.position, v=qkv[:, width_q + width_kv:],
                                v_out=self.cache.values[self.index])     # keys and values written to the cache
-        return self._attend(q=q, v=None, step=step)
+        return self._attend(q=q, v=None, step=step, project=project)
 
-    def _attend(self, *, q: torch.Tensor, v: Optional[torch.Tensor], step: Step) -> torch.Tensor:
+    def _attend(self, *, q: torch.Tensor, v: Optional[torch.Tensor], step: Step, project: bool = True) -> torch.Tensor:
         """Write ``v`` (kv_heads, T, D) into the cache (None: already there), attend ``q`` (heads, T, D)
         over the cached keys and values (the new keys are already there), and project the heads back: (T, H)."""
         t = q.shape[1]
@@ -355,7 +377,8 @@ class FastAttention(nn.Module):
                 values.index_copy_(1, step.position, v)
             out = F.scaled_dot_product_attention(q[None], keys[None, :, :step.bucket], values[None, :, :step.bucket],
                                                  attn_mask=step.mask, **gqa)
-        return self.attn.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
+        heads = out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim)
+        return self.attn.o_proj(heads) if project else heads
 
 
 class FastMoe(nn.Module):
@@ -382,8 +405,8 @@ class FastMoe(nn.Module):
                              kernel=self.fused)
         args = dict(x=x, ids=ids, weights=weights, gate_up=experts.gate_up_proj, down=experts.down_proj)
         impl = self.decode_impl if step.phase == "decode" else self.prefill_impl
-        if impl == "fused" and step.phase == "decode":     # one token: two GEMVs
-            out = fused_ops.moe_decode(**args)
+        if impl == "fused" and step.phase == "decode":     # one token: two GEMVs, the residual added by the second
+            return fused_ops.moe_decode(**args, residual=residual)
         elif impl == "gather":        # decode only: one token
             out = experts_gather(**args, act=experts.act_fn)
         elif impl == "fused":
@@ -400,22 +423,40 @@ class FastBlock(nn.Module):
     """One OLMoE decoder block: pre-norm attention and pre-norm MoE, each with a residual."""
 
     def __init__(self, *, layer: nn.Module, index: int, cache: StaticKVCache, decode_impl: str,
-                 prefill_impl: str, fused: bool) -> None:
+                 prefill_impl: str, fused: bool, fused_decode: bool = False) -> None:
         super().__init__()
         self.index = index
         self.fused = fused
+        self.fused_decode = fused_decode
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.attention = FastAttention(attn=layer.self_attn, index=index, cache=cache, fused=fused)
         self.ffn = FastMoe(moe=layer.mlp, decode_impl=decode_impl, prefill_impl=prefill_impl, fused=fused)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         n1, n2 = self.input_norm, self.post_norm
+        if self.fused_decode and step.phase == "decode":
+            return self.decode_fused(x, step)
         if self.fused:   # the post-attention residual add rides in the second norm's kernel
             h = self.attention(fused_ops.rms_norm(x, n1.weight, n1.variance_epsilon)[0], step)
             normed, x = fused_ops.rms_norm(h, n2.weight, n2.variance_epsilon, residual=x)
             return self.ffn(normed, step, residual=x)     # the MoE's last kernel adds the residual
         x = x + self.attention(rms_norm(x, n1.weight, n1.variance_epsilon), step)
         return x + self.ffn(rms_norm(x, n2.weight, n2.variance_epsilon), step)
+
+
+    def decode_fused(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """One decode token (1, H) through the block in fewer kernels (``fused_decode``): RMSNorm + q/k/v GEMV,
+        q/k norm + RoPE (k and v into the cache), SDPA, o_proj GEMV + residual, RMSNorm + router + softmax +
+        top-k, the chosen experts' gate/up GEMV + SiLU-mul, their down GEMV + weighted sum + residual."""
+        n1, n2, attention, moe = self.input_norm, self.post_norm, self.attention, self.ffn.moe
+        qkv = fused_ops.gemv(x, attention.fused_qkv_weight(), norm_weight=n1.weight, eps=n1.variance_epsilon)
+        heads = attention.attend_qkv(qkv, step, project=False)
+        h = fused_ops.gemv(heads, attention.attn.o_proj.weight, residual=x)
+        normed, weights, ids = fused_ops.norm_route(h, norm_weight=n2.weight, eps=n2.variance_epsilon,
+                                                    router=moe.gate.weight, top_k=self.ffn.top_k,
+                                                    norm_topk_prob=moe.gate.norm_topk_prob)
+        return fused_ops.moe_decode(x=normed, ids=ids, weights=weights, gate_up=moe.experts.gate_up_proj,
+                                    down=moe.experts.down_proj, residual=h)
 
 
 class FastDecoder:
@@ -428,7 +469,7 @@ class FastDecoder:
 
     def __init__(self, *, causal_lm: nn.Module, max_len: int, decode_moe: str = "gather",
                  prefill_moe: str = "loop", cuda_graphs: bool = True, kv_bucket: int = KV_BUCKET,
-                 kernels: str = "torch") -> None:
+                 kernels: str = "torch", max_graphs: int = MAX_GRAPHS, fused_decode: bool = False) -> None:
         model = causal_lm.model
         config = causal_lm.config
         self.embed = model.embed_tokens.weight
@@ -441,10 +482,13 @@ class FastDecoder:
         check_kernels(kernels=kernels, decode_moe=decode_moe, prefill_moe=prefill_moe, device=self.device,
                       act=model.layers[0].mlp.experts.act_fn)
         self.kernels = kernels
+        if fused_decode:
+            check_fused_decode(causal_lm=causal_lm, kernels=kernels, decode_moe=decode_moe)
+        self.fused_decode = bool(fused_decode)
         self.cache = StaticKVCache(num_blocks=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
                                    max_len=max_len, head_dim=head_dim, device=self.device, dtype=self.dtype)
         self.blocks = [FastBlock(layer=layer, index=i, cache=self.cache, decode_impl=decode_moe,
-                                 prefill_impl=prefill_moe, fused=kernels == "triton")
+                                 prefill_impl=prefill_moe, fused=kernels == "triton", fused_decode=self.fused_decode)
                        for i, layer in enumerate(model.layers)]
         self.kv_bucket = int(kv_bucket)
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
@@ -459,7 +503,12 @@ class FastDecoder:
         self.prefill_last = torch.zeros(1, dtype=torch.long, device=dev)
         self.prefill_logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
         self.arange = torch.arange(max_len, device=dev)
-        self.graphs: dict[tuple, Any] = {}
+        if int(max_graphs) < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.graphs: OrderedDict[tuple, Any] = OrderedDict()   # least recently replayed first
+        self.max_graphs = int(max_graphs)
+        self.captures = 0                                      # graphs captured so far (evicted ones included)
+        self.evictions = 0
         self.last_prefill_path = "eager"                      # how the last prefill ran: 'graphed' | 'eager'
         self.vision_io: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # graphed vision: (pixels, features)
         self._pool: Any = None
@@ -572,10 +621,22 @@ class FastDecoder:
 
     def _replay(self, key: tuple, body: Callable[[], Any]) -> None:
         """Replay the graph of ``key``, capturing ``body`` into it first if there is none yet."""
+        self.graph(key, lambda: self._capture(body)).replay()
+
+    def graph(self, key: tuple, capture: Callable[[], Any]) -> Any:
+        """The graph of ``key`` (most recently used now); ``capture()`` makes it when there is none, and
+        the least recently used graphs beyond ``max_graphs`` are dropped (with a vision graph's buffers)."""
         graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = self._capture(body)
-        graph.replay()
+        if graph is not None:
+            self.graphs.move_to_end(key)
+            return graph
+        graph = self.graphs[key] = capture()
+        self.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            old, _ = self.graphs.popitem(last=False)
+            self.vision_io.pop(old, None)
+            self.evictions += 1
+        return graph
 
     def _capture(self, body: Callable[[], Any]) -> Any:
         """Warm up on a side stream, then capture ``body`` (a decode step, a prefill or the ViT) into the pool.

@@ -185,8 +185,8 @@ if triton is not None:
         tl.store(out_ptr + slot * inter + rows, (a * u).to(dt), mask=rmask)
 
     @triton.jit
-    def _moe_down_kernel(a_ptr, ids_ptr, wts_ptr, w_ptr, out_ptr, hidden: tl.constexpr, inter: tl.constexpr,
-                         top_k: tl.constexpr,
+    def _moe_down_kernel(a_ptr, ids_ptr, wts_ptr, w_ptr, out_ptr, res_ptr, hidden: tl.constexpr, inter: tl.constexpr,
+                         top_k: tl.constexpr, RESIDUAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < hidden
@@ -206,7 +206,85 @@ if triton is not None:
                 acc += wd.to(tl.float32) * av
             y = tl.sum(acc, axis=1).to(dt).to(tl.float32)
             total += (y * weight).to(dt).to(tl.float32)
+        if RESIDUAL:     # ``residual + moe(x)`` in the model dtype
+            total = total.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, total.to(dt), mask=rmask)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, nw_ptr, w_ptr, res_ptr, out_ptr, normed_ptr, n_rows, n_cols: tl.constexpr, eps,
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = W @ rms_norm(x) (NORM) or W @ x, plus ``res`` (RESIDUAL), for one row ``x`` of ``n_cols``;
+        each program recomputes the norm's statistic (the row is a few KB) and owns BLOCK_N output rows."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < n_rows
+        dt = out_ptr.dtype.element_ty
+        rstd = 1.0
+        if NORM:
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, n_cols, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                ss += xv * xv
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / n_cols + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < n_cols
+            xv = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            if NORM:     # OLMoE's RMSNorm rounding: (x * rstd) to the dtype, times the weight, to the dtype
+                nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                xv = (nw * (xv * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                if WRITE_NORMED:     # by the first program
+                    tl.store(normed_ptr + cols, xv.to(dt), mask=cmask & (tl.program_id(0) == 0))
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :],
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * xv[None, :]
+        y = tl.sum(acc, axis=1)
+        if RESIDUAL:     # F.linear's output in the dtype, then ``residual + y`` in the dtype
+            y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(dt), mask=rmask)
+
+    @triton.jit
+    def _norm_route_kernel(x_ptr, nw_ptr, w_ptr, normed_ptr, wts_ptr, ids_ptr, n_cols: tl.constexpr, num_experts, eps,
+                           TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr, BE: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One token: RMSNorm of ``x`` (written to ``normed``), the router's logits over every expert (rounded
+        to the dtype as F.linear's output), softmax in float32, top-k; one program."""
+        dt = normed_ptr.dtype.element_ty
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            ss += xv * xv
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / n_cols + eps)
+        experts = tl.arange(0, BE)
+        emask = experts < num_experts
+        acc = tl.zeros([BE, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < n_cols
+            xv = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            h = (nw * (xv * rstd).to(dt).to(tl.float32)).to(dt)
+            tl.store(normed_ptr + cols, h, mask=cmask)
+            w = tl.load(w_ptr + experts[:, None].to(tl.int64) * n_cols + cols[None, :],
+                        mask=emask[:, None] & cmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * h.to(tl.float32)[None, :]
+        logits = tl.sum(acc, axis=1).to(dt).to(tl.float32)
+        logits = tl.where(emask, logits, float("-inf"))[None, :]          # (1, BE)
+        e = tl.where(emask[None, :], tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
+        probs = tl.where(emask[None, :], e / tl.sum(e, axis=1)[:, None], -1.0)
+        denom = tl.full([1], 1.0, dtype=tl.float32)
+        if NORM_TOPK:
+            rest, denom = probs, tl.zeros([1], dtype=tl.float32)
+            for _ in tl.static_range(TOP_K):
+                best, _, rest = _pop_largest(rest, experts, BE)
+                denom += best
+        one = tl.arange(0, 1)
+        for slot in tl.static_range(TOP_K):
+            best, first, probs = _pop_largest(probs, experts, BE)
+            tl.store(wts_ptr + slot + one, (best / denom).to(wts_ptr.dtype.element_ty))
+            tl.store(ids_ptr + slot + one, first.to(tl.int64))
 
     @triton.jit
     def _moe_combine_kernel(y_ptr, inv_ptr, wts_ptr, res_ptr, out_ptr, hidden, top_k: tl.constexpr,
@@ -461,8 +539,9 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 
 def moe_decode(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-               down: torch.Tensor) -> torch.Tensor:
-    """One token (1, H) through its ``k`` experts (``ids``/``weights`` (1, k)); reads only those experts."""
+               down: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One token (1, H) through its ``k`` experts (``ids``/``weights`` (1, k)); reads only those experts.
+    ``residual`` (1, H), if given, is added in the second kernel (``residual + out`` in the dtype)."""
     top_k = ids.shape[-1]
     hidden, inter = down.shape[1], down.shape[2]
     ids, weights = ids.reshape(top_k).contiguous(), weights.reshape(top_k).contiguous()
@@ -473,9 +552,52 @@ def moe_decode(*, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gat
                                                               BLOCK_K=min(256, _pow2(hidden)), num_warps=4)
     out = torch.empty(1, hidden, dtype=x.dtype, device=x.device)
     block_m = min(8, _pow2(hidden))
-    _moe_down_kernel[(triton.cdiv(hidden, block_m),)](act, ids, weights, down, out, hidden, inter, top_k,
+    res = out if residual is None else residual.reshape(-1).contiguous()
+    _moe_down_kernel[(triton.cdiv(hidden, block_m),)](act, ids, weights, down, out, res, hidden, inter, top_k,
+                                                      RESIDUAL=residual is not None,
                                                       BLOCK_M=block_m, BLOCK_K=min(256, _pow2(inter)), num_warps=4)
     return out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+         residual: Optional[torch.Tensor] = None, normed_out: Optional[torch.Tensor] = None,
+         block_n: int = 8) -> torch.Tensor:
+    """One token's ``F.linear(x, weight)`` (x (1, K), weight (N, K)) in one launch, with OLMoE's RMSNorm of
+    ``x`` in front when ``norm_weight`` is given (so ``F.linear(rms_norm(x), weight)``; with ``normed_out``
+    (1, K) the normed row is written there too) and ``residual`` (1, N) added after (``residual + y`` in the
+    dtype). Returns (1, N)."""
+    x = x.reshape(-1).contiguous()
+    n_rows, n_cols = weight.shape
+    if x.numel() != n_cols or weight.stride(-1) != 1 or weight.stride(0) != n_cols:
+        raise ValueError(f"gemv: x of {x.numel()} values against a contiguous weight {tuple(weight.shape)}")
+    out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
+    unused = x
+    res = residual.reshape(-1).contiguous() if residual is not None else unused
+    block_n = min(block_n, _pow2(n_rows))
+    _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
+        x, unused if norm_weight is None else norm_weight, weight, res, out,
+        unused if normed_out is None else normed_out, n_rows, n_cols, float(eps), NORM=norm_weight is not None,
+        RESIDUAL=residual is not None, WRITE_NORMED=normed_out is not None, BLOCK_N=block_n,
+        BLOCK_K=min(512, _pow2(n_cols)), num_warps=4)
+    return out
+
+
+def norm_route(x: torch.Tensor, *, norm_weight: torch.Tensor, eps: float, router: torch.Tensor, top_k: int,
+               norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token's post-attention RMSNorm and routing in one launch: (normed (1, H), weights (1, k) in the
+    dtype, expert ids (1, k) int64), as ``rms_norm`` then ``F.linear(normed, router)`` then ``route``."""
+    x = x.reshape(-1).contiguous()
+    num_experts, n_cols = router.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"norm_route: top_k {top_k} not in 1..{num_experts}")
+    normed = torch.empty(1, n_cols, dtype=x.dtype, device=x.device)
+    weights = torch.empty(1, top_k, dtype=x.dtype, device=x.device)
+    ids = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
+    be = max(2, _pow2(num_experts))
+    _norm_route_kernel[(1,)](x, norm_weight, router.contiguous(), normed, weights, ids, n_cols, num_experts,
+                             float(eps), TOP_K=top_k, NORM_TOPK=norm_topk_prob, BE=be,
+                             BLOCK_K=max(16, min(256, 8192 // be)), num_warps=8)
+    return normed, weights, ids
 
 
 def moe_combine(*, y: torch.Tensor, inverse: Optional[torch.Tensor], weights: torch.Tensor,
