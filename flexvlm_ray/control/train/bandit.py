@@ -115,6 +115,15 @@ class EvalSet:
                           violation_rate=float((self.latency[rows, actions] > self.budget).mean()),
                           quality=float(self.quality[rows, actions].mean()))
 
+    def by_fraction(self, actions: np.ndarray, *, fractions: tuple[float, ...]) -> list[dict[str, float]]:
+        """Per budget fraction: mean reward, quality and violation rate of ``actions`` (a frontier)."""
+        rows = np.arange(len(actions))
+        reward = self.rewards[rows, actions].reshape(-1, len(fractions))
+        quality = self.quality[rows, actions].reshape(-1, len(fractions))
+        violated = (self.latency[rows, actions] > self.budget).reshape(-1, len(fractions))
+        return [{"budget_fraction": float(f), "reward": float(reward[:, j].mean()), "quality": float(quality[:, j].mean()),
+                 "violation_rate": float(violated[:, j].mean())} for j, f in enumerate(fractions)]
+
     def baselines(self, *, full_index: int, fractions: int) -> dict[str, float]:
         per_fraction = self.rewards.reshape(-1, fractions, self.rewards.shape[1]).mean(axis=0)
         return {"oracle": self.oracle_reward, "hindsight": self.hindsight_reward, "uniform": self.uniform_reward,
