@@ -41,7 +41,7 @@ ROWS_FILE = "curves.parquet"
 # a small grid per strategy: the hyperparameter each strategy is most sensitive to
 DEFAULT_GRID: dict[str, dict[str, list[Any]]] = {
     "lut": {"bins": [6, 12]},
-    "supervised": {"target": ["label", "reward"]},
+    "supervised": {"target": ["label", "reward"], "relabel": [1, 8]},
     "ppo": {"lr": [3e-3, 1e-2]},
     "dpo": {"beta": [0.1, 0.5]},
     "grpo": {"kl_coef": [0.0, 0.04]},

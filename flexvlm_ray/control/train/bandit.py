@@ -208,11 +208,7 @@ class BanditEnv:
     def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """n training contexts: request indices and budgets (ms)."""
         idx = self.train[rng.integers(len(self.train), size=n)]
-        if self.budget_levels is None:
-            fractions = rng.uniform(*self.budget_range, size=n)
-        else:
-            fractions = np.asarray(self.budget_levels)[rng.integers(len(self.budget_levels), size=n)]
-        return idx, fractions * self.p50[idx]
+        return idx, self.draw_budgets(idx, rng)
 
     def contexts(self, idx: np.ndarray, budget_ms: np.ndarray) -> np.ndarray:
         """The learned policy's input vectors (``Featurizer.vector``) of the contexts."""
@@ -237,6 +233,31 @@ class BanditEnv:
             idx, b = idx[:, None], b[:, None]
         return self.reward(quality=self.quality[idx, configs], latency_ms=self.env.latency[idx, configs],
                            budget_ms=b)
+
+    def measure(self, idx: np.ndarray, configs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What running ``configs[j]`` on request ``idx[j]`` measures: (quality, latency ms), one
+        environment sample each. The budget is the request's, not the run's: ``reward_of`` turns one
+        measurement into the reward at any budget (what E4's table and oracle labels use)."""
+        idx, configs = np.asarray(idx), np.asarray(configs)
+        self.samples += int(configs.size)
+        return self.quality[idx, configs], self.env.latency[idx, configs]
+
+    def measure_all(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every configuration on each request (a full sweep): configs samples per request."""
+        idx = np.asarray(idx)
+        self.samples += int(len(idx)) * self.num_configs
+        return self.quality[idx], self.env.latency[idx]
+
+    def reward_of(self, *, quality: np.ndarray, latency_ms: np.ndarray, budget_ms: np.ndarray) -> np.ndarray:
+        return self.reward(quality=quality, latency_ms=latency_ms, budget_ms=budget_ms)
+
+    def draw_budgets(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Budgets (ms) for given requests, drawn as ``draw`` does."""
+        if self.budget_levels is None:
+            fractions = rng.uniform(*self.budget_range, size=len(idx))
+        else:
+            fractions = np.asarray(self.budget_levels)[rng.integers(len(self.budget_levels), size=len(idx))]
+        return fractions * self.p50[idx]
 
     def query_all(self, idx: np.ndarray, budget_ms: np.ndarray) -> np.ndarray:
         """Every configuration's reward on each context (a full sweep): configs samples per context."""

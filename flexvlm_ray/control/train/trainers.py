@@ -225,26 +225,35 @@ class SupervisedTrainer(Trainer):
     """Supervised learning from full sweeps: E4's ``learned`` policy trained online.
 
     Each step sweeps every configuration on ``batch`` new contexts (``configs`` samples per context)
-    and runs ``updates`` Adam steps on minibatches of everything swept so far. ``target``:
+    and runs ``updates`` Adam steps on minibatches of everything swept so far. A sweep measures each
+    configuration's quality and latency on the request, so it labels the request at ``relabel``
+    budgets (the drawn one and ``relabel - 1`` more drawn from the range: E4's learned policy labels
+    every training request at 23 budgets) at no further sample. ``target``:
 
       label   cross-entropy against the oracle label, the best-reward configuration of the context
               (ties: the lower latency), as E4's learned policy trains;
-      reward  the logits regress the swept reward vector (mean squared error), so they estimate each
+      reward  the logits regress the reward vector (mean squared error), so they estimate each
               configuration's expected reward and the greedy policy takes the best estimate (uses
               every swept reward, not only which one was best)."""
 
-    defaults = {"lr": 3e-3, "batch": 16, "updates": 8, "minibatch": 256, "weight_decay": 1e-4, "target": "label"}
+    defaults = {"lr": 3e-3, "batch": 16, "updates": 8, "minibatch": 256, "weight_decay": 1e-4, "target": "label",
+                "relabel": 1}
 
     def setup(self, env, net, rng):
         if self.target not in ("label", "reward"):
             raise ValueError(f"supervised target must be 'label' or 'reward' (got {self.target!r})")
+        if int(self.relabel) < 1:
+            raise ValueError(f"supervised relabel must be >= 1 (got {self.relabel})")
         self.opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         self.data = Dataset()
 
     def step(self, env, net, rng):
         idx, budget = env.draw(self.batch, rng)
-        rewards = env.query_all(idx, budget)
-        self.data.add(x=env.contexts(idx, budget), y=best_config(rewards, env.env.latency[idx]), r=rewards)
+        quality, latency = env.measure_all(idx)
+        for k in range(int(self.relabel)):
+            b = budget if k == 0 else env.draw_budgets(idx, rng)
+            rewards = env.reward_of(quality=quality, latency_ms=latency, budget_ms=b[:, None])
+            self.data.add(x=env.contexts(idx, b), y=best_config(rewards, latency), r=rewards)
         data = self.data.get()
         x = as_tensor(data["x"])
         y = torch.as_tensor(data["y"], dtype=torch.long) if self.target == "label" else as_tensor(data["r"])
