@@ -127,7 +127,8 @@ def analyze_e5(*, rows: pd.DataFrame, out_dir: Path, manifest: dict[str, Any]) -
     paths = [write_json(out_dir / "e5.json", result), _table(result, out_dir / "e5_table.md")]
     figures = figures_dir(out_dir)
     eval_every = int(manifest.get("eval_every") or 500)
-    paths.append(_curves(rows, best, figures / "e5_learning_curves.png", eval_every=eval_every))
+    paths.append(_curves(rows, best, figures / "e5_learning_curves.png", eval_every=eval_every,
+                         baselines=bandit.get("baselines", {})))
     paths.append(_efficiency(strategies, best, figures / "e5_sample_efficiency.png",
                              budget=int(manifest.get("sample_budget") or rows["env_samples"].max())))
     if any("frontier" in strategies[t][best[t]] for t in best):
@@ -186,7 +187,8 @@ def _table(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _curves(rows: pd.DataFrame, best: dict[str, str], path: Path, *, eval_every: int) -> Path:
+def _curves(rows: pd.DataFrame, best: dict[str, str], path: Path, *, eval_every: int,
+            baselines: dict[str, dict[str, float]]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     top = int(rows["env_samples"].max())
     grid = np.arange(0, top + 1, max(eval_every, 1), dtype=float)
@@ -199,8 +201,12 @@ def _curves(rows: pd.DataFrame, best: dict[str, str], path: Path, *, eval_every:
             mean = np.array([s["mean"] for s in stats])
             line, = ax.plot(grid, mean, label=f"{trainer} {best[trainer]}")
             ax.fill_between(grid, [s["low"] for s in stats], [s["high"] for s in stats], color=line.get_color(), alpha=0.2)
-    for ax, title in zip(axes, ("environment requests", "held-out requests")):
+    for ax, title, which in zip(axes, ("environment requests", "held-out requests"), ("env", "held_out")):
         ax.axhline(TARGET_FRACTION, color="gray", ls="--", lw=0.8)
+        base = baselines.get(which, {})
+        if base.get("oracle", 0) > 0 and "best_static" in base:
+            ax.axhline(base["best_static"] / base["oracle"], color="k", ls="-.", lw=0.8,
+                       label="best static config per budget (hindsight)")
         if top >= TARGET_SAMPLES:
             ax.axvline(TARGET_SAMPLES, color="gray", ls=":", lw=0.8)
         ax.set_ylim(-0.5, 1.1)             # a seed's early policy can be far below; the band is clipped
