@@ -110,7 +110,6 @@ def _import_all() -> None:
 def analyze_run(run_dir: str | Path) -> list[Path]:
     """Run the analysis registered for the run's experiment; [] when none is. A failure to load
     or run it is an AnalysisError naming the experiment and the cause."""
-    from flexvlm_ray.store.reader import load_frame
     from flexvlm_ray.store.writer import RunStore
 
     manifest = RunStore(run_dir).manifest()
@@ -121,9 +120,25 @@ def analyze_run(run_dir: str | Path) -> list[Path]:
     out_dir = Path(run_dir) / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return fn(rows=load_frame(run_dir), out_dir=out_dir, manifest={**manifest, "run_dir": str(run_dir)})
+        return fn(rows=_rows(run_dir, manifest), out_dir=out_dir, manifest={**manifest, "run_dir": str(run_dir)})
     except Exception as exc:
         raise AnalysisError(experiment, exc) from exc
+
+
+def _rows(run_dir: str | Path, manifest: dict):
+    """A sweep's rows, or for a run folder that is not a sweep (E5's training trials) the Parquet file
+    its manifest names in ``rows_file``."""
+    from flexvlm_ray.store.reader import load_frame
+
+    name = manifest.get("rows_file")
+    if name is None:
+        return load_frame(run_dir)
+    import pandas as pd
+
+    path = Path(run_dir) / name
+    if Path(name).name != name or not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: the manifest's rows_file {name!r} is not a file of the run folder")
+    return pd.read_parquet(path)
 
 
 def combined_names() -> list[str]:

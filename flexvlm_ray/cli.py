@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "ls": "flexvlm_ray.commands.ls:ls",
     "train-tiny": "flexvlm_ray.commands.tiny:train_tiny",
     "eval-tiny": "flexvlm_ray.commands.tiny:eval_tiny",
+    "train-controller": "flexvlm_ray.commands.train_controller:train_controller",
 }
 
 
