@@ -220,7 +220,7 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
     strategy = strategy_of(spec)
-    driver = strategy.driver(spec=spec, store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
+    driver = strategy.driver(spec=spec, store=store, run_id=run_id, model=spec.model, seed=spec.seed,
                              prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
                              unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     with interruption_recorded(store):
