@@ -159,7 +159,7 @@ def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[st
         connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
         store.remove_partial_writes()  # safe: we hold the lock, so no live writer has a write in flight
         try:
-            store.units()
+            stored_units(store)
         except StoreError as exc:
             warn(f"{exc}; rewriting it")
             store.write_units(units)
@@ -183,6 +183,18 @@ def _interruptible(run_dir: Path, *, resumable: bool):
     except SweepAborted as exc:
         exc.run_dir = Path(run_dir)
         raise
+
+
+def stored_units(store: RunStore) -> list[WorkUnit]:
+    """RUN_DIR/units.jsonl read back into typed units (model and measure validated); StoreError when
+    it is damaged or a line is not a work unit this code reads."""
+    lines = store.units()
+    try:
+        return [WorkUnit.from_dict(line) for line in lines]
+    except (TypeError, ValueError, KeyError) as exc:   # pydantic's ValidationError is a ValueError
+        problem = " ".join(str(exc).split())[:200]
+        raise StoreError(f"{store.root / 'units.jsonl'} is damaged (a line is not a work unit: {problem}); "
+                         f"`flexvlm-ray launch --resume {store.root}` rewrites it from spec.yaml") from None
 
 
 def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
