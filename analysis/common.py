@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from flexvlm_ray.knobs.base import KNOB_NAMES, SHORT_NAMES
+from flexvlm_ray.spec.schema import ModelSpec
 
 # The seeds' per-sample entry (001_*.txt "Data Format"), in their order.
 SEED_ENTRY_FIELDS = ("num_crops", "num_vision_tokens", "num_language_tokens", "num_total_tokens",
@@ -128,17 +129,18 @@ def component_params(*, family: str, preset: Optional[str], path: Optional[str] 
     return {k: int(counts[k]) for k in ("vision_encoder", "projector", "llm") if k in counts}
 
 
-def run_model_spec(*, manifest: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
-    """The model section of the run's frozen spec (RUN_DIR/spec.yaml), or family/preset from the rows."""
+def run_model_spec(*, manifest: dict[str, Any], rows: pd.DataFrame) -> ModelSpec:
+    """The model section of the run's frozen spec (RUN_DIR/spec.yaml); without one, family and preset (and
+    dtype and backend where the rows have them) from the rows, the spec's defaults for the rest."""
     run_dir = manifest.get("run_dir")
     spec_path = Path(run_dir) / "spec.yaml" if run_dir else None
     if spec_path is not None and spec_path.is_file():
         from flexvlm_ray.spec.load import load_spec_text
 
-        spec = load_spec_text(spec_path.read_text(), source=str(spec_path))
-        return spec.model.model_dump()
+        return load_spec_text(spec_path.read_text(), source=str(spec_path)).model
     first = rows.iloc[0]
-    return {"family": first["model_family"], "preset": first["model_preset"], "path": None, "options": {}}
+    known = {k: first[k] for k in ("dtype", "backend") if k in rows and isinstance(first[k], str)}
+    return ModelSpec(family=first["model_family"], preset=first["model_preset"], **known)
 
 
 # -- statistics every analysis shares: bootstrap CIs, constant quality, figure labels ---------

@@ -37,6 +37,7 @@ from scipy import stats as sps
 from flexvlm_ray.analysis.common import figures_dir, ok_rows, run_model_spec, write_json
 from flexvlm_ray.analysis.plots import save
 from flexvlm_ray.analysis.registry import register_analysis
+from flexvlm_ray.spec.schema import ModelSpec
 
 TRAINED_PRESETS = {("flexmoe", "tiny")}      # presets that load trained weights (flexvlm_ray/assets/tiny)
 GUARDED = ("lut+guard", "learned+guard")
@@ -60,8 +61,8 @@ def _ci(data: tuple[np.ndarray, ...], statistic, *, paired: bool = False, seed: 
     return [None if np.isnan(low) else float(low), None if np.isnan(high) else float(high)]
 
 
-def quality_meaningful(model: dict[str, Any]) -> bool:
-    return bool(model.get("path")) or (model.get("family"), model.get("preset")) in TRAINED_PRESETS
+def quality_meaningful(model: ModelSpec) -> bool:
+    return bool(model.path) or (model.family, model.preset) in TRAINED_PRESETS
 
 
 def budget_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -164,7 +165,7 @@ def guardrail_effect(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> 
     return out
 
 
-def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed: int = 0) -> list[Path]:
+def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: ModelSpec, seed: int = 0) -> list[Path]:
     out_dir = Path(out_dir)
     rows = ok_rows(rows)
     if rows.empty or "role" not in rows or not (rows["role"] == "control").any():
@@ -181,7 +182,7 @@ def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed
                          "n": int(len(p))}
                 for policy, p in control.groupby("policy")}
     meaningful = quality_meaningful(model)
-    result = {"model": {k: model.get(k) for k in ("family", "preset", "path", "dtype", "backend")},
+    result = {"model": {k: getattr(model, k) for k in ("family", "preset", "path", "dtype", "backend")},
               "quality_meaningful": meaningful,
               "quality_note": None if meaningful else "random weights: the quality columns are not meaningful; "
                                                        "read latency, violations and overhead only",

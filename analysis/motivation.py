@@ -75,8 +75,7 @@ def exp2_component_profiling(*, rows: pd.DataFrame, out_dir: Path, manifest: dic
     if ok.empty:
         return []
     model = run_model_spec(manifest=manifest, rows=ok)
-    params = component_params(family=model["family"], preset=model.get("preset"), path=model.get("path"),
-                              options=model.get("options"))
+    params = component_params(family=model.family, preset=model.preset, path=model.path, options=model.options)
     latency = {field: stats(ok[field]) for field in ("T_vision_encoder", "T_projector", "T_LLM_prefill",
                                                      "T_LLM_prefill_hook", "T_LLM_decode", "T_total")}
     means = {f: latency[f]["mean"] for f in PREFILL_COMPONENTS}
@@ -86,7 +85,7 @@ def exp2_component_profiling(*, rows: pd.DataFrame, out_dir: Path, manifest: dic
         "parameter_share": {k: v / sum(params.values()) for k, v in params.items()},
         "latency_ms": latency,
         "latency_share_prefill": {f: (m / total_prefill if total_prefill else None) for f, m in means.items()},
-        "model": {"family": model["family"], "preset": model.get("preset")},
+        "model": {"family": model.family, "preset": model.preset},
     }
     data = write_json(out_dir / "exp2_component_profiling.json",
                       motivation_json(name="motivation_exp2", rows=ok, statistics=statistics))

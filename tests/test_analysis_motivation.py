@@ -87,6 +87,24 @@ def test_exp2_parameters_of_flexmoe_come_from_a_meta_device_build():
     assert counts == {k: real[k] for k in ("vision_encoder", "projector", "llm")}
 
 
+@pytest.mark.parametrize("with_spec, rows, expected", [
+    (True, {"model_family": ["x"], "model_preset": ["y"], "dtype": [None], "backend": [None]},
+     dict(family="flexmoe", preset="tiny", dtype="float32", backend="hf", path=None)),
+    (False, {"model_family": ["flexmoe"], "model_preset": ["molmoe-1b"], "dtype": ["bfloat16"], "backend": ["fast"]},
+     dict(family="flexmoe", preset="molmoe-1b", dtype="bfloat16", backend="fast", path=None)),
+    (False, {"model_family": ["synthetic"], "model_preset": ["p"]},   # rows without dtype / backend: the defaults
+     dict(family="synthetic", preset="p", dtype="bfloat16", backend="hf", path=None)),
+])
+def test_the_runs_model_is_its_frozen_specs_model_section_else_the_rows(with_spec, rows, expected, tmp_path):
+    from flexvlm_ray.analysis.common import run_model_spec
+
+    if with_spec:
+        (tmp_path / "spec.yaml").write_text("name: t\nexperiment: x\nmodel: {family: flexmoe, preset: tiny, "
+                                           "dtype: float32}\ndatasets: [{name: shapes_vqa, num_samples: 2}]\n")
+    model = run_model_spec(manifest={"run_dir": str(tmp_path)}, rows=pd.DataFrame(rows))
+    assert {k: getattr(model, k) for k in expected} == expected
+
+
 @pytest.mark.parametrize("case", run_cases("motivation_exp3"))
 def test_exp3_vision_tokens_slope(case, cpu_runs, tmp_path):
     run = _run(case, "motivation_exp3", cpu_runs)

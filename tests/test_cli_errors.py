@@ -115,7 +115,7 @@ def _run_folder(tmp_path, *, done: int, failed: int):
     units = expand(spec)
     store = RunStore(tmp_path / "run")
     store.create(spec_text=SIMULATED, spec_hash="x", units=units, run_id="r")
-    worker = ModelWorker(model=spec.model.model_dump(), seed=0, name="w0")
+    worker = ModelWorker(model=spec.model, seed=0, name="w0")
     for unit in units[:done]:
         store.write_part(unit.unit_id, worker.run(unit.to_dict(), "r")["table"])
     for unit in units[done:done + failed]:

@@ -79,7 +79,7 @@ def test_e2_analysis_on_a_small_simulated_run(write_spec, tmp_path):
     units = expand(spec)
     store = RunStore(tmp_path / "run")
     store.create(spec_text=SPEC, spec_hash="x", units=units, run_id="r")
-    worker = ModelWorker(model=spec.model.model_dump(), seed=0, name="w0")
+    worker = ModelWorker(model=spec.model, seed=0, name="w0")
     for unit in units:
         result = worker.run(unit.to_dict(), "r")
         assert result["ok"]

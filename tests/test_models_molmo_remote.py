@@ -210,8 +210,8 @@ def test_verify_knobs_cli_on_a_local_path(folder, tmp_path, monkeypatch):
 def test_worker_passes_the_specs_top_level_opt_in(folder):
     from flexvlm_ray.run.worker import ModelWorker
 
-    model = load_spec_text(spec(folder), source="x").model.model_dump()
-    assert model["options"] == {} and model["trust_remote_code"] is True
+    model = load_spec_text(spec(folder), source="x").model
+    assert model.options == {} and model.trust_remote_code is True
     worker = ModelWorker(model=model, seed=0, name="w0")
     assert worker.adapter.info.family == "molmo_remote" and worker.adapter.info.num_experts == 8
 

@@ -191,6 +191,25 @@ def test_a_truncated_units_file_is_detected(tmp_path):
         store.units()
 
 
+def test_a_units_line_that_is_not_a_work_unit_is_damage(tmp_path):
+    """units.jsonl reads back into typed units (model and measure validated); a line that does not is
+    damage, which --resume rewrites from spec.yaml."""
+    from flexvlm_ray.run.launch import stored_units
+    from flexvlm_ray.spec.expand import expand
+
+    store = RunStore(tmp_path / "run")
+    units = expand(load_spec_text(SPEC, source="s.yaml"))
+    store.create(spec_text=SPEC, spec_hash="h", units=units, run_id="r")
+    assert stored_units(store) == units
+    path = store.root / "units.jsonl"
+    lines = path.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["measure"]["warmup"] = -1
+    path.write_text("\n".join([lines[0], json.dumps(bad)] + lines[2:]) + "\n")
+    with pytest.raises(StoreError, match=r"units.jsonl is damaged \(a line is not a work unit: .*warmup"):
+        stored_units(store)
+
+
 def test_the_compacted_file_is_used_only_when_it_matches(tmp_path, capsys):
     store = make_run(tmp_path)
     assert store.compact()["units"] == 4
@@ -330,6 +349,23 @@ def test_resume_reruns_a_corrupt_part_and_rewrites_a_truncated_units_file(ray_lo
     assert (summary.skipped, summary.done) == (3, 1)  # only the corrupt unit ran again
     assert len(store.units()) == 4 and len(load_frame(run_dir)) == 8
     assert run_status(run_dir)["status"] == "complete"
+
+
+def test_a_run_folder_written_by_the_dict_based_units_still_resumes(ray_local, tmp_path):
+    """A committed run whose units.jsonl the dict-based WorkUnit wrote reads back into typed units equal to
+    this code's expansion and resumes: every unit found stored, none run again, units.jsonl left as it was."""
+    import shutil
+
+    from flexvlm_ray.run.launch import check_resumable, stored_units
+
+    run_dir = tmp_path / "m2" / "ablate-default"
+    shutil.copytree(ROOT / "results" / "reference" / "h200-2026-12-03" / "m2" / "ablate-default", run_dir)
+    written = (run_dir / "units.jsonl").read_text()
+    _, units = check_resumable(RunStore(run_dir))
+    assert stored_units(RunStore(run_dir)) == units and len(units) == 2
+    _, summary = resume(run_dir=str(run_dir), progress=False)
+    assert (summary.skipped, summary.done, summary.failed) == (2, 0, 0)
+    assert (run_dir / "units.jsonl").read_text() == written
 
 
 # -- security ----------------------------------------------------------------------------------------

@@ -1,8 +1,16 @@
 """Spec validation (one line per problem, naming file, key, value and what is allowed) and expansion."""
-import pytest
+import json
+import pickle
+from pathlib import Path
 
-from flexvlm_ray.spec.expand import expand, knob_grid
+import pytest
+from pydantic import ValidationError
+
+from flexvlm_ray.spec.expand import LEGACY_MEASURE, WorkUnit, expand, knob_grid, unit_id_of
 from flexvlm_ray.spec.load import SpecError, load_spec, load_spec_text
+from flexvlm_ray.spec.schema import MeasureSpec, ModelSpec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GOOD = """
 name: t
@@ -149,6 +157,57 @@ def test_unit_id_depends_on_schema_version(monkeypatch):
     before = expand(load_spec_text(GOOD, source="x"))[0].unit_id
     monkeypatch.setattr(ex, "SCHEMA_VERSION", 999)
     assert expand(load_spec_text(GOOD, source="x"))[0].unit_id != before
+
+
+E4_SMALL = ["model.preset=tiny", "model.dtype=float32", "knobs.active_blocks=[3,4]", "knobs.top_k=[1,2]",
+            "knobs.max_crops=[1,12]", "knobs.max_new_tokens=4", "datasets.0.num_samples=4",
+            "datasets.1.num_samples=2", "control.train_samples=4", "control.budgets=[0.5,1.0]"]
+NOT_CONTENT = ("unit_id", "index", "sweep", "experiment")   # the unit fields its id does not hash
+
+
+def _expanded(kind: str) -> list[WorkUnit]:
+    if kind == "grid":
+        return expand(load_spec_text(GOOD + "measure: {target_ci: 0.1, max_runs: 4, cpu_threads: 2, sync: stage}\n"
+                                     "gpu_types: [A100, H100]\n", source="x"))
+    return expand(load_spec(ROOT / "sweeps" / "e4_end_to_end.yaml", overrides=E4_SMALL))
+
+
+@pytest.mark.parametrize("kind", ["grid", "closed_loop"])
+def test_a_unit_holds_the_typed_frozen_spec_and_round_trips(kind):
+    """model and measure are the spec's validated ModelSpec / MeasureSpec; to_dict -> JSON -> from_dict gives
+    the same unit and the same line; pickling (Ray) keeps it; the id hashes the unit's plain content."""
+    units = _expanded(kind)
+    for unit in units:
+        assert isinstance(unit.model, ModelSpec) and isinstance(unit.measure, MeasureSpec)
+        data = unit.to_dict()
+        line = json.dumps(data, sort_keys=True)
+        back = WorkUnit.from_dict(json.loads(line))
+        assert back == unit and json.dumps(back.to_dict(), sort_keys=True) == line
+        assert pickle.loads(pickle.dumps(unit)) == unit
+        content = {k: v for k, v in data.items() if k not in NOT_CONTENT and not (k == "control" and v is None)}
+        assert unit_id_of(content) == unit.unit_id
+    with pytest.raises(ValidationError, match="frozen"):
+        units[0].measure.warmup = 5
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "results" / "reference").glob("*/*/*/units.jsonl")),
+                         ids=lambda p: "/".join(p.parts[-4:-1]))
+def test_units_written_by_older_code_read_back_into_typed_units(path):
+    """Every committed run's units.jsonl (written by the dict-based units, some before the newer measure
+    settings existed) reads back: model and measure as written, settings the line lacks at the values the
+    old code's dict.get gave them (LEGACY_MEASURE), and a line with every field is written back unchanged."""
+    lines = path.read_text().splitlines()
+    assert lines
+    for line in lines:
+        data = json.loads(line)
+        unit = WorkUnit.from_dict(data)
+        assert unit.unit_id == data["unit_id"] and unit.model.model_dump() == data["model"]
+        measure = unit.measure.model_dump()
+        assert {k: measure[k] for k in data["measure"]} == data["measure"]
+        assert {k: measure[k] for k in set(measure) - set(data["measure"])} == \
+            {k: LEGACY_MEASURE[k] for k in set(measure) - set(data["measure"])}
+        if set(data) == set(unit.to_dict()) and set(data["measure"]) == set(measure):
+            assert json.dumps(unit.to_dict(), sort_keys=True) == line
 
 
 def test_interleave_alternates_configs():

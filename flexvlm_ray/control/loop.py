@@ -41,7 +41,7 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
     with noise_control(measure) as noise:
         for index, sample in samples:
             if sample.error is not None:
-                for run_index in range(measure["runs_per_sample"]):
+                for run_index in range(measure.runs_per_sample):
                     base = _identity(unit=unit, sample=sample, index=index, run_index=run_index, adapter=adapter,
                                      context=context)
                     rows.append({**base, **noise, **extra, "status": "error", "error_type": "SampleError",

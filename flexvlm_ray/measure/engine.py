@@ -46,6 +46,7 @@ from flexvlm_ray.measure.walltime import clock, model_pass
 from flexvlm_ray.metrics.base import Metric
 from flexvlm_ray.models.base import ModelAdapter, Prepared
 from flexvlm_ray.spec.expand import WorkUnit
+from flexvlm_ray.spec.schema import MeasureSpec
 from flexvlm_ray.store.schema import STAGE_FIELDS
 
 MAX_SETUP_PASSES = 3      # a shape's graphs are captured in its first pass; the second replays them
@@ -69,7 +70,7 @@ def run_unit(*, adapter: ModelAdapter, unit: WorkUnit, samples: list[tuple[int, 
             rows = []
             for index, sample in samples:
                 if sample.error is not None:
-                    for run_index in range(measure["runs_per_sample"]):
+                    for run_index in range(measure.runs_per_sample):
                         base = _identity(unit=unit, sample=sample, index=index, run_index=run_index,
                                          adapter=adapter, context=context)
                         rows.append({**base, **noise, "status": "error", "error_type": "SampleError",
@@ -111,7 +112,7 @@ class ShapeWarmup:
         if key in self.seen:
             return 0
         self.seen.add(key)
-        count = self.unit.measure["warmup"]
+        count = self.unit.measure.warmup
         setup = self.adapter.setup_count
         for _ in range(count):
             with model_pass("warmup", setup_count=setup):
@@ -144,8 +145,8 @@ def timed_passes(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     measure = unit.measure
     if prepared is None:
         prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
-    minimum, target = measure["runs_per_sample"], measure.get("target_ci")
-    maximum = max(minimum, measure.get("max_runs") or minimum) if target else minimum
+    minimum, target = measure.runs_per_sample, measure.target_ci
+    maximum = max(minimum, measure.max_runs or minimum) if target else minimum
     results: list[dict[str, Any]] = []
     while len(results) < maximum:
         result = steady_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
@@ -178,12 +179,12 @@ def steady_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
                              f"{MAX_SETUP_PASSES} passes of this sample; its times include that setup"}
 
 
-def _hooks_on(measure: dict[str, Any]) -> bool:
-    return bool(measure["prefill_hook"] or measure["block_parts"])
+def _hooks_on(measure: MeasureSpec) -> bool:
+    return bool(measure.prefill_hook or measure.block_parts)
 
 
-def _timer(*, adapter: ModelAdapter, measure: dict[str, Any]) -> StageTimer:
-    return StageTimer(cuda=str(adapter.device).startswith("cuda"), sync_each=measure.get("sync") == "stage")
+def _timer(*, adapter: ModelAdapter, measure: MeasureSpec) -> StageTimer:
+    return StageTimer(cuda=str(adapter.device).startswith("cuda"), sync_each=measure.sync == "stage")
 
 
 def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
@@ -203,13 +204,13 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     timer.mark("llm_prefill")
     path = adapter.prefill_path()
     max_new = knobs.max_new_tokens
-    natural = measure["decode_mode"] == "natural"
+    natural = measure.decode_mode == "natural"
     eos = adapter.eos_token_id
     while 0 < len(state.tokens) < max_new and not (natural and state.tokens[-1] == eos):
         adapter.decode_step(state)
-        if measure["per_token_decode"]:
+        if measure.per_token_decode:
             timer.mark("decode_token")
-    if not measure["per_token_decode"]:
+    if not measure.per_token_decode:
         timer.mark("llm_decode")
     stages = timer.finish()
     tokens = state.tokens[:max_new]
@@ -226,7 +227,7 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
         **times,
         "T_vision_total": times["T_vision_encoder"] + times["T_projector"],
         "T_total": sum(ms for _, ms in stages),
-        "T_decode_per_token": per_token if measure["per_token_decode"] else None,
+        "T_decode_per_token": per_token if measure.per_token_decode else None,
         "prefill_path": path,
         "num_crops": prepared.num_crops,
         "num_vision_tokens": prepared.num_vision_tokens,
@@ -302,10 +303,10 @@ class _HookTimes:
 
 @contextmanager
 def _prefill_hooks(*, adapter: ModelAdapter, blocks: list, cuda: bool,
-                   measure: dict[str, Any]) -> Iterator[_HookTimes]:
-    times = _HookTimes(cuda=cuda, num_blocks=len(blocks), parts=measure["block_parts"] and bool(blocks))
+                   measure: MeasureSpec) -> Iterator[_HookTimes]:
+    times = _HookTimes(cuda=cuda, num_blocks=len(blocks), parts=measure.block_parts and bool(blocks))
     handles = []
-    if blocks and measure["prefill_hook"]:
+    if blocks and measure.prefill_hook:
         handles.append(blocks[0].register_forward_pre_hook(lambda *_: times.stack.begin()))
         handles.append(blocks[-1].register_forward_hook(lambda *_: times.stack.end()))
     if times.parts:
@@ -328,14 +329,14 @@ def _identity(*, unit: WorkUnit, sample: Sample, index: int, run_index: int,
     knobs, info = unit.knobs, adapter.info
     return {
         "unit_id": unit.unit_id, "sweep": unit.sweep, "experiment": unit.experiment,
-        "run_id": context.get("run_id"), "model_family": unit.model["family"],
-        "model_preset": info.preset, "backend": unit.model["backend"], "dtype": unit.model["dtype"],
+        "run_id": context.get("run_id"), "model_family": unit.model.family,
+        "model_preset": info.preset, "backend": unit.model.backend, "dtype": unit.model.dtype,
         "dataset": unit.dataset, "split": unit.split, "shard": unit.shard,
         "num_shards": unit.num_shards, "sample_id": sample.sample_id, "sample_index": index,
         "task": sample.task, "repeat": unit.repeat, "run_index": run_index,
         "max_crops": knobs.max_crops, "top_k": knobs.top_k, "active_blocks": knobs.active_blocks,
         "block_policy": knobs.block_policy, "max_new_tokens": knobs.max_new_tokens,
-        "decode_mode": unit.measure["decode_mode"],
+        "decode_mode": unit.measure.decode_mode,
         "top_k_effective": knobs.top_k or (info.default_top_k or None),
         "active_blocks_effective": knobs.active_blocks or info.num_blocks,
         "gpu_name": context.get("gpu_name"), "gpu_type": unit.gpu_type,
@@ -345,9 +346,9 @@ def _identity(*, unit: WorkUnit, sample: Sample, index: int, run_index: int,
 
 
 def _quality(result: dict[str, Any], *, sample: Sample, metric: Optional[Metric],
-             measure: dict[str, Any]) -> dict[str, Any]:
+             measure: MeasureSpec) -> dict[str, Any]:
     """Score natural-length predictions; forced-length outputs are latency runs, not answers."""
-    if metric is None or not measure["score"] or measure["decode_mode"] != "natural" or not sample.references:
+    if metric is None or not measure.score or measure.decode_mode != "natural" or not sample.references:
         return {}
     score = float(metric.score(result["prediction"], sample))
     return {"metric": metric.name, "score": score if math.isfinite(score) else None}

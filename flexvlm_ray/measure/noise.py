@@ -28,22 +28,24 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+from flexvlm_ray.spec.schema import MeasureSpec
+
 DEFAULT_PINNED_THREADS = 4
 GPU_CHECK_MAX_AGE_S = 30.0
 _gpu_check: Optional[tuple[float, Optional[int]]] = None     # (when, answer) of this process's last call
 
 
-def controls_label(measure: dict[str, Any]) -> str:
+def controls_label(measure: MeasureSpec) -> str:
     """What a row records about the noise controls that were on, e.g. 'gc_off,pin_cpus=4,sync=pass'."""
     parts = []
-    if measure.get("gc_off"):
+    if measure.gc_off:
         parts.append("gc_off")
-    threads = measure.get("cpu_threads")
-    if measure.get("pin_cpus"):
+    threads = measure.cpu_threads
+    if measure.pin_cpus:
         parts.append(f"pin_cpus={threads or DEFAULT_PINNED_THREADS}")
     elif threads:
         parts.append(f"threads={threads}")
-    parts.append(f"sync={measure.get('sync', 'pass')}")
+    parts.append(f"sync={measure.sync}")
     return ",".join(parts)
 
 
@@ -89,7 +91,7 @@ def recent_other_gpu_processes(*, max_age_s: float = GPU_CHECK_MAX_AGE_S) -> Opt
 
 
 @contextmanager
-def noise_control(measure: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def noise_control(measure: MeasureSpec) -> Iterator[dict[str, Any]]:
     """Apply the unit's noise controls for the duration of its passes; yields the row fields they add."""
     from flexvlm_ray.measure.walltime import clock
 
@@ -101,15 +103,15 @@ def noise_control(measure: dict[str, Any]) -> Iterator[dict[str, Any]]:
         restore()
 
 
-def _apply(measure: dict[str, Any]):
+def _apply(measure: MeasureSpec):
     import torch
 
     fields: dict[str, Any] = {"noise_controls": controls_label(measure)}
-    if measure.get("check_gpu_idle") and torch.cuda.is_available():
+    if measure.check_gpu_idle and torch.cuda.is_available():
         fields["gpu_other_processes"] = recent_other_gpu_processes()
     threads_before = torch.get_num_threads()
     affinity_before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    threads = measure.get("cpu_threads")
+    threads = measure.cpu_threads
     gc_was_on = gc.isenabled()
 
     def restore() -> None:
@@ -117,16 +119,16 @@ def _apply(measure: dict[str, Any]):
             gc.enable()
         if threads:
             torch.set_num_threads(threads_before)
-        if measure.get("pin_cpus") and affinity_before is not None:
+        if measure.pin_cpus and affinity_before is not None:
             os.sched_setaffinity(0, affinity_before)
 
     try:
-        if measure.get("pin_cpus") and affinity_before is not None:
+        if measure.pin_cpus and affinity_before is not None:
             threads = threads or DEFAULT_PINNED_THREADS
             os.sched_setaffinity(0, pinned_cores(allowed=list(affinity_before), threads=threads, slot=gpu_slot()))
         if threads:
             torch.set_num_threads(int(threads))
-        if measure.get("gc_off"):
+        if measure.gc_off:
             gc.collect()
             gc.disable()
     except BaseException:

@@ -160,7 +160,7 @@ def resume(*, run_dir: str, num_gpus: Optional[int] = None, address: Optional[st
         ray_start_s = _timed_connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
         store.remove_partial_writes()  # safe: we hold the lock, so no live writer has a write in flight
         try:
-            store.units()
+            stored_units(store)
         except StoreError as exc:
             warn(f"{exc}; rewriting it")
             store.write_units(units)
@@ -193,6 +193,18 @@ def _interruptible(run_dir: Path, *, resumable: bool):
     except SweepAborted as exc:
         exc.run_dir = Path(run_dir)
         raise
+
+
+def stored_units(store: RunStore) -> list[WorkUnit]:
+    """RUN_DIR/units.jsonl read back into typed units (model and measure validated); StoreError when
+    it is damaged or a line is not a work unit this code reads."""
+    lines = store.units()
+    try:
+        return [WorkUnit.from_dict(line) for line in lines]
+    except (TypeError, ValueError, KeyError) as exc:   # pydantic's ValidationError is a ValueError
+        problem = " ".join(str(exc).split())[:200]
+        raise StoreError(f"{store.root / 'units.jsonl'} is damaged (a line is not a work unit: {problem}); "
+                         f"`flexvlm-ray launch --resume {store.root}` rewrites it from spec.yaml") from None
 
 
 def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
@@ -230,7 +242,7 @@ def _execute(*, spec: SweepSpec, units: list[WorkUnit], store: RunStore, run_id:
     connect(num_gpus=num_gpus, address=address, dashboard=dashboard)
     store.update_manifest(status="running")
     strategy = strategy_of(spec)
-    driver = strategy.driver(spec=spec, store=store, run_id=run_id, model=spec.model.model_dump(), seed=spec.seed,
+    driver = strategy.driver(spec=spec, store=store, run_id=run_id, model=spec.model, seed=spec.seed,
                              prefetch=prefetch, progress=progress, metrics=LiveMetrics(sweep=spec.name),
                              unit_timeout_s=spec.timeouts.unit_s, worker_start_timeout_s=spec.timeouts.worker_start_s)
     with interruption_recorded(store):

@@ -28,6 +28,7 @@ from flexvlm_ray.run.cluster import describe_slots, gpu_slots
 from flexvlm_ray.run.progress import progress_bar, say
 from flexvlm_ray.run.worker import ModelWorker, failure_record
 from flexvlm_ray.spec.expand import WorkUnit
+from flexvlm_ray.spec.schema import ModelSpec
 from flexvlm_ray.store.writer import RunStore
 
 MAX_RESTARTS_PER_SLOT = 8
@@ -91,7 +92,7 @@ class _Slot:
 class SweepDriver:
     worker_cls: type = ModelWorker   # the actor class (run.closed_loop uses a subclass)
 
-    def __init__(self, *, store: RunStore, run_id: str, model: dict[str, Any], seed: int,
+    def __init__(self, *, store: RunStore, run_id: str, model: ModelSpec, seed: int,
                  prefetch: int = 1, progress: bool = True, metrics: Any = None,
                  unit_timeout_s: Optional[float] = None, worker_start_timeout_s: Optional[float] = None) -> None:
         self.store, self.run_id, self.model, self.seed = store, run_id, model, seed

@@ -27,6 +27,7 @@ from flexvlm_ray.metrics import METRICS
 from flexvlm_ray.models import MODELS
 from flexvlm_ray.models.base import adapter_options
 from flexvlm_ray.spec.expand import WorkUnit
+from flexvlm_ray.spec.schema import ModelSpec
 from flexvlm_ray.store.schema import rows_to_table
 
 
@@ -67,7 +68,7 @@ def gpu_info() -> dict[str, Any]:
 
 
 class ModelWorker:
-    def __init__(self, *, model: dict[str, Any], seed: int, name: str,
+    def __init__(self, *, model: ModelSpec, seed: int, name: str,
                  cpu_threads: Optional[int] = None) -> None:
         self.clock = WallClock(phase="build")
         import torch
@@ -75,18 +76,17 @@ class ModelWorker:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.name = name
-        self.device = resolve_device(model["device"])
-        self.dtype = resolve_dtype(requested=model["dtype"], device=self.device, device_choice=model["device"])
+        self.device = resolve_device(model.device)
+        self.dtype = resolve_dtype(requested=model.dtype, device=self.device, device_choice=model.device)
         self.gpu = gpu_info() if self.device.startswith("cuda") else {"gpu_name": "cpu"}
         started = time.perf_counter()
-        family = MODELS.get(model["family"])
+        family = MODELS.get(model.family)
         # only families that list a backend other than 'hf' take the argument (the spec checks membership)
-        backend = model.get("backend", "hf")
-        extra = {} if backend == "hf" else {"backend": backend}
-        self.adapter = family(preset=model["preset"], path=model["path"], dtype=self.dtype,
+        extra = {} if model.backend == "hf" else {"backend": model.backend}
+        self.adapter = family(preset=model.preset, path=model.path, dtype=self.dtype,
                               device=self.device, seed=seed, **extra,
-                              options=adapter_options(options=model["options"],
-                                                      trust_remote_code=model.get("trust_remote_code", False)))
+                              options=adapter_options(options=model.options,
+                                                      trust_remote_code=model.trust_remote_code))
         self.adapter.synchronize()
         self.load_s = time.perf_counter() - started
         self._selections: dict[tuple, tuple[list, Any]] = {}

@@ -17,11 +17,10 @@ The unit content hashes the role, policy, guardrail, budget fraction and the con
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict
 from typing import Any, Optional
 
 from flexvlm_ray.models.base import Knobs
-from flexvlm_ray.spec.expand import WorkUnit, knob_grid, unit_id_of
+from flexvlm_ray.spec.expand import WorkUnit, knob_grid, make_unit
 from flexvlm_ray.spec.schema import SweepSpec
 
 
@@ -35,7 +34,6 @@ def full_knobs(configs: list[Knobs]) -> Knobs:
 
 def expand_closed_loop(spec: SweepSpec) -> list[WorkUnit]:
     control = spec.control
-    model, measure = spec.model.model_dump(), spec.measure.model_dump()
     settings = control.model_dump(mode="json")
     configs = knob_grid(spec)
     full = full_knobs(configs)
@@ -63,12 +61,8 @@ def expand_closed_loop(spec: SweepSpec) -> list[WorkUnit]:
     for index, c in enumerate(cells):
         ds = c["dataset"]
         unit_control = {**c["control"], "settings": settings} if c["control"]["role"] == "control" else c["control"]
-        content = dict(model=model, dataset=ds.name, split=c["split"], path=ds.path, num_samples=c["num_samples"],
-                       shard=c["shard"], num_shards=c["num_shards"], knobs=asdict(c["knobs"]), repeat=c["repeat"],
-                       gpu_type=c["gpu_type"], measure=measure, seed=spec.seed, control=unit_control)
-        units.append(WorkUnit(unit_id=unit_id_of(content), index=index, sweep=spec.name, experiment=spec.experiment,
-                              model=model, dataset=ds.name, split=c["split"], path=ds.path,
-                              num_samples=c["num_samples"], shard=c["shard"], num_shards=c["num_shards"],
-                              knobs=c["knobs"], repeat=c["repeat"], gpu_type=c["gpu_type"], measure=measure,
-                              seed=spec.seed, control=unit_control))
+        units.append(make_unit(index=index, sweep=spec.name, experiment=spec.experiment, model=spec.model,
+                               dataset=ds.name, split=c["split"], path=ds.path, num_samples=c["num_samples"],
+                               shard=c["shard"], num_shards=c["num_shards"], knobs=c["knobs"], repeat=c["repeat"],
+                               gpu_type=c["gpu_type"], measure=spec.measure, seed=spec.seed, control=unit_control))
     return units

@@ -3,18 +3,29 @@
 A unit's id is a hash of its canonical content (model, dataset shard, knobs, measurement
 settings, repeat, GPU type, seed) and the row schema version, so the same unit gets the same
 id in every expansion and in every order, and a schema change gives new ids.
+
+A unit's ``model`` and ``measure`` are the spec's own validated, frozen ``ModelSpec`` and
+``MeasureSpec``; ``to_dict`` writes them as plain dicts (units.jsonl, the dict a worker receives)
+and ``from_dict`` validates them back.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 from flexvlm_ray.models.base import Knobs
-from flexvlm_ray.spec.schema import SweepSpec, grid_values
+from flexvlm_ray.spec.schema import MeasureSpec, ModelSpec, SweepSpec, grid_values
 from flexvlm_ray.store.schema import SCHEMA_VERSION
+
+# What a unit written before these measure settings existed ran with: the old code read each one
+# with dict.get, so a missing key meant off (None, or the 'pass' sync it defaulted to). A unit read
+# back from such a units.jsonl gets these values, not the spec's defaults.
+LEGACY_MEASURE: dict[str, Any] = {"gc_off": False, "pin_cpus": False, "cpu_threads": None, "sync": "pass",
+                                  "check_gpu_idle": False, "target_ci": None, "max_runs": None}
 
 
 @dataclass(frozen=True)
@@ -23,7 +34,7 @@ class WorkUnit:
     index: int                     # position in the run order
     sweep: str
     experiment: str
-    model: dict[str, Any]          # ModelSpec as a plain dict
+    model: ModelSpec
     dataset: str
     split: str
     path: Optional[str]
@@ -33,7 +44,7 @@ class WorkUnit:
     knobs: Knobs
     repeat: int
     gpu_type: Optional[str]
-    measure: dict[str, Any]        # MeasureSpec as a plain dict
+    measure: MeasureSpec
     seed: int
     control: Optional[dict[str, Any]] = None   # closed-loop runs (spec.control): role, policy, budget fraction
 
@@ -44,11 +55,34 @@ class WorkUnit:
                 self.knobs.block_policy, self.knobs.max_new_tokens)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON-ready data (units.jsonl, failure records, what a worker receives)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "model": self.model.model_dump(), "measure": self.measure.model_dump(),
+                "knobs": asdict(self.knobs), "control": copy.deepcopy(self.control)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WorkUnit":
-        return cls(**{**data, "knobs": Knobs(**data["knobs"])})
+        """A unit of ``to_dict`` data, also as older code wrote it (no ``control`` key, measure settings
+        that did not exist yet: ``LEGACY_MEASURE``); model and measure are validated (pydantic errors)."""
+        return cls(**{**data, "knobs": Knobs(**data["knobs"]), "model": ModelSpec.model_validate(data["model"]),
+                      "measure": MeasureSpec.model_validate({**LEGACY_MEASURE, **data["measure"]})})
+
+
+def make_unit(*, index: int, sweep: str, experiment: str, model: ModelSpec, dataset: str, split: str,
+              path: Optional[str], num_samples: Optional[int], shard: int, num_shards: int, knobs: Knobs,
+              repeat: int, gpu_type: Optional[str], measure: MeasureSpec, seed: int,
+              control: Optional[dict[str, Any]] = None) -> WorkUnit:
+    """A unit with its id: the hash of its content (every field but index, sweep and experiment; control
+    only where there is one), model and measure as their plain dicts."""
+    content = dict(model=model.model_dump(), dataset=dataset, split=split, path=path, num_samples=num_samples,
+                   shard=shard, num_shards=num_shards, knobs=asdict(knobs), repeat=repeat, gpu_type=gpu_type,
+                   measure=measure.model_dump(), seed=seed)
+    if control is not None:
+        content["control"] = control
+    return WorkUnit(unit_id=unit_id_of(content), index=index, sweep=sweep, experiment=experiment, model=model,
+                    dataset=dataset, split=split, path=path, num_samples=num_samples, shard=shard,
+                    num_shards=num_shards, knobs=knobs, repeat=repeat, gpu_type=gpu_type, measure=measure,
+                    seed=seed, control=control)
 
 
 def unit_id_of(content: dict[str, Any]) -> str:
@@ -88,8 +122,6 @@ def expand(spec: SweepSpec) -> list[WorkUnit]:
         from flexvlm_ray.spec.closed_loop import expand_closed_loop
 
         return expand_closed_loop(spec)
-    model = spec.model.model_dump()
-    measure = spec.measure.model_dump()
     gpu_types: list[Optional[str]] = list(spec.gpu_types) if spec.gpu_types else [None]
     cells = []  # (config index, dataset index, shard, repeat, gpu type)
     for (ci, knobs), (di, ds), repeat, gpu_type in itertools.product(
@@ -102,15 +134,7 @@ def expand(spec: SweepSpec) -> list[WorkUnit]:
     elif spec.order == "shape":
         # repeat-major, then the knobs that key the decoder's graphs, then crops, dataset and shard
         cells.sort(key=lambda c: (c[3], gpu_types.index(c[4]), shape_order(c[5]), c[1], c[2], c[0]))
-    units = []
-    for index, (_, _, shard, repeat, gpu_type, knobs, ds) in enumerate(cells):
-        content = dict(model=model, dataset=ds.name, split=ds.split, path=ds.path,
-                       num_samples=ds.num_samples, shard=shard, num_shards=ds.shards,
-                       knobs=asdict(knobs), repeat=repeat, gpu_type=gpu_type, measure=measure,
-                       seed=spec.seed)
-        units.append(WorkUnit(unit_id=unit_id_of(content), index=index, sweep=spec.name,
-                              experiment=spec.experiment, model=model, dataset=ds.name,
-                              split=ds.split, path=ds.path, num_samples=ds.num_samples,
-                              shard=shard, num_shards=ds.shards, knobs=knobs, repeat=repeat,
-                              gpu_type=gpu_type, measure=measure, seed=spec.seed))
-    return units
+    return [make_unit(index=index, sweep=spec.name, experiment=spec.experiment, model=spec.model, dataset=ds.name,
+                      split=ds.split, path=ds.path, num_samples=ds.num_samples, shard=shard, num_shards=ds.shards,
+                      knobs=knobs, repeat=repeat, gpu_type=gpu_type, measure=spec.measure, seed=spec.seed)
+            for index, (_, _, shard, repeat, gpu_type, knobs, ds) in enumerate(cells)]

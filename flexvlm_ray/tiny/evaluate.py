@@ -53,7 +53,9 @@ SETTINGS: tuple[tuple[str, Knobs], ...] = (
     ("active_blocks=2", Knobs(active_blocks=2, block_policy="prefix")),
 )
 TEST_SETTINGS = ("full", "max_crops=1", "top_k=1")
-MEASURE = {"decode_mode": "natural", "per_token_decode": False, "prefill_hook": False, "block_parts": False}
+# the measure settings measure_pass reads (a spec's MeasureSpec has them as attributes; tiny sits below spec)
+MEASURE = SimpleNamespace(decode_mode="natural", per_token_decode=False, prefill_hook=False, block_parts=False,
+                          sync="pass")
 
 
 def load_adapter(*, model_dir: Path) -> FlexMoeAdapter:
