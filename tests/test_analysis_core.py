@@ -115,6 +115,9 @@ def test_m2_repeatability(case, cpu_runs, tmp_path):
     assert total["cov_median"] == pytest.approx(np.median(covs), rel=1e-9)
     assert total["series_within_target_cov"] == sum(c <= 0.02 for c in covs)
     assert "n_observed_median" not in total
+    within = [g["T_total"].to_numpy() for _, g in rows.groupby(["max_crops", "dataset", "sample_id", "repeat"])]
+    assert total["cov_median_within_repeats"] == pytest.approx(np.median([w.std(ddof=1) / w.mean() for w in within]),
+                                                               rel=1e-9)
     for name in ("m2_cov_vs_repeats", "m2_repeats_for_2pct_ci"):
         assert_png_300dpi(tmp_path / "figures" / f"{name}.png")
 
