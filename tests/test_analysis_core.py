@@ -132,3 +132,34 @@ def test_m2_half_width_matches_the_t_interval():
     lucky = np.array([10.0, 10.01, 10.0, 12.0, 8.0, 11.5, 8.5, 12.5, 7.5, 10.0])
     assert n_estimated(lucky) == n_estimated(lucky[::-1]) == n_estimated(np.sort(lucky)) > 10
     assert n_estimated(np.array([10.0, 10.0, 10.0])) == 2
+
+
+@pytest.mark.parametrize("slope, grows", [(0.01, True), (0.0, False)])
+def test_e1_claims_growth_only_where_the_slope_ci_excludes_0(slope, grows):
+    import pandas as pd
+
+    from flexvlm_ray.analysis.e1 import fit_with_ci
+
+    rng = np.random.default_rng(0)
+    x = np.repeat([300.0, 600.0, 900.0], 20)
+    y = 5.0 + slope * x + np.tile(rng.normal(0.0, 0.5, 20), 3)   # the same spread at every x: no slope of its own
+    fit = fit_with_ci(pd.Series(x), pd.Series(y))
+    assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    assert fit["slope_ci95"][0] <= fit["slope"] <= fit["slope_ci95"][1]
+    assert fit["grows"] is grows
+
+
+def test_e1_shares_are_per_workload_and_labelled_by_the_knobs_that_vary():
+    from flexvlm_ray.analysis.e1 import stage_shares
+    from flexvlm_ray.synthetic import knob_configs, synthetic_rows
+
+    rows = synthetic_rows(configs=knob_configs(max_crops=[1, 12], top_k=[8], active_blocks=[16]),
+                          datasets=("shapes_vqa", "shapes_caption"), samples=5, noise=0.05)
+    shares = stage_shares(rows)
+    assert sorted((e["dataset"], e["config"]) for e in shares) == sorted(
+        (d, f"crops={c}") for d in ("shapes_vqa", "shapes_caption") for c in (1, 12))
+    for e in shares:
+        part = rows[(rows["dataset"] == e["dataset"]) & (rows["max_crops"] == e["max_crops"])]["T_total"]
+        assert e["T_total_mean"] == pytest.approx(part.mean())
+        assert e["T_total_mean_ci95"][0] <= part.mean() <= e["T_total_mean_ci95"][1]
+        assert e["T_total_median_ci95"][0] <= part.median() <= e["T_total_median_ci95"][1]
