@@ -186,7 +186,7 @@ def metric_label(rows: pd.DataFrame) -> str:
     names = sorted(set(rows["metric"].dropna())) if "metric" in rows else []
     if len(names) == 1:
         return METRIC_LABELS.get(names[0], names[0])
-    return " / ".join(METRIC_LABELS.get(n, n) for n in names) or "quality (no metric)"
+    return " / ".join(METRIC_LABELS.get(n, n) for n in names) or "quality"
 
 
 def figure_title(rows: pd.DataFrame, what: str) -> str:
