@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from flexvlm_ray.analysis.common import mean_ci
 from flexvlm_ray.estimator import INPUT_COLUMNS, KNOB_COLUMNS, config_keys, gpu_label_series, usable_rows
 
 
@@ -92,9 +93,10 @@ def enforcement(*, table: pd.DataFrame, rows: pd.DataFrame, rule: np.ndarray,
                 line = chosen.iloc[0]
                 measured = bool(table.attrs.get("quality_measured", True))
                 times = rows[(rows["dataset"] == dataset) & (rows["config"] == line["config"])]["T_total"]
+                over = (times > budget).astype(float)
                 record.update(config=line["config"], feasible=True, predicted_ms=float(line["rule"]),
                               measured_mean_ms=float(line["lat_mean"]),
-                              request_violation=float((times > budget).mean()),
+                              request_violation=float(over.mean()), request_violation_ci95=mean_ci(over),
                               config_violation=bool(line["lat_mean"] > budget),
                               quality=float(line["quality"]) if measured else None,
                               quality_kept=(float(line["quality"]) / record["oracle_quality"]
@@ -106,12 +108,14 @@ def enforcement(*, table: pd.DataFrame, rows: pd.DataFrame, rule: np.ndarray,
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Mean request violation, share of config violations, mean quality kept, over budgets."""
+    """Mean request violation (with the bootstrap 95% CI of that mean over the budgets), share of config
+    violations, mean quality kept, over budgets."""
     feasible = [r for r in records if r["feasible"]]
     kept = [r["quality_kept"] for r in feasible if r["quality_kept"] is not None]
     quality = [r["quality"] for r in feasible if r["quality"] is not None]
     return {"budgets": len(records), "feasible": len(feasible),
             "request_violation_rate": float(np.mean([r["request_violation"] for r in feasible])) if feasible else None,
+            "request_violation_rate_ci95": mean_ci([r["request_violation"] for r in feasible]) if feasible else None,
             "config_violation_rate": float(np.mean([r["config_violation"] for r in feasible])) if feasible else None,
             "mean_quality": float(np.mean(quality)) if quality else None,
             "mean_quality_kept": float(np.mean(kept)) if kept else None}

@@ -188,7 +188,7 @@ def metric_label(rows: pd.DataFrame) -> str:
     names = sorted(set(rows["metric"].dropna())) if "metric" in rows else []
     if len(names) == 1:
         return METRIC_LABELS.get(names[0], names[0])
-    return " / ".join(METRIC_LABELS.get(n, n) for n in names) or "quality (no metric)"
+    return " / ".join(METRIC_LABELS.get(n, n) for n in names) or "quality"
 
 
 def figure_title(rows: pd.DataFrame, what: str) -> str:
@@ -228,3 +228,61 @@ def difference_ci(low: Iterable[float], high: Iterable[float], *, seed: int = 0,
                     n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=confidence, method="percentile",
                     random_state=np.random.default_rng(seed), vectorized=True, paired=False)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mean_ci(values: Iterable[float]) -> list[Optional[float]]:
+    """[low, high] of the bootstrap 95% CI of the mean (a JSON-ready list)."""
+    return list(bootstrap_ci(values, statistic="mean"))
+
+
+def effect(low: Iterable[float], high: Iterable[float]) -> dict[str, Any]:
+    """mean(high) - mean(low) with its bootstrap 95% CI and ``exceeds_ci``: whether the CI excludes 0,
+    the condition for claiming the effect (a knob's cost, a difference between settings)."""
+    a, b = _finite(low), _finite(high)
+    diff = float(b.mean() - a.mean()) if a.size and b.size else None
+    lo, hi = difference_ci(a, b)
+    return {"diff": diff, "ci95": [lo, hi], "exceeds_ci": exceeds_ci(lo, hi)}
+
+
+def ratio_ci(low: Iterable[float], high: Iterable[float], *, seed: int = 0,
+             confidence: float = CONFIDENCE) -> tuple[Optional[float], Optional[float]]:
+    """Percentile bootstrap CI of mean(high) / mean(low), the groups resampled independently; (None, None)
+    where either group has fewer than two values or mean(low) can be 0."""
+    a, b = _finite(low), _finite(high)
+    if a.size < 2 or b.size < 2 or a.min() <= 0:
+        return None, None
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, a.size, (BOOTSTRAP_RESAMPLES, a.size))].mean(axis=1)
+    rb = b[rng.integers(0, b.size, (BOOTSTRAP_RESAMPLES, b.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(rb / ra, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def slope_ci(x: Iterable[float], y: Iterable[float], *, seed: int = 0,
+             confidence: float = CONFIDENCE) -> tuple[Optional[float], Optional[float]]:
+    """Percentile bootstrap CI of the least-squares slope of y on x, (x, y) pairs resampled together;
+    (None, None) with fewer than three pairs or fewer than two distinct x values."""
+    x, y = np.asarray(list(x), dtype=float), np.asarray(list(y), dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 3 or np.unique(x).size < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, x.size, (BOOTSTRAP_RESAMPLES, x.size))
+    xs, ys = x[picks], y[picks]
+    xc = xs - xs.mean(axis=1, keepdims=True)
+    var = (xc ** 2).sum(axis=1)
+    ok = var > 0
+    slopes = (xc * (ys - ys.mean(axis=1, keepdims=True))).sum(axis=1)[ok] / var[ok]
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(slopes, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def error_bars(center: Iterable[Optional[float]], cis: Iterable[Any]) -> np.ndarray:
+    """(2, n) distances below and above ``center`` for matplotlib's ``yerr`` / ``xerr`` from [low, high]
+    CIs; 0 where a CI is missing."""
+    center = np.asarray([np.nan if c is None else c for c in center], dtype=float)
+    ci = np.asarray([(np.nan, np.nan) if c is None or c[0] is None else c for c in cis], dtype=float).reshape(-1, 2)
+    return np.nan_to_num(np.vstack([center - ci[:, 0], ci[:, 1] - center]).clip(min=0))

@@ -4,7 +4,12 @@ several run folders (one per GPU type): ``flexvlm-ray calibrate RUN_A --on RUN_B
 
 Every error is reported as the mean over ``SPLITS`` holdout splits of the knob configurations (30%
 of the configs held out, unseen by every fit, the source GPU's included) with its range over the
-splits (``*_range``): one split's number is one draw.
+splits (``*_range``) and the bootstrap 95% CI of that mean (``*_ci95``, the error bars of the
+figures): one split's number is one draw. A transfer step is said to beat raw transfer
+(``vs_k0.better``) only where the 95% CI of its paired MAPE difference to K=0 over the splits lies
+below 0. Figures carry titles with the GPU(s), model and date of the rows; the budget figure has one
+row of panels per workload and draws quality kept only where the run measured quality (its metric on
+the y axis).
 
 Files: e3_calibration.{json,png} (held-out MAPE and share within +-10% vs n rows fitted on,
 per GPU), e3_transfer.{json,png} (fit on GPU A's training configs, recalibrate on K rows of GPU B,
@@ -23,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from flexvlm_ray.analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
-from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.common import effect, error_bars, figure_title, mean_ci, metric_label
+from flexvlm_ray.analysis.plots import save, suptitle
 from flexvlm_ray.analysis.registry import register_analysis
 from flexvlm_ray.estimator import (TARGETS, StageEstimator, evaluate, gpu_label_series, sample_rows,
                                    split_configs, transfer, usable_rows)
@@ -63,8 +69,26 @@ def over_splits(per_split: list[dict[str, dict[str, float]]]) -> dict[str, dict[
         out[t] = {"mape": float(np.nanmean(mape)), "within10": float(np.nanmean(within)),
                   "mape_range": [float(np.nanmin(mape)), float(np.nanmax(mape))],
                   "within10_range": [float(np.nanmin(within)), float(np.nanmax(within))],
-                  "splits": len(per_split)}
+                  "mape_ci95": mean_ci(mape), "within10_ci95": mean_ci(within),
+                  "mape_splits": [float(v) for v in mape], "splits": len(per_split)}
     return out
+
+
+def versus_k0(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each transfer step with ``vs_k0`` per target: the mean over splits of MAPE(K) - MAPE(0) (paired by
+    split), its bootstrap 95% CI, and ``better``: whether the CI lies below 0 (only then is recalibration
+    from K rows claimed to beat raw transfer)."""
+    base = next((c for c in curve if c["k"] == 0), None)
+    for point in curve:
+        if base is None:
+            break
+        point["vs_k0"] = {}
+        for t in TARGETS:
+            diffs = np.asarray(point[t]["mape_splits"]) - np.asarray(base[t]["mape_splits"])
+            lo, hi = mean_ci(diffs)
+            point["vs_k0"][t] = {"mape_diff": float(np.nanmean(diffs)), "ci95": [lo, hi],
+                                 "better": hi is not None and hi < 0}
+    return curve
 
 
 def calibration_curve(rows: pd.DataFrame, *, holdout: float, seed: int, splits: int = SPLITS) -> list[dict[str, Any]]:
@@ -83,29 +107,38 @@ def calibration_curve(rows: pd.DataFrame, *, holdout: float, seed: int, splits: 
 
 def transfer_curve(*, source: pd.DataFrame, target: pd.DataFrame, holdout: float,
                    seed: int, splits: int = SPLITS) -> list[dict[str, Any]]:
-    return [{"k": k, **over_splits([_mean_errors([transfer(source=source, target=target, k=k, seed=seed + s + 100 * r,
-                                                           split_seed=seed + s, holdout=holdout)[1] for r in range(REPEATS)])
-                                    for s in range(splits)])}
-            for k in TRANSFER_K]
+    return versus_k0([{"k": k, **over_splits([_mean_errors([transfer(source=source, target=target, k=k,
+                                                                     seed=seed + s + 100 * r, split_seed=seed + s,
+                                                                     holdout=holdout)[1] for r in range(REPEATS)])
+                                              for s in range(splits)])}
+                      for k in TRANSFER_K])
 
 
 def _plot_curves(curves: dict[str, list[dict]], *, x: str, xlabel: str, title: str, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    """MAPE and share within +-10% vs x: the mean over holdout splits with its 95% CI as error bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for name, curve in curves.items():
         xs = [c[x] for c in curve]
         for target, style in (("T_total", "-"), ("T_LLM_prefill", "--"), ("T_LLM_decode", ":")):
-            axes[0].plot(xs, [c[target]["mape"] for c in curve], style, marker="o", label=f"{name} {target}")
-            axes[1].plot(xs, [100 * c[target]["within10"] for c in curve], style, marker="o",
-                         label=f"{name} {target}")
+            mape = [c[target]["mape"] for c in curve]
+            within = [100 * c[target]["within10"] for c in curve]
+            axes[0].errorbar(xs, mape, yerr=error_bars(mape, [c[target].get("mape_ci95") for c in curve]),
+                             fmt=style, marker="o", ms=3, capsize=2, label=f"{name} {target}")
+            axes[1].errorbar(xs, within, yerr=100 * error_bars([w / 100 for w in within],
+                                                               [c[target].get("within10_ci95") for c in curve]),
+                             fmt=style, marker="o", ms=3, capsize=2, label=f"{name} {target}")
     axes[0].set_ylabel("MAPE on held-out configs (%)")
     axes[1].set_ylabel("predictions within +-10% (%)")
     axes[1].axhline(95, color="grey", lw=0.5)
     axes[1].axhline(90, color="grey", lw=0.5, ls="--")
+    every = [c[x] for curve in curves.values() for c in curve]
     for ax in axes:
         ax.set_xlabel(xlabel)
         ax.set_xscale("symlog", linthresh=1)
+        if every:
+            ax.set_xlim(min(every) * 0.8 - (0.3 if min(every) == 0 else 0), max(every) * 1.25)
         ax.legend(fontsize=5)
-    fig.suptitle(title)
+    suptitle(fig, title)
     return save(fig, path)
 
 
@@ -122,7 +155,9 @@ def analyze_e3(*, rows: pd.DataFrame, out_dir: Path, holdout: float = 0.3, seed:
     (out_dir / "e3_calibration.json").write_text(json.dumps(calib, indent=2))
     written += [out_dir / "e3_calibration.json",
                 _plot_curves(calib, x="samples", xlabel="rows fitted on (same GPU)",
-                             title="E3: estimator error vs calibration samples", path=out_dir / "e3_calibration.png")]
+                             title=figure_title(rows, f"E3: estimator error vs calibration samples (mean over "
+                                                      f"{SPLITS} holdout splits, 95% CI)"),
+                             path=out_dir / "e3_calibration.png")]
 
     if len(gpus) > 1:
         curves = {f"{a}->{b}": transfer_curve(source=rows[rows["gpu"] == a], target=rows[rows["gpu"] == b],
@@ -131,7 +166,8 @@ def analyze_e3(*, rows: pd.DataFrame, out_dir: Path, holdout: float = 0.3, seed:
         (out_dir / "e3_transfer.json").write_text(json.dumps(curves, indent=2))
         written += [out_dir / "e3_transfer.json",
                     _plot_curves(curves, x="k", xlabel="recalibration rows K of the target GPU",
-                                 title="E3: cross-GPU transfer", path=out_dir / "e3_transfer.png")]
+                                 title=figure_title(rows, f"E3: cross-GPU transfer (mean over {SPLITS} splits, 95% CI)"),
+                                 path=out_dir / "e3_transfer.png")]
 
     budget = {}
     for g in gpus:
@@ -144,23 +180,44 @@ def analyze_e3(*, rows: pd.DataFrame, out_dir: Path, holdout: float = 0.3, seed:
         budget[g] = {"quality_source": source, "fitted_on": "training configs (held-out configs unseen)",
                      "summary": summarize(records), "budgets": records}
     (out_dir / "e3_budget.json").write_text(json.dumps(budget, indent=2, default=str))
-    written += [out_dir / "e3_budget.json", _plot_budget(budget, out_dir / "e3_budget.png")]
+    written += [out_dir / "e3_budget.json",
+                _plot_budget(budget, rows, out_dir / "e3_budget.png",
+                             title=figure_title(rows, "E3: budget enforcement with the estimator (95% CI)"))]
     return written
 
 
-def _plot_budget(budget: dict[str, dict], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for g, result in budget.items():
-        frame = pd.DataFrame(result["budgets"])
-        for dataset, part in frame.groupby("dataset"):
-            axes[0].plot(part["budget_ms"], 100 * part["request_violation"], marker="o", label=f"{g} {dataset}")
-            axes[1].plot(part["budget_ms"], part["quality_kept"].astype(float), marker="o", label=f"{g} {dataset}")
-    axes[0].set_ylabel("requests over budget (%)")
-    axes[1].set_ylabel("quality kept (chosen / best that fits)")
-    for ax in axes:
-        ax.set_xlabel("latency budget (ms)")
-        ax.legend(fontsize=6)
-    fig.suptitle("E3: budget enforcement with the estimator")
+def _plot_budget(budget: dict[str, dict], rows: pd.DataFrame, path: Path, *, title: str) -> Path:
+    """One row of panels per workload: requests over budget (95% CI over the chosen config's requests),
+    and quality kept where the run measured quality (else the panel says so)."""
+    datasets = sorted({r["dataset"] for result in budget.values() for r in result["budgets"]})
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 4 * len(datasets)), squeeze=False)
+    for (viol_ax, kept_ax), dataset in zip(axes, datasets):
+        measured = False
+        for g, result in budget.items():
+            part = pd.DataFrame([r for r in result["budgets"] if r["dataset"] == dataset])
+            if part.empty:
+                continue
+            viol = 100 * part["request_violation"].to_numpy(float)
+            cis = [[100 * v for v in c] if c and c[0] is not None else None
+                   for c in part.get("request_violation_ci95", pd.Series([None] * len(part)))]
+            viol_ax.errorbar(part["budget_ms"], viol, yerr=error_bars(viol, cis), marker="o", ms=3, capsize=2,
+                             label=g)
+            if result["quality_source"] == "score" and part["quality_kept"].notna().any():
+                measured = True
+                kept_ax.plot(part["budget_ms"], part["quality_kept"].astype(float), marker="o", label=g)
+        viol_ax.set_ylabel("requests over budget (%)")
+        viol_ax.set_title(dataset, fontsize=9)
+        metric = metric_label(rows[rows["dataset"] == dataset]) if "metric" in rows else "quality"
+        kept_ax.set_ylabel(f"{metric} kept (chosen / best that fits)")
+        kept_ax.set_title(dataset, fontsize=9)
+        if not measured:
+            kept_ax.text(0.5, 0.5, "quality not measured in this run:\nno quality kept is reported",
+                         ha="center", va="center", transform=kept_ax.transAxes, fontsize=8)
+        for ax in (viol_ax, kept_ax):
+            ax.set_xlabel("latency budget (ms)")
+            if ax.has_data():
+                ax.legend(fontsize=6)
+    suptitle(fig, title)
     return save(fig, path)
 
 

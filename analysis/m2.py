@@ -9,7 +9,9 @@ over all of its passes: an estimate from every pass, so a series whose first few
 agree gets no smaller n than the same passes in another order (the first n at which the running CI
 crosses 2% would reward stopping early, and is not reported). Per stage the JSON gives the mean and
 the median CoV over series (the median is the target's statistic), the mean CoV over series for
-every n, and the median and worst (max) ``n_estimated``. Where the run used adaptive repeats
+every n, the median and worst (max) ``n_estimated``, the mean CoV of the per-repeat means
+(``cov_between_repeats``: drift between unit repeats) and the median CoV inside one unit repeat
+(``cov_median_within_repeats``). Where the run used adaptive repeats
 (``measure.target_ci``), ``adaptive`` gives the passes the rule took per sample and the share of
 samples that reached the target before ``max_runs``. Stages whose mean is 0 in a series (no decode)
 are left out for it.
@@ -96,6 +98,18 @@ def adaptive_summary(ok: pd.DataFrame) -> Optional[dict[str, Any]]:
             "share_within_target": float(np.mean(ci <= TARGET)) if np.isfinite(ci).any() else None}
 
 
+def within_repeats(all_series: list[tuple[dict[str, Any], pd.DataFrame]], stage: str) -> Optional[float]:
+    """Median over (series, unit repeat) of the CoV of the passes of one repeat: the spread a sample
+    shows inside one unit, without the drift between the unit repeats that ``cov_median`` includes."""
+    covs = []
+    for _, g in all_series:
+        for _, part in g.groupby("repeat"):
+            x = part[stage].to_numpy(dtype=float)
+            if x.size >= 2 and x.mean() > 0:
+                covs.append(x.std(ddof=1) / x.mean())
+    return float(np.median(covs)) if covs else None
+
+
 def between_repeats(all_series: list[tuple[dict[str, Any], pd.DataFrame]], stage: str) -> Optional[float]:
     """Mean over series of the CoV of the per-unit-repeat means (drift between repeats)."""
     covs = []
@@ -117,6 +131,7 @@ def repeatability(*, rows: pd.DataFrame, out_dir: Path, manifest: dict) -> list[
         result = stage_repeatability(all_series, stage)
         if result is not None:
             result["cov_between_repeats"] = between_repeats(all_series, stage)
+            result["cov_median_within_repeats"] = within_repeats(all_series, stage)
             stages[stage] = result
     data = write_json(out_dir / "m2_repeatability.json",
                       {"experiment_name": "m2", "target_relative_half_width": TARGET, "confidence": CONFIDENCE,

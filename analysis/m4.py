@@ -7,7 +7,11 @@ Rules, all picking the best-quality config whose rule latency fits the budget, o
   flops_proxy         latency = c * FLOPs (seeds' formula), c fitted on the same rows
   source_gpu_measured (several GPUs) the configs' measured mean latency on the other GPU
   quality_only        no filter: the best-quality config regardless of the budget
-Files: m4_guardrail.json (per target GPU and rule: summary and per-budget picks), m4_guardrail.png.
+Files: m4_guardrail.json (per target GPU and rule: summary, summary per workload, per-budget picks, and
+``vs_quality_only``: the mean over (workload, budget) of its request violation minus the unfiltered
+rule's, paired, with its bootstrap 95% CI; ``fewer_violations`` only where that CI lies below 0),
+m4_guardrail.png (one row of panels per workload: violation rate per rule with the 95% CI over budgets,
+and quality kept where the run measured quality; title with GPU, model and date).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from flexvlm_ray.analysis.budget import config_table, default_budgets, enforcement, rows_by_gpu, summarize
-from flexvlm_ray.analysis.plots import save
+from flexvlm_ray.analysis.common import error_bars, figure_title, mean_ci, metric_label
+from flexvlm_ray.analysis.plots import save, suptitle
 from flexvlm_ray.analysis.registry import register_analysis
 from flexvlm_ray.estimator import StageEstimator, sample_rows, split_configs
 
@@ -75,28 +80,66 @@ def analyze_m4(*, rows: pd.DataFrame, out_dir: Path, holdout: float = 0.3, seed:
                 continue
             records = enforcement(table=table, rows=part, rule=np.nan_to_num(rule, nan=np.inf),
                                   budgets=budgets)
-            per_rule[name] = {"summary": summarize(records), "budgets": records}
+            per_rule[name] = {"summary": summarize(records),
+                              "per_dataset": {ds: summarize([r for r in records if r["dataset"] == ds])
+                                              for ds in sorted(budgets)},
+                              "budgets": records}
+        versus_unfiltered(per_rule)
         result[target] = {"quality_source": source, "rules": per_rule}
     path = out_dir / "m4_guardrail.json"
     path.write_text(json.dumps(result, indent=2, default=str))
-    return [path, _plot(result, out_dir / "m4_guardrail.png")]
+    return [path, _plot(result, rows, out_dir / "m4_guardrail.png",
+                        title=figure_title(rows, "M4: budget guardrail, mean over budgets (95% CI)"))]
 
 
-def _plot(result: dict[str, Any], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def versus_unfiltered(per_rule: dict[str, dict[str, Any]], *, baseline: str = "quality_only") -> None:
+    """Each rule's ``vs_quality_only``: mean over (workload, budget) of its request violation minus the
+    unfiltered rule's at the same workload and budget, with the bootstrap 95% CI of that mean;
+    ``fewer_violations`` only where the CI lies below 0."""
+    if baseline not in per_rule:
+        return
+    base = {(r["dataset"], r["budget_ms"]): r["request_violation"] for r in per_rule[baseline]["budgets"]}
+    for name, entry in per_rule.items():
+        if name == baseline:
+            continue
+        diffs = [r["request_violation"] - base[(r["dataset"], r["budget_ms"])] for r in entry["budgets"]
+                 if (r["dataset"], r["budget_ms"]) in base]
+        lo, hi = mean_ci(diffs)
+        entry["vs_quality_only"] = {"violation_diff": float(np.mean(diffs)) if diffs else None, "ci95": [lo, hi],
+                                    "fewer_violations": hi is not None and hi < 0}
+
+
+def _plot(result: dict[str, Any], rows: pd.DataFrame, path: Path, *, title: str) -> Path:
+    """One row of panels per workload: requests over budget per rule (mean over budgets, 95% CI) and
+    quality kept where the run measured quality (else the panel says so), one bar group per target GPU."""
     names = sorted({n for r in result.values() for n in r["rules"]})
+    datasets = sorted({ds for r in result.values() for rule in r["rules"].values() for ds in rule["per_dataset"]})
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 4 * len(datasets)), squeeze=False)
     width = 0.8 / max(len(result), 1)
-    for i, (target, r) in enumerate(result.items()):
-        xs = np.arange(len(names)) + i * width
-        viol = [100 * (r["rules"].get(n, {}).get("summary", {}).get("request_violation_rate") or 0) for n in names]
-        kept = [r["rules"].get(n, {}).get("summary", {}).get("mean_quality_kept") or 0 for n in names]
-        axes[0].bar(xs, viol, width, label=target)
-        axes[1].bar(xs, kept, width, label=target)
-    for ax, label in ((axes[0], "requests over budget (%)"), (axes[1], "quality kept (chosen / oracle)")):
-        ax.set_xticks(np.arange(len(names)) + width * (len(result) - 1) / 2, names, rotation=20, fontsize=7)
-        ax.set_ylabel(label)
-        ax.legend(fontsize=6)
-    fig.suptitle("M4: budget guardrail, mean over budgets")
+    for (viol_ax, kept_ax), dataset in zip(axes, datasets):
+        measured = False
+        for i, (target, r) in enumerate(result.items()):
+            xs = np.arange(len(names)) + i * width
+            summaries = [r["rules"].get(n, {}).get("per_dataset", {}).get(dataset, {}) for n in names]
+            viol = [100 * (s.get("request_violation_rate") or 0) for s in summaries]
+            cis = [[100 * v for v in s["request_violation_rate_ci95"]] if s.get("request_violation_rate_ci95")
+                   and s["request_violation_rate_ci95"][0] is not None else None for s in summaries]
+            viol_ax.bar(xs, viol, width, label=target, yerr=error_bars(viol, cis), capsize=2,
+                        error_kw={"elinewidth": 0.8})
+            if r["quality_source"] == "score":
+                measured = True
+                kept_ax.bar(xs, [s.get("mean_quality_kept") or 0 for s in summaries], width, label=target)
+        metric = metric_label(rows[rows["dataset"] == dataset]) if "metric" in rows else "quality"
+        for ax, label in ((viol_ax, "requests over budget (%)"), (kept_ax, f"{metric} kept (chosen / oracle)")):
+            ax.set_xticks(np.arange(len(names)) + width * (len(result) - 1) / 2, names, rotation=20, fontsize=7)
+            ax.set_ylabel(label)
+            ax.set_title(dataset, fontsize=9)
+            if ax.has_data():
+                ax.legend(fontsize=6)
+        if not measured:
+            kept_ax.text(0.5, 0.5, "quality not measured in this run:\nno quality kept is reported",
+                         ha="center", va="center", transform=kept_ax.transAxes, fontsize=8)
+    suptitle(fig, title)
     return save(fig, path)
 
 

@@ -20,3 +20,17 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def suptitle(fig, title: str, *, fontsize: int = 9) -> None:
+    """The figure's title, wrapped at ' | ' so that it fits the figure's width."""
+    width = max(30, int(fig.get_figwidth() * 120 / fontsize))
+    lines, line = [], ""
+    for part in title.split(" | "):
+        candidate = f"{line} | {part}" if line else part
+        if line and len(candidate) > width:
+            lines.append(line)
+            candidate = part
+        line = candidate
+    lines.append(line)
+    fig.suptitle("\n".join(lines), fontsize=fontsize)

@@ -78,11 +78,21 @@ def test_m1_workload_contrast(case, cpu_runs, tmp_path):
             high = group.loc[group[knob] == group[knob].max(), "T_total"].mean()
             assert s["pct_change"] == pytest.approx(100 * (high - low) / low, rel=1e-9)
         configs = [c for c in data["pareto"][dataset] if c["score"] is not None]
-        mask = pareto_mask(np.array([c["T_total_p50"] for c in configs]), np.array([c["score"] for c in configs]))
-        assert [c["pareto"] for c in configs] == mask.tolist()
+        constant = len({c["score"] for c in configs}) <= 1
+        assert (dataset in data["notes"]) is (constant and bool(configs))
+        if constant:     # no frontier of ties, and no quality effect claimed
+            assert all("pareto" not in c for c in configs)
+            assert not any(s.get("quality_effect_claimed") for s in data["sensitivity"][dataset].values())
+        else:
+            mask = pareto_mask(np.array([c["T_total_p50"] for c in configs]), np.array([c["score"] for c in configs]))
+            assert [c["pareto"] for c in configs] == mask.tolist()
+        for knob, s in data["sensitivity"][dataset].items():
+            lo, hi = s["T_total_diff_ci95"]
+            assert s["latency_effect_claimed"] is (lo is not None and (lo > 0 or hi < 0))
     assert set(data["sensitivity"][rows["dataset"].iloc[0]]) >= {"max_crops", "top_k", "active_blocks"}
-    for name in ("m1_stage_breakdown", "m1_latency_cdf", "m1_pareto_comparison", "m1_knob_sensitivity"):
+    for name in ("m1_stage_breakdown", "m1_latency_cdf", "m1_knob_sensitivity"):
         assert_png_300dpi(tmp_path / "figures" / f"{name}.png")
+    assert (tmp_path / "figures" / "m1_pareto_comparison.png").exists() is (len(data["notes"]) < len(data["pareto"]))
 
 
 def _half_width(x: np.ndarray) -> float:
@@ -115,6 +125,9 @@ def test_m2_repeatability(case, cpu_runs, tmp_path):
     assert total["cov_median"] == pytest.approx(np.median(covs), rel=1e-9)
     assert total["series_within_target_cov"] == sum(c <= 0.02 for c in covs)
     assert "n_observed_median" not in total
+    within = [g["T_total"].to_numpy() for _, g in rows.groupby(["max_crops", "dataset", "sample_id", "repeat"])]
+    assert total["cov_median_within_repeats"] == pytest.approx(np.median([w.std(ddof=1) / w.mean() for w in within]),
+                                                               rel=1e-9)
     for name in ("m2_cov_vs_repeats", "m2_repeats_for_2pct_ci"):
         assert_png_300dpi(tmp_path / "figures" / f"{name}.png")
 
@@ -129,3 +142,56 @@ def test_m2_half_width_matches_the_t_interval():
     lucky = np.array([10.0, 10.01, 10.0, 12.0, 8.0, 11.5, 8.5, 12.5, 7.5, 10.0])
     assert n_estimated(lucky) == n_estimated(lucky[::-1]) == n_estimated(np.sort(lucky)) > 10
     assert n_estimated(np.array([10.0, 10.0, 10.0])) == 2
+
+
+@pytest.mark.parametrize("slope, grows", [(0.01, True), (0.0, False)])
+def test_e1_claims_growth_only_where_the_slope_ci_excludes_0(slope, grows):
+    import pandas as pd
+
+    from flexvlm_ray.analysis.e1 import fit_with_ci
+
+    rng = np.random.default_rng(0)
+    x = np.repeat([300.0, 600.0, 900.0], 20)
+    y = 5.0 + slope * x + np.tile(rng.normal(0.0, 0.5, 20), 3)   # the same spread at every x: no slope of its own
+    fit = fit_with_ci(pd.Series(x), pd.Series(y))
+    assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    assert fit["slope_ci95"][0] <= fit["slope"] <= fit["slope_ci95"][1]
+    assert fit["grows"] is grows
+
+
+def test_e1_shares_are_per_workload_and_labelled_by_the_knobs_that_vary():
+    from flexvlm_ray.analysis.e1 import stage_shares
+    from flexvlm_ray.synthetic import knob_configs, synthetic_rows
+
+    rows = synthetic_rows(configs=knob_configs(max_crops=[1, 12], top_k=[8], active_blocks=[16]),
+                          datasets=("shapes_vqa", "shapes_caption"), samples=5, noise=0.05)
+    shares = stage_shares(rows)
+    assert sorted((e["dataset"], e["config"]) for e in shares) == sorted(
+        (d, f"crops={c}") for d in ("shapes_vqa", "shapes_caption") for c in (1, 12))
+    for e in shares:
+        part = rows[(rows["dataset"] == e["dataset"]) & (rows["max_crops"] == e["max_crops"])]["T_total"]
+        assert e["T_total_mean"] == pytest.approx(part.mean())
+        assert e["T_total_mean_ci95"][0] <= part.mean() <= e["T_total_mean_ci95"][1]
+        assert e["T_total_median_ci95"][0] <= part.median() <= e["T_total_median_ci95"][1]
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_m1_frontier_per_workload_or_a_note_on_synthetic_rows(tmp_path, constant):
+    from flexvlm_ray.analysis.m1 import workload_contrast
+    from flexvlm_ray.synthetic import knob_configs, synthetic_rows
+
+    rows = synthetic_rows(configs=knob_configs(max_crops=[1, 12], top_k=[1, 8], active_blocks=[16]),
+                          datasets=("shapes_vqa", "shapes_caption"), samples=6, decode_mode="natural", noise=0.02)
+    rows["metric"] = rows["dataset"].map({"shapes_vqa": "vqa_accuracy", "shapes_caption": "cider_d"})
+    if constant:
+        rows["score"] = 0.0
+    paths = {p.name: p for p in workload_contrast(rows=rows, out_dir=tmp_path, manifest={})}
+    data = json.loads(paths["m1_workload_contrast.json"].read_text())
+    assert ("m1_pareto_comparison.png" in paths) is not constant
+    assert set(data["notes"]) == (set(rows["dataset"]) if constant else set())
+    for dataset, configs in data["pareto"].items():
+        assert {c["config"] for c in configs} == {f"crops={c} k={k}" for c in (1, 12) for k in (1, 8)}
+        for c in configs:
+            assert c["T_total_p50_ci95"][0] <= c["T_total_p50"] <= c["T_total_p50_ci95"][1]
+        if constant:
+            assert not any(s["quality_effect_claimed"] for s in data["sensitivity"][dataset].values())

@@ -83,3 +83,63 @@ def test_flops_scaling_uses_analytic_flops_of_flexmoe():
     assert result["flops_fields"] == ["flops_llm_prefill_analytic", "flops_llm_decode_analytic"]
     assert result["flops_ratio"] > 1.5
     assert result["latency"]["T_LLM_prefill"]["ratio"] == pytest.approx(9.0 / 2.0)
+
+
+def _knob_rows(*, shift: float, n: int = 30, seed: int = 3):
+    """top_k 1 and 8, n passes each; top_k 8 costs ``shift`` ms more prefill (noise sd 0.5 ms)."""
+    import pandas as pd
+
+    from flexvlm_ray.analysis.common import TIME_FIELDS
+
+    rng = np.random.default_rng(seed)
+    prefill = np.r_[rng.normal(10.0, 0.5, n), rng.normal(10.0 + shift, 0.5, n)]
+    rows = pd.DataFrame({"top_k": [1] * n + [8] * n, "dataset": "shapes_vqa", "num_vision_tokens": 288,
+                         "num_total_tokens": 320, "num_output_tokens": 8})
+    for field in TIME_FIELDS:
+        rows[field] = 1.0
+    rows["T_LLM_prefill"] = prefill
+    rows["T_LLM_decode"] = 20.0
+    rows["T_total"] = rows["T_vision_total"] + rows["T_LLM_prefill"] + rows["T_LLM_decode"]
+    rows["flops_llm_prefill"] = rows["flops_llm_decode"] = np.where(rows["top_k"] == 8, 4.0, 1.0)
+    return rows
+
+
+@pytest.mark.parametrize("shift, claimed", [(1.0, True), (0.0, False)])
+def test_a_knob_cost_is_claimed_only_where_it_exceeds_its_ci(shift, claimed):
+    from flexvlm_ray.analysis.common import difference_ci
+    from flexvlm_ray.analysis.profiling import flops_scaling, summarize
+
+    rows = _knob_rows(shift=shift)
+    low, high = summarize(rows, knob="top_k")
+    assert low["vs_lowest"]["T_LLM_prefill"]["diff"] == 0.0 and low["costs_claimed"] == []
+    effect = high["vs_lowest"]["T_LLM_prefill"]
+    lo, hi = difference_ci(rows.loc[rows.top_k == 1, "T_LLM_prefill"], rows.loc[rows.top_k == 8, "T_LLM_prefill"])
+    assert effect["ci95"] == [lo, hi] and effect["exceeds_ci"] is claimed
+    assert ("T_LLM_prefill" in high["costs_claimed"]) is claimed and ("T_total" in high["costs_claimed"]) is claimed
+    assert "T_LLM_decode" not in high["costs_claimed"]            # constant: the CI is [0, 0]
+    m = rows.loc[rows.top_k == 8, "T_total"]
+    assert high["T_total_mean_ci95"][0] <= m.mean() <= high["T_total_mean_ci95"][1]
+    ratio = flops_scaling(rows)["latency"]["T_LLM_prefill"]
+    assert ratio["ratio_ci95"][0] <= ratio["ratio"] <= ratio["ratio_ci95"][1]
+    assert ratio["differs_from_1"] is claimed
+
+
+def test_the_breakdown_has_a_panel_per_workload(tmp_path):
+    from PIL import Image
+
+    from flexvlm_ray.analysis.profiling import PROFILES, stacked_breakdown
+
+    one = _knob_rows(shift=1.0)
+    two = pd_concat(one, one.assign(dataset="shapes_caption"))
+    paths = [stacked_breakdown(r, profile=PROFILES["profiling_exp2"], path=tmp_path / f"{i}.png")
+             for i, r in enumerate((one, two))]
+    for p in paths:
+        assert_png_300dpi(p)
+    with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
+        assert b.height > 1.8 * a.height and b.width == a.width     # a row of panels per workload
+
+
+def pd_concat(*frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)

@@ -165,3 +165,34 @@ def test_quality_kept_is_reported_only_from_measured_quality(scored):
         assert summary["mean_quality_kept"] is None and summary["mean_quality"] is None
         assert all(r["quality"] is None and r["quality_kept"] is None for r in records)
         assert summary["feasible"] > 0
+
+
+@pytest.mark.parametrize("diffs, better", [([-2.0, -1.5, -2.5, -1.8, -2.2], True),     # every split gains
+                                           ([-2.0, 1.5, -0.5, 1.0, 0.2], False)])      # gains within noise
+def test_recalibration_is_claimed_to_beat_k0_only_beyond_its_ci(diffs, better):
+    from flexvlm_ray.analysis.e3 import versus_k0
+    from flexvlm_ray.estimator import TARGETS
+
+    base = [10.0, 12.0, 9.0, 11.0, 10.5]
+    curve = [{"k": k, **{t: {"mape_splits": [b + (d if k else 0.0) for b, d in zip(base, diffs)]} for t in TARGETS}}
+             for k in (0, 5)]
+    k0, k5 = versus_k0(curve)
+    assert k0["vs_k0"]["T_total"] == {"mape_diff": 0.0, "ci95": [0.0, 0.0], "better": False}
+    assert k5["vs_k0"]["T_total"]["mape_diff"] == pytest.approx(np.mean(diffs))
+    lo, hi = k5["vs_k0"]["T_total"]["ci95"]
+    assert lo <= np.mean(diffs) <= hi and k5["vs_k0"]["T_total"]["better"] is better
+
+
+def test_m4_claims_fewer_violations_only_beyond_the_ci():
+    from flexvlm_ray.analysis.m4 import versus_unfiltered
+
+    def records(values):
+        return {"budgets": [{"dataset": "d", "budget_ms": float(i), "request_violation": v} for i, v in enumerate(values)]}
+
+    per_rule = {"quality_only": records([1.0] * 6), "estimator": records([0.0, 0.1, 0.0, 0.2, 0.0, 0.1]),
+                "flops_proxy": records([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])}
+    versus_unfiltered(per_rule)
+    assert per_rule["estimator"]["vs_quality_only"]["fewer_violations"] is True
+    assert per_rule["estimator"]["vs_quality_only"]["violation_diff"] == pytest.approx(-(1 - 0.4 / 6))
+    assert per_rule["flops_proxy"]["vs_quality_only"]["fewer_violations"] is False    # CI reaches 0
+    assert "vs_quality_only" not in per_rule["quality_only"]

@@ -12,6 +12,7 @@ from flexvlm_ray.measure import engine, noise
 from flexvlm_ray.measure.engine import ci_rel_half_width, run_unit
 from flexvlm_ray.models.crops import crop_grid
 from flexvlm_ray.models.simulated import SimulatedAdapter
+from flexvlm_ray.spec.schema import MeasureSpec
 from flexvlm_ray.spec.expand import expand
 from flexvlm_ray.spec.load import SpecError, load_spec_text
 from flexvlm_ray.store.schema import rows_to_table
@@ -102,6 +103,66 @@ def test_hook_timing_runs_in_its_own_pass_and_the_timed_pass_keeps_the_deployed_
     assert all(r["T_LLM_prefill_hook"] is not None and r["T_LLM_prefill_hook"] >= 0 for r in rows)
     table = rows_to_table(rows)
     assert table.column("prefill_path").to_pylist() == ["graphed"] * 3
+
+
+class Sequenced(Hooked):
+    """Records every pass in order: 'hook' (a hooked prefill) or 'path' (a pass that decodes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def prefill(self, prepared, embeds):
+        state = super().prefill(prepared, embeds)
+        self.log.append("hook" if self.path == "eager" else "path")
+        return state
+
+
+def test_hooked_passes_never_run_between_timed_passes():
+    """Warm-up: hooked passes first, then timed-path passes; the hooked pass of each timed pass follows the
+    sample's last timed pass, so every timed pass comes right after a pass of the same path."""
+    adapter = Sequenced()
+    unit = _units("{warmup: 2, runs_per_sample: 3, prefill_hook: true}")[0]
+    rows = run_unit(adapter=adapter, unit=unit, samples=[(0, _sample(560)), (1, _sample(784))], metric=None,
+                    context={})
+    per_sample = ["hook"] * 2 + ["path"] * 2 + ["path"] * 3 + ["hook"] * 3
+    assert adapter.log == per_sample * 2
+    assert all(r["T_LLM_prefill_hook"] is not None for r in rows) and len(rows) == 6
+
+
+class Counting(SimulatedAdapter):
+    def __init__(self, device="cpu"):
+        super().__init__(preset=None, path=None, dtype="float32", device="cpu", seed=0, options={})
+        self.device, self.passes = device, 0
+
+    def vision_encoder(self, prepared):
+        self.passes += 1
+        return super().vision_encoder(prepared)
+
+
+@pytest.mark.parametrize("measure, burned", [("{prefill_hook: false}", False),
+                                             ("{prefill_hook: false, burn_in_s: 0.02}", True)])
+def test_burn_in_runs_once_per_worker_before_its_first_timed_pass(measure, burned):
+    """burn_in_s defaults to 0 on the CPU; set, the worker runs untimed passes once, in its first unit only."""
+    adapter = Counting()
+    units = _units(measure.replace("}", ", warmup: 0, runs_per_sample: 1}"))
+    first = run_unit(adapter=adapter, unit=units[0], samples=[(0, _sample(336))], metric=None, context={})
+    untimed = adapter.passes - 1
+    second = run_unit(adapter=adapter, unit=units[1], samples=[(0, _sample(336))], metric=None, context={})
+    assert adapter.passes == untimed + 2                         # the second unit burns in no more
+    assert (untimed > 0) is burned
+    assert first[0]["burn_in_s"] == second[0]["burn_in_s"] == adapter.burned_in_s
+    assert (adapter.burned_in_s >= 0.02) if burned else adapter.burned_in_s == 0.0
+
+
+@pytest.mark.parametrize("pin_cpus, cuda, pinned", [(None, True, True), (None, False, False), (False, True, False),
+                                                    (True, False, True)])
+def test_pinning_is_on_by_default_only_on_a_gpu_worker(pin_cpus, cuda, pinned):
+    """The host thread of a GPU worker only issues kernels, so it is pinned by default; on the CPU the
+    threads are the device and are left alone unless the spec asks."""
+    measure = MeasureSpec(pin_cpus=pin_cpus, gc_off=True, sync="pass")
+    assert noise.pins(measure, cuda=cuda) is pinned
+    assert ("pin_cpus=" in noise.controls_label(measure, cuda=cuda)) is pinned
 
 
 def test_without_hooks_no_hook_pass_runs():

@@ -351,20 +351,22 @@ def test_resume_reruns_a_corrupt_part_and_rewrites_a_truncated_units_file(ray_lo
     assert run_status(run_dir)["status"] == "complete"
 
 
-def test_a_run_folder_written_by_the_dict_based_units_still_resumes(ray_local, tmp_path):
-    """A committed run whose units.jsonl the dict-based WorkUnit wrote reads back into typed units equal to
-    this code's expansion and resumes: every unit found stored, none run again, units.jsonl left as it was."""
+def test_a_run_folder_written_by_the_dict_based_units_reads_back_and_refuses_a_changed_resume(ray_local, tmp_path):
+    """A committed run whose units.jsonl the dict-based WorkUnit wrote reads back into typed units; it was
+    measured without the settings added since (burn-in, pinning on a GPU by default), so resuming it with
+    this code is refused in one line naming why, and nothing in the folder changes."""
     import shutil
 
-    from flexvlm_ray.run.launch import check_resumable, stored_units
+    from flexvlm_ray.run.launch import stored_units
 
     run_dir = tmp_path / "m2" / "ablate-default"
     shutil.copytree(ROOT / "results" / "reference" / "h200-2026-12-03" / "m2" / "ablate-default", run_dir)
     written = (run_dir / "units.jsonl").read_text()
-    _, units = check_resumable(RunStore(run_dir))
-    assert stored_units(RunStore(run_dir)) == units and len(units) == 2
-    _, summary = resume(run_dir=str(run_dir), progress=False)
-    assert (summary.skipped, summary.done, summary.failed) == (2, 0, 0)
+    units = stored_units(RunStore(run_dir))
+    assert len(units) == 2 and all(u.measure.burn_in_s == 0.0 and u.measure.pin_cpus is False for u in units)
+    with pytest.raises(SpecError, match="a setting added since") as refused:
+        resume(run_dir=str(run_dir), progress=False)
+    assert len(refused.value.problems) == 1
     assert (run_dir / "units.jsonl").read_text() == written
 
 

@@ -17,7 +17,8 @@ from flexvlm_ray.control.estimate import Guardrail
 from flexvlm_ray.control.features import Request
 from flexvlm_ray.control.policies import Controller, policy_label
 from flexvlm_ray.data.base import Sample
-from flexvlm_ray.measure.engine import ShapeWarmup, _identity, _quality, ci_rel_half_width, timed_passes
+from flexvlm_ray.measure.engine import (ShapeWarmup, _identity, _quality, burn_in, ci_rel_half_width, on_gpu,
+                                        timed_passes)
 from flexvlm_ray.measure.noise import noise_control
 from flexvlm_ray.metrics.base import Metric
 from flexvlm_ray.models.base import ModelAdapter
@@ -38,7 +39,7 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
     measure = unit.measure
     seen: set[tuple] = set()   # shapes and knob settings this unit has warmed up (ShapeWarmup's key)
     rows = []
-    with noise_control(measure) as noise:
+    with noise_control(measure, cuda=on_gpu(adapter)) as noise:
         for index, sample in samples:
             if sample.error is not None:
                 for run_index in range(measure.runs_per_sample):
@@ -55,11 +56,12 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
             adapter.apply_knobs(decision.knobs)
             try:   # the same per-sample body as run_unit: warm-up for a new shape or knob setting, then timed passes
                 prepared = adapter.prepare(sample=sample, knobs=chosen.knobs)
+                burn_in(adapter=adapter, sample=sample, unit=chosen, prepared=prepared)
                 warmed = ShapeWarmup(adapter=adapter, unit=chosen, seen=seen).ensure(sample=sample, prepared=prepared)
                 results = timed_passes(adapter=adapter, sample=sample, unit=chosen, prepared=prepared)
             finally:
                 adapter.restore_knobs()
-            summary = {"sample_passes": len(results),
+            summary = {"sample_passes": len(results), "burn_in_s": adapter.burned_in_s,
                        "sample_ci_rel": ci_rel_half_width([r["T_total"] for r in results if r["status"] == "ok"])}
             for run_index, result in enumerate(results):
                 base = _identity(unit=chosen, sample=sample, index=index, run_index=run_index, adapter=adapter,

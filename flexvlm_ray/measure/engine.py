@@ -11,13 +11,19 @@ negative. The timed pass never has a timing hook registered, so it times the pat
 runs; ``prefill_path`` records which one ran ('graphed': one captured CUDA graph, 'eager': kernels
 issued from Python). ``T_LLM_prefill_hook`` is the seeds' hook method (first decoder block's input
 to the last block's output during prefill) and comes from a separate, untimed-for-T_total pass
-(``prefill_hook_method`` 'separate_pass') right after each timed pass: hooks need Python between
-the blocks, so on the fast backend that pass runs eagerly (``prefill_hook_path``).
+(``prefill_hook_method`` 'separate_pass'), one per timed pass, run after the sample's timed passes
+(never between two of them, so every timed pass follows a pass of the same path): hooks need Python
+between the blocks, so on the fast backend that pass runs eagerly (``prefill_hook_path``).
 
 Warm-up is per distinct shape and knob setting, not per unit: before the first timed pass of a
 sample whose (knobs, crop count, vision / total tokens, input tensor shapes) the worker has not run
-yet (``run_unit``'s ``warmed_shapes``, kept by the worker across its units; without it, per unit), ``measure.warmup`` untimed passes of that sample run (and as many hooked prefill passes when
-hooks are on); ``warmup_passes`` on the sample's first row counts them. A timed pass during which
+yet (``run_unit``'s ``warmed_shapes``, kept by the worker across its units; without it, per unit), ``measure.warmup`` untimed passes of that sample run (after as many hooked prefill passes when
+hooks are on); ``warmup_passes`` on the sample's first row counts them. Before its first timed pass a
+worker burns in once: untimed passes of its first sample for ``measure.burn_in_s`` seconds (default 10
+on a GPU, 0 on the CPU; ``burn_in_s`` on every row says how long it ran). On the H200 the first units
+after a model load were the noisy ones (``results/reference/h200-2026-12-03/e3_calibration/h200-fast``:
+T_LLM_decode spread 3-6% in the first 6 s of timed passes, 0.3-2.5% afterwards; M2's first unit 4% slower
+in decode than its later repeats). A timed pass during which
 the model still did one-time setup (``ModelAdapter.setup_count`` grew: a CUDA graph captured for a
 shape it had not run) is run again, up to ``MAX_SETUP_PASSES`` passes in all; ``setup_passes``
 counts the passes discarded.
@@ -51,6 +57,7 @@ from flexvlm_ray.store.schema import STAGE_FIELDS
 
 MAX_SETUP_PASSES = 3      # a shape's graphs are captured in its first pass; the second replays them
 CONFIDENCE = 0.95
+GPU_BURN_IN_S = 10.0      # measure.burn_in_s on a GPU worker when the spec leaves it unset
 HOOK_METHOD = "separate_pass"
 
 
@@ -65,7 +72,7 @@ def run_unit(*, adapter: ModelAdapter, unit: WorkUnit, samples: list[tuple[int, 
     measure = unit.measure
     adapter.apply_knobs(unit.knobs)
     try:
-        with noise_control(measure) as noise:
+        with noise_control(measure, cuda=on_gpu(adapter)) as noise:
             warm = ShapeWarmup(adapter=adapter, unit=unit, seen=warmed_shapes)
             rows = []
             for index, sample in samples:
@@ -78,10 +85,11 @@ def run_unit(*, adapter: ModelAdapter, unit: WorkUnit, samples: list[tuple[int, 
                     continue
                 with clock().phase("prepare"):
                     prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
+                burn_in(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
                 warmed = warm.ensure(sample=sample, prepared=prepared)
                 results = timed_passes(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
                 summary = {"sample_passes": len(results), "sample_ci_rel": ci_rel_half_width(
-                    [r["T_total"] for r in results if r["status"] == "ok"])}
+                    [r["T_total"] for r in results if r["status"] == "ok"]), "burn_in_s": adapter.burned_in_s}
                 for run_index, result in enumerate(results):
                     base = _identity(unit=unit, sample=sample, index=index, run_index=run_index,
                                      adapter=adapter, context=context)
@@ -91,6 +99,32 @@ def run_unit(*, adapter: ModelAdapter, unit: WorkUnit, samples: list[tuple[int, 
             return rows
     finally:
         adapter.restore_knobs()
+
+
+def on_gpu(adapter: ModelAdapter) -> bool:
+    return str(adapter.device).startswith("cuda")
+
+
+def burn_in_seconds(measure: MeasureSpec, *, cuda: bool) -> float:
+    """``measure.burn_in_s`` where the spec sets it, else GPU_BURN_IN_S on a GPU and 0 on the CPU."""
+    value = measure.burn_in_s
+    return float(value) if value is not None else (GPU_BURN_IN_S if cuda else 0.0)
+
+
+def burn_in(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit, prepared: Prepared) -> float:
+    """Once per adapter (one worker process): untimed passes of ``sample`` until the unit's burn-in
+    seconds have passed, before any timed pass; ``adapter.burned_in_s`` keeps the seconds it ran."""
+    if adapter.burned_in_s is not None:
+        return adapter.burned_in_s
+    import time
+
+    seconds = burn_in_seconds(unit.measure, cuda=on_gpu(adapter))
+    started = time.perf_counter()
+    with clock().phase("warmup"):
+        while time.perf_counter() - started < seconds:
+            measure_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
+    adapter.burned_in_s = round(time.perf_counter() - started, 3) if seconds > 0 else 0.0
+    return adapter.burned_in_s
 
 
 def shape_key(*, unit: WorkUnit, prepared: Prepared) -> tuple:
@@ -114,12 +148,13 @@ class ShapeWarmup:
         self.seen.add(key)
         count = self.unit.measure.warmup
         setup = self.adapter.setup_count
+        if _hooks_on(self.unit.measure):      # hooked passes first: the timed passes follow timed-path ones
+            for _ in range(count):
+                with model_pass("warmup", setup_count=setup):
+                    hook_pass(adapter=self.adapter, unit=self.unit, prepared=prepared)
         for _ in range(count):
             with model_pass("warmup", setup_count=setup):
                 measure_pass(adapter=self.adapter, sample=sample, unit=self.unit, prepared=prepared)
-            if _hooks_on(self.unit.measure):
-                with model_pass("warmup", setup_count=setup):
-                    hook_pass(adapter=self.adapter, unit=self.unit, prepared=prepared)
         return count
 
 
@@ -141,7 +176,8 @@ def ci_rel_half_width(values: Sequence[float]) -> Optional[float]:
 def timed_passes(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
                  prepared: Optional[Prepared] = None) -> list[dict[str, Any]]:
     """The sample's timed passes: ``runs_per_sample``, then (with ``target_ci``) more until the CI of
-    T_total is within the target or ``max_runs`` passes ran."""
+    T_total is within the target or ``max_runs`` passes ran; then, with hooks on, one hooked prefill pass
+    per timed pass (its fields go into that pass's row), so no hooked pass runs between timed ones."""
     measure = unit.measure
     if prepared is None:
         prepared = adapter.prepare(sample=sample, knobs=unit.knobs)
@@ -149,11 +185,7 @@ def timed_passes(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     maximum = max(minimum, measure.max_runs or minimum) if target else minimum
     results: list[dict[str, Any]] = []
     while len(results) < maximum:
-        result = steady_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared)
-        if _hooks_on(measure):
-            with model_pass("hook", setup_count=adapter.setup_count):
-                result.update(hook_pass(adapter=adapter, unit=unit, prepared=prepared))
-        results.append(result)
+        results.append(steady_pass(adapter=adapter, sample=sample, unit=unit, prepared=prepared))
         if len(results) < minimum:
             continue
         if not target:
@@ -161,6 +193,10 @@ def timed_passes(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
         half = ci_rel_half_width([r["T_total"] for r in results if r["status"] == "ok"])
         if half is not None and half <= target:
             break
+    if _hooks_on(measure):
+        for result in results:
+            with model_pass("hook", setup_count=adapter.setup_count):
+                result.update(hook_pass(adapter=adapter, unit=unit, prepared=prepared))
     return results
 
 

@@ -71,6 +71,7 @@ class ModelAdapter(ABC):
 
     info: ModelInfo
     device: Any = "cpu"
+    burned_in_s: Optional[float] = None   # seconds of untimed burn-in passes this process ran (measure.engine.burn_in)
     # spec `model.backend` values this family implements; a family that lists more than 'hf' takes
     # a `backend` keyword in __init__ (ModelWorker passes it only when it is not 'hf')
     backends: tuple[str, ...] = ("hf",)

@@ -222,8 +222,9 @@ def check_resumable(store: RunStore) -> tuple[SweepSpec, list[WorkUnit]]:
         raise SpecError([f"{store.root}: a search: {spec.search} run cannot be resumed (the searcher's state is "
                          f"not stored); launch the spec again under a new --run-id"])
     if spec_hash(spec) != manifest["spec_hash"]:
-        raise SpecError([f"{store.root}/spec.yaml changed since the run started "
-                         f"(hash {spec_hash(spec)} != {manifest['spec_hash']}); start a new run"])
+        raise SpecError([f"{store.root}/spec.yaml, or what this code reads from it (a setting added since, with "
+                         f"its default), changed since the run started (hash {spec_hash(spec)} != "
+                         f"{manifest['spec_hash']}); start a new run"])
     units = expand(spec)
     if [u.unit_id for u in units] != manifest["unit_ids"]:
         raise SpecError([f"{store.root}: this code expands the spec to other work units than the run "

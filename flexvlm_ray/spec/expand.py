@@ -25,7 +25,7 @@ from flexvlm_ray.store.schema import SCHEMA_VERSION
 # with dict.get, so a missing key meant off (None, or the 'pass' sync it defaulted to). A unit read
 # back from such a units.jsonl gets these values, not the spec's defaults.
 LEGACY_MEASURE: dict[str, Any] = {"gc_off": False, "pin_cpus": False, "cpu_threads": None, "sync": "pass",
-                                  "check_gpu_idle": False, "target_ci": None, "max_runs": None}
+                                  "check_gpu_idle": False, "target_ci": None, "max_runs": None, "burn_in_s": 0.0}
 
 
 @dataclass(frozen=True)

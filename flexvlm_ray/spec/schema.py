@@ -128,9 +128,15 @@ class MeasureSpec(_Strict):
     block_parts: bool = Field(default=False, description="attention vs FFN time per block (prefill)")
     score: bool = Field(default=True, description="score predictions with the dataset's metric")
     gc_off: bool = Field(default=True, description="Python garbage collection off during the unit's passes")
-    pin_cpus: bool = Field(default=False, description="pin the worker to cpu_threads cores (a slice per GPU)")
+    pin_cpus: Optional[bool] = Field(default=None, description="pin the thread that issues the kernels to "
+                                                               "cpu_threads cores (a slice per GPU); default: on for a "
+                                                               "GPU worker, off on the CPU (where it would change the "
+                                                               "computation)")
     cpu_threads: Optional[int] = Field(default=None, ge=1, description="torch CPU threads during the passes "
                                                                        "(with pin_cpus: the cores pinned; default 4)")
+    burn_in_s: Optional[float] = Field(default=None, ge=0, le=600,
+                                       description="seconds of untimed passes a worker runs once, before its first "
+                                                   "timed pass; default: 10 on a GPU worker, 0 on the CPU")
     sync: Literal["pass", "stage"] = Field(default="pass", description="pass: one host synchronisation per "
                                                                        "timed pass; stage: one after every stage")
     check_gpu_idle: bool = Field(default=True, description="record how many other processes use the worker's GPU")

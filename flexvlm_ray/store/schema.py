@@ -42,6 +42,8 @@ ROW_SCHEMA = pa.schema([
     ("prefill_path", _str), ("prefill_hook_method", _str), ("prefill_hook_path", _str),
     ("warmup_passes", _i64), ("sample_passes", _i64), ("sample_ci_rel", _f64),
     ("noise_controls", _str), ("gpu_other_processes", _i64),
+    # seconds of untimed passes the worker ran once before its first timed pass (measure.burn_in_s)
+    ("burn_in_s", _f64),
     # token counts
     ("num_crops", _i64), ("num_vision_tokens", _i64), ("num_language_tokens", _i64),
     ("num_total_tokens", _i64), ("num_output_tokens", _i64),

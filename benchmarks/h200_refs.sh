@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 16's GPU references on one GPU in one call of about 8 minutes: Motivation Exp 1-4 (and Exp 5 from
+# Exp 3 + 4), Profiling Exp 2-4, E1 and M1 on the fast backend, in one process (benchmarks/run_sweeps.py:
+# one model load, one burn-in), then one archive of the run folders.
+#
+#   bash benchmarks/h200_refs.sh [LIST]          LIST defaults to benchmarks/reference/h200_refs.txt
+#
+# Environment: OUT (default /tmp/out): what comes back, three files: gpu.txt, h200_refs.log and
+# h200_refs.tgz (the run folders with their analyses, < 16 MiB: figures are left out if it would be larger);
+# RUNS (default /tmp/runs): where the runs are written; LIMIT_S (default 480): the wall time the list may
+# take, after which no unit starts (cut runs stay resumable with `flexvlm-ray launch --resume RUN_DIR`);
+# WHL (default .whl): wheels installed first where that folder has any (as benchmarks/gpu_run.sh does).
+# On a CPU-only machine `CPU_CHECK=1 bash benchmarks/h200_refs.sh` runs the same list on the tiny model.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; RUNS=${RUNS:-/tmp/runs}; LIMIT_S=${LIMIT_S:-480}
+LIST=${1:-benchmarks/reference/h200_refs.txt}
+mkdir -p "$OUT" "$RUNS"
+started=$(date +%s)
+log="$OUT/h200_refs.log"
+if ls "${WHL:-.whl}"/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${WHL:-.whl}"/*.whl \
+    > /tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TQDM_DISABLE=1
+PY=${PYTHON:-python3}
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+fi
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  >> "$OUT/gpu.txt" 2>&1
+git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null || true
+echo "=== h200_refs $LIST ($(date +%T), limit ${LIMIT_S}s)" | tee "$log"
+extra=()
+[ -n "${CPU_CHECK:-}" ] && extra=(--cpu-check)
+# units stop starting 40 s before the limit: the last unit, Exp 5's analysis and the archive fit in that
+timeout $((LIMIT_S + 30)) $PY benchmarks/run_sweeps.py "$LIST" --output "$RUNS" --deadline-s $((LIMIT_S - 40)) \
+  --set model.backend=fast "${extra[@]}" 2>&1 | grep -v -i "warning" | tee -a "$log"
+echo "=== motivation_exp5 (Exp 3 + Exp 4 of this call) ($(date +%T))" | tee -a "$log"
+if [ -d "$RUNS/motivation_exp3/h200-refs" ] && [ -d "$RUNS/motivation_exp4/h200-refs" ]; then
+  $PY -m flexvlm_ray.cli analyze "$RUNS/motivation_exp3/h200-refs" "$RUNS/motivation_exp4/h200-refs" \
+    --combine motivation_exp5 --out "$RUNS/motivation_exp5/h200-refs" 2>&1 | grep -v -i "warning" | tee -a "$log"
+fi
+echo "=== done in $(( $(date +%s) - started )) s; packing" | tee -a "$log"
+(cd "$RUNS" && tar czf "$OUT/h200_refs.tgz" --exclude='.lock' .)
+if [ "$(stat -c %s "$OUT/h200_refs.tgz")" -gt $((15 * 1024 * 1024)) ]; then
+  echo "archive over 15 MiB: figures left out (flexvlm-ray analyze RUN_DIR redraws them)" | tee -a "$log"
+  (cd "$RUNS" && tar czf "$OUT/h200_refs.tgz" --exclude='.lock' --exclude='*.png' --exclude='report.html' .)
+fi
+ls -la "$OUT" | tee -a "$log"
