@@ -60,15 +60,16 @@ class Workers:
     def __init__(self) -> None:
         self.workers: dict[str, object] = {}
 
-    def get(self, *, model: dict, seed: int):
+    def get(self, *, model, seed: int):
+        """``model``: the spec's ModelSpec."""
         from flexvlm_ray.run.worker import ModelWorker
 
-        key = json.dumps({"model": model, "seed": seed}, sort_keys=True, default=str)
+        key = json.dumps({"model": model.model_dump(mode="json"), "seed": seed}, sort_keys=True)
         if key not in self.workers:
             started = time.perf_counter()
             self.workers[key] = ModelWorker(model=model, seed=seed, name=f"worker-{len(self.workers)}",
                                             cpu_threads=os.cpu_count() or 1)
-            print(f"worker ready: {model['family']}:{model.get('preset')} ({model.get('backend')}) "
+            print(f"worker ready: {model.family}:{model.preset} ({model.backend}) "
                   f"in {time.perf_counter() - started:.1f} s", flush=True)
         return self.workers[key]
 

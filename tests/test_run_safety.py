@@ -215,6 +215,8 @@ def test_the_compacted_file_is_used_only_when_it_matches(tmp_path, capsys):
     assert store.compact()["units"] == 4
     read = store.read_rows()
     assert read.compacted and read.table.num_rows == 8
+    from flexvlm_ray.analysis.registry import _rows   # what every analysis reads: the sweep's rows
+    assert len(_rows(store.root, store.manifest())) == 8
     (store.parts / "u003.parquet").unlink()  # the parts changed since: back to reading them
     read = store.read_rows()
     assert not read.compacted and read.table.num_rows == 6
