@@ -255,6 +255,15 @@ def test_position_beyond_the_static_cache_fails_clearly(fast):
         fast.fast.decode(token=5, position=4096, blocks=(0,))
 
 
+def test_cache_len_sizes_the_static_cache_past_the_trained_positions():
+    """Rotary positions are computed per token, so a longer cache runs positions past max_positions."""
+    adapter = make(backend="fast", cache_len=4160)
+    assert adapter.fast.cache.max_len == 4160
+    adapter.fast.decode(token=5, position=4100, blocks=(0,))  # past the preset's 4096: runs
+    with pytest.raises(ValueError, match="outside the static cache of 4160"):
+        adapter.fast.decode(token=5, position=4160, blocks=(0,))
+
+
 # -- plumbing ---------------------------------------------------------------------------------------
 SPEC = """
 name: t

@@ -258,13 +258,23 @@ def test_spec_bounds_fail_fast_with_short_lines(text, expect):
     assert time.process_time() - started < 30  # generous: the unbounded versions took minutes and GBs
 
 
-@pytest.mark.parametrize("tokens, noted", [(64, False), (4095, False), (4096, True), (32768, True)])
-def test_outputs_past_the_trained_context_are_noted_not_refused(capsys, tokens, noted):
-    text = (f"name: t\nexperiment: motivation_exp4\nmodel: {{family: flexmoe, preset: molmoe-1b}}\n"
+@pytest.mark.parametrize("tokens, model, noted, refused", [
+    (64, "", False, False), (4095, "", False, False), (4096, "", True, False), (32768, "", True, False),
+    (4095, ", backend: fast", False, False), (4096, ", backend: fast", False, True),
+    (4096, ", backend: fast, options: {cache_len: 8192}", True, False),
+    (8192, ", backend: fast, options: {cache_len: 8192}", False, True)])
+def test_outputs_past_the_trained_context_are_noted_and_past_a_static_cache_refused(capsys, tokens, model, noted,
+                                                                                      refused):
+    """Rotary positions are per token, so the hf backend runs past the trained 4096 positions (noted); the
+    fast backend's static KV cache is a hard limit (refused in one line naming cache_len) unless raised."""
+    text = (f"name: t\nexperiment: motivation_exp4\nmodel: {{family: flexmoe, preset: molmoe-1b{model}}}\n"
             f"datasets: [{{name: shapes_vqa, num_samples: 1}}]\nknobs: {{max_new_tokens: [{tokens}]}}\n")
-    load_spec_text(text, source="s.yaml")  # valid: rotary positions are computed per token
-    err = capsys.readouterr().err
-    assert ("trained context of 4096" in err) == noted
+    if refused:
+        with pytest.raises(SpecError, match="raise model.options.cache_len"):
+            load_spec_text(text, source="s.yaml")
+    else:
+        load_spec_text(text, source="s.yaml")
+    assert ("trained context of 4096" in capsys.readouterr().err) == noted
 
 
 def test_an_alias_bomb_returns_at_once():

@@ -41,6 +41,9 @@ class ModelInfo:
     # computes its rotary positions per token, so longer sequences run (latency stays valid; the
     # answers past this length are out of distribution).
     trained_context: int = 0
+    # per backend, the longest sequence (prompt + output) it can run at all, e.g. a static KV cache;
+    # a backend not named has no such limit
+    context_limits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -263,6 +263,7 @@ def check_semantics(spec: SweepSpec) -> list[tuple[str, str]]:
 
     if info is not None:
         problems += _check_knob_ranges(spec, info)
+        problems += _check_context(spec, info)
         for line in context_notes(spec, info):
             print(f"note: {line}", file=sys.stderr)
     problems += _check_search(spec)
@@ -315,13 +316,26 @@ def _check_search(spec: SweepSpec) -> list[tuple[str, str]]:
     return []
 
 
+def _check_context(spec: SweepSpec, info: Any) -> list[tuple[str, str]]:
+    """Output lengths that cannot run on the chosen backend at all (e.g. past a static KV cache)."""
+    limit = info.context_limits.get(spec.model.backend, 0)
+    long = [v for v in grid_values(spec.knobs.max_new_tokens) if v is not None and limit and v >= limit]
+    if not long:
+        return []
+    return [("knobs.max_new_tokens", f"{long} do not fit the {spec.model.backend} backend's {limit} positions "
+                                     f"(prompt included); lower max_new_tokens, or raise model.options.cache_len "
+                                     f"(e.g. {2 * limit})")]
+
+
 def context_notes(spec: SweepSpec, info: Any) -> list[str]:
     """Output lengths that, with any prompt, run past the positions the model was trained on. Not an
     error: every shipped family computes rotary positions per token, so such a run is valid for
     latency (its answers past that length are out of distribution); the hard cap is the schema's."""
+    limit = info.context_limits.get(spec.model.backend, 0)
     if not info.trained_context:
         return []
-    long = [v for v in grid_values(spec.knobs.max_new_tokens) if v is not None and v >= info.trained_context]
+    long = [v for v in grid_values(spec.knobs.max_new_tokens)
+            if v is not None and v >= info.trained_context and not (limit and v >= limit)]
     if not long:
         return []
     return [f"knobs.max_new_tokens: {long} reach {info.preset}'s trained context of {info.trained_context} "

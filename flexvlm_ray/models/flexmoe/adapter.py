@@ -167,7 +167,8 @@ class FlexMoeAdapter(ModelAdapter):
         if "grouped" in (prefill_moe, decode_moe) and not grouped_mm_runs(device=self.device, dtype=self.dtype):
             raise RuntimeError(f"the grouped GEMM does not run on {self.device} in {self.dtype}; "
                                f"use prefill_moe 'loop' and decode_moe 'gather'")
-        return FastDecoder(causal_lm=self.model.decoder, max_len=self.config.max_positions, decode_moe=decode_moe,
+        max_len = options.get("cache_len") or self.config.max_positions   # rotary positions are per token
+        return FastDecoder(causal_lm=self.model.decoder, max_len=max_len, decode_moe=decode_moe,
                            prefill_moe=prefill_moe, cuda_graphs=options.get("cuda_graphs", True), kernels=kernels,
                            max_graphs=options.get("max_graphs") or MAX_GRAPHS,
                            fused_decode=bool(options.get("fused_decode", False)))

@@ -218,8 +218,9 @@ DEFAULT_PRESET = "tiny"
 CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
 BACKENDS = ("hf", "fast")
 OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs",
-           "max_graphs", "fused_decode")
-FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs", "max_graphs", "fused_decode")
+           "max_graphs", "fused_decode", "cache_len")
+FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs", "max_graphs", "fused_decode", "cache_len")
+MAX_CACHE_LEN = 65_536   # positions of the fast backend's static KV cache (prompt + output), at most
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DECODE_MOE = ("fused", "gather", "grouped")     # the fast backend's decode MoE paths
@@ -263,6 +264,10 @@ def check_options(options: dict[str, Any]) -> None:
     graphs = options.get("max_graphs")
     if graphs is not None and (isinstance(graphs, bool) or not isinstance(graphs, int) or graphs < 1):
         raise ValueError(f"max_graphs must be a whole number >= 1 (captured graphs a worker keeps), got {graphs!r}")
+    cache = options.get("cache_len")
+    if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or not 1 <= cache <= MAX_CACHE_LEN):
+        raise ValueError(f"cache_len must be a whole number in 1..{MAX_CACHE_LEN} (positions of the fast backend's "
+                         f"static KV cache, prompt included), got {cache!r}")
 
 
 def describe(*, preset: Optional[str], path: Optional[str], options: dict[str, Any]):
@@ -282,4 +287,5 @@ def describe(*, preset: Optional[str], path: Optional[str], options: dict[str, A
                      num_blocks=config.num_blocks, num_experts=config.num_experts, default_top_k=config.top_k,
                      max_crops_limit=config.max_crops, vision_tokens_per_crop=config.tokens_per_crop,
                      hidden_size=config.hidden_size, vocab_size=config.vocab_size, backends=BACKENDS,
-                     trained_context=config.max_positions)
+                     trained_context=config.max_positions,
+                     context_limits={"fast": options.get("cache_len") or config.max_positions})
