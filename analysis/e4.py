@@ -9,7 +9,8 @@ budget fraction): P50 / P95 / P99 T_total, SLO violation rate (T_total > budget)
 quality retained (mean quality / full's mean quality on the same requests), all with 95% bootstrap
 CIs (scipy.stats.bootstrap, percentile method, 2000 resamples over requests; paired with full's
 rows for the retained ratio), the configurations chosen, and the controller overhead (M3): median
-and P99 decision time in microseconds, and median decision time / median T_total.
+and P99 decision time in microseconds, and median decision time / median T_total (and the median time
+to build the Request from the dataset sample, ``request_us``, in runs that record it).
 
 Targets (issue 17) are checked for the LUT and learned policies with the guardrail: violation
 <= 5% at every budget, quality retained >= 95% at the 0.7 budget, strictly more quality than
@@ -164,6 +165,18 @@ def guardrail_effect(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> 
     return out
 
 
+def _overhead_of(part: pd.DataFrame) -> dict[str, Any]:
+    """M3 for one policy: decision time median / P99 (us) and its share of the median request; runs that
+    time building the Request from the sample apart (``request_us``) also give its median."""
+    out = {"decision_us_p50": float(np.median(part["decision_us"])),
+           "decision_us_p99": float(np.quantile(part["decision_us"], 0.99)),
+           "share_of_median_request": float(np.median(part["decision_us"]) / 1e3 / np.median(part["T_total"])),
+           "n": int(len(part))}
+    if "request_us" in part and part["request_us"].notna().any():
+        out["request_us_p50"] = float(np.median(part["request_us"].dropna()))
+    return out
+
+
 def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed: int = 0) -> list[Path]:
     out_dir = Path(out_dir)
     rows = ok_rows(rows)
@@ -175,11 +188,7 @@ def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed
         full = data[(data["dataset"] == dataset) & (data["policy"] == "full") & (data["budget_fraction"] == fraction)]
         cells.setdefault(dataset, {}).setdefault(policy, {})[f"{fraction:g}"] = cell_stats(part, full, seed=seed)
     control = data[data["policy"] != "full"]
-    overhead = {policy: {"decision_us_p50": float(np.median(p["decision_us"])),
-                         "decision_us_p99": float(np.quantile(p["decision_us"], 0.99)),
-                         "share_of_median_request": float(np.median(p["decision_us"]) / 1e3 / np.median(p["T_total"])),
-                         "n": int(len(p))}
-                for policy, p in control.groupby("policy")}
+    overhead = {policy: _overhead_of(p) for policy, p in control.groupby("policy")}
     meaningful = quality_meaningful(model)
     result = {"model": {k: model.get(k) for k in ("family", "preset", "path", "dtype", "backend")},
               "quality_meaningful": meaningful,

@@ -1,15 +1,20 @@
 """The controller on synthetic rows with a known best configuration per budget
 (flexvlm_ray.control.synthetic): one table per policy, the guardrail's bound, save / load, the
-request features and the folded estimates."""
+request features and the folded estimates; the decision path against the reference path and against
+the decisions the committed controllers made before the decision path existed."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
 
+from decision_support import CONTROLLERS, GOLDEN, decisions
+
 from flexvlm_ray.control import ConfigSpace, Controller, Featurizer, Guardrail, Request, RowEnvironment
 from flexvlm_ray.control.build import build_controller
+from flexvlm_ray.control.policies import NOT_COUNTED
 from flexvlm_ray.control.synthetic import synthetic_requests, synthetic_rows, synthetic_space
 from flexvlm_ray.models.base import Knobs
 from flexvlm_ray.models.crops import crop_grid
@@ -99,12 +104,47 @@ def test_guardrail_never_admits_a_config_estimated_over_budget_times_margin(fitt
     for size, task, budget in itertools.product(("small", "large"), ("vqa", "caption"), np.linspace(4, 60, 15)):
         r = request(size, task)
         estimates = controller.context(r, budget).estimates
+        reference = controller.decide_reference(r, budget, policy=policy, guardrail=guard)
         d = controller.decide(r, budget, policy=policy, guardrail=guard)
-        assert d.admitted == int((estimates <= budget * margin).sum())
-        if d.admitted:
-            assert estimates[d.index] <= budget * margin
+        assert reference.admitted == int((estimates <= budget * margin).sum())
+        assert d.index == reference.index
+        if reference.admitted:
+            assert estimates[d.index] <= budget * margin and d.admitted == NOT_COUNTED
         else:   # nothing admitted: the config with the lowest estimate, never one the guardrail let through
-            assert d.index == int(np.argmin(estimates))
+            assert d.index == int(np.argmin(estimates)) and d.admitted == 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_decision_path_decides_as_the_reference_path(fitted, policy):
+    """decide (each policy's decider: memoized parts, lists, lazy estimates) == decide_reference (every
+    feature and estimate, then rank) on every request, at budgets from nothing fits to everything fits,
+    with and without the guardrail, also after its memos are emptied."""
+    controller, _, requests = fitted
+    others = [Request(request_id=f"o{i}", width=w, height=h, prompt=p, task=t, dataset=d)
+              for i, ((w, h), p, (t, d)) in enumerate(itertools.product(
+                  ((0, 0), (20, 20), (640, 480), (2000, 300)), ("", "a b c d e f g h ? !"),
+                  (("vqa", "vqa_set"), ("caption", "caption_set"), ("count", "unseen_set"))))]
+    for memo_cleared in (False, True):
+        if memo_cleared:
+            controller._estimates.clear(), controller._flops.clear(), controller._terms.clear()
+            controller.featurizer._memo.clear(), controller.featurizer._prompts.clear()
+        for r, budget, margin in itertools.product(requests[::2] + others, (0.5, 6.0, 13.0, 15.0, 25.0, 40.0, 1e4),
+                                                   (None, 0.5, 0.9, 1.2)):
+            guard = Guardrail(margin) if margin else None
+            reference = controller.decide_reference(r, budget, policy=policy, guardrail=guard)
+            assert controller.decide(r, budget, policy=policy, guardrail=guard).index == reference.index, (
+                r, budget, margin)
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLLERS))
+def test_committed_controllers_decide_as_before_the_decision_path(name):
+    """tests/data/e4_decisions.json: what the committed E4 controllers decided (at commit fa3e930, before the
+    decision path) on a table of requests, budgets and guardrail margins, for every fitted policy."""
+    golden = json.loads(GOLDEN.read_text())["controllers"][name]
+    controller = Controller.load(CONTROLLERS[name])
+    assert sorted(controller.policies) == golden["policies"]
+    p50 = json.loads((CONTROLLERS[name] / "reference.json").read_text())["p50_ms"]
+    assert decisions(controller, p50) == golden["decisions"]
 
 
 @pytest.mark.parametrize("estimates,budget,margin,admitted", [

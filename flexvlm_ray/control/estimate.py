@@ -113,6 +113,27 @@ class CandidateModel:
         """``StageEstimator.predict`` on ``inputs``: what ``latency`` computes, the slow way."""
         return np.asarray(self.estimator.predict(self.inputs(features))["T_total"], float)
 
+    # -- the decision fast path ---------------------------------------------------------------
+    def terms(self, task: str, crops: np.ndarray) -> "RequestTerms":
+        """Everything of ``latency`` and ``seed_flops`` that depends on the task and the per-configuration
+        crop counts only (not on the prompt), as Python lists: a decision adds the prompt's language
+        tokens (``language_tokens_of``) per configuration in plain float arithmetic, the same IEEE
+        operations as ``latency`` and ``seed_flops`` (so the same numbers), without a numpy call."""
+        k0, k1, k2, k3, _ = self._folded(task)
+        crops = np.asarray(crops, float)
+        vision = np.maximum(self.vision_tokens[0] * crops + self.vision_tokens[1], 0.0)
+        out = np.asarray(self.output_tokens.get(task, self.output_tokens["*"]), float)
+        flops_head = llm = None
+        if self.flops is not None:
+            flops_head = (self.flops["vision_per_crop"] * crops + self.flops["projector"]).tolist()
+            llm = np.asarray(self.flops["llm_per_token"], float).tolist()
+        return RequestTerms(base=(k0 + k1 * crops).tolist(), vision=vision.tolist(), k2=np.asarray(k2, float).tolist(),
+                            k3=np.asarray(k3, float).tolist(), flops_head=flops_head, llm=llm, output=out.tolist(),
+                            ms_per_flop=self.flops["ms_per_flop"] if self.flops else None)
+
+    def language_tokens_of(self, prompt_words: int) -> float:
+        return max(self.language_tokens[0] * prompt_words + self.language_tokens[1], 1.0)
+
     def _folded(self, task: str):
         if task not in self._cache:
             values = sorted({k.max_crops for k in self.space.configs}, key=lambda v: float("inf") if v is None else v)
@@ -160,6 +181,34 @@ class CandidateModel:
 
 
 @dataclass(frozen=True)
+class RequestTerms:
+    """``CandidateModel.terms``: per configuration, for one task and image. With ``T = vision + L`` (L the
+    prompt's language tokens), T_total = base + (k2 + k3 T) T and FLOPs = flops_head + llm (T + output)."""
+
+    base: list[float]
+    vision: list[float]
+    k2: list[float]
+    k3: list[float]
+    flops_head: Optional[list[float]]
+    llm: Optional[list[float]]
+    output: list[float]
+    ms_per_flop: Optional[float]
+
+    def latency(self, language: float) -> list[float]:
+        """Estimated T_total (ms) per configuration: ``CandidateModel.latency``'s numbers."""
+        out = []
+        for base, vision, k2, k3 in zip(self.base, self.vision, self.k2, self.k3):
+            t = vision + language
+            out.append(base + (k2 + k3 * t) * t)
+        return out
+
+    def flops(self, language: float) -> list[float]:
+        """The seeds' FLOPs per configuration: ``CandidateModel.seed_flops``'s numbers."""
+        return [head + llm * ((vision + language) + out)
+                for head, llm, vision, out in zip(self.flops_head, self.llm, self.vision, self.output)]
+
+
+@dataclass(frozen=True)
 class Guardrail:
     """E3 as a filter: admit configurations whose estimated T_total <= budget x margin."""
 
@@ -171,7 +220,11 @@ class Guardrail:
 
     def admit(self, *, estimates: np.ndarray, budget_ms: float) -> np.ndarray:
         """Boolean mask over configurations; may be all False (nothing is estimated to fit)."""
-        return np.asarray(estimates, float) <= budget_ms * self.margin
+        return np.asarray(estimates, float) <= self.limit(budget_ms)
+
+    def limit(self, budget_ms: float) -> float:
+        """The largest estimate admitted under ``budget_ms``."""
+        return budget_ms * self.margin
 
 
 def config_column(rows: pd.DataFrame) -> pd.Series:
