@@ -16,6 +16,9 @@ Targets (issue 17) are checked for the LUT and learned policies with the guardra
 <= 5% at every budget, quality retained >= 95% at the 0.7 budget, strictly more quality than
 ``static`` at equal or lower violation on >= 3 of 5 budgets with non-overlapping CIs.
 
+``host_drift``: where ``full`` ran as a control policy, its P50 in each budget's units over the
+reference P50 (the host's speed change between the reference and those units).
+
 ``guardrail_effect`` (M4 in the closed loop): every policy run with and without the guardrail,
 violation and measured quality side by side per workload and budget.
 
@@ -148,6 +151,19 @@ def targets(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str,
     return out
 
 
+def host_drift(rows: pd.DataFrame) -> Optional[dict[str, dict[str, float]]]:
+    """Per workload and budget fraction: the full policy's P50 T_total in that budget's control units / the
+    reference P50 the budgets multiply (measured before them). Far from 1, the host changed speed between
+    the reference and those units, and every policy's violations at that budget say so more than they say
+    anything about the policy. None when ``full`` is not a control policy of the run."""
+    full = rows[(rows["role"] == "control") & (rows["policy"] == "full")]
+    if full.empty:
+        return None
+    return {str(ds): {f"{fraction:g}": float(np.median(p["T_total"]) / p["reference_p50_ms"].iloc[0])
+                      for fraction, p in part.groupby("budget_fraction")}
+            for ds, part in full.groupby("dataset")}
+
+
 def guardrail_effect(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
     """M4 in the closed loop: each policy run with and without the guardrail, per workload and budget:
     violation rate and mean quality of both (measured, with their CIs)."""
@@ -189,6 +205,7 @@ def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed
         cells.setdefault(dataset, {}).setdefault(policy, {})[f"{fraction:g}"] = cell_stats(part, full, seed=seed)
     control = data[data["policy"] != "full"]
     overhead = {policy: _overhead_of(p) for policy, p in control.groupby("policy")}
+    drift = host_drift(rows)
     meaningful = quality_meaningful(model)
     result = {"model": {k: model.get(k) for k in ("family", "preset", "path", "dtype", "backend")},
               "quality_meaningful": meaningful,
@@ -198,6 +215,7 @@ def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: dict[str, Any], seed
               "reference_p50_ms": {ds: float(p["reference_p50_ms"].iloc[0]) for ds, p in control.groupby("dataset")},
               "policies": sorted(data["policy"].unique().tolist()), "cells": cells, "overhead": overhead,
               "guardrail_effect": {"order": "[without, with]", "policies": guardrail_effect(cells)},
+              "host_drift": drift,
               "targets": targets(cells) if meaningful else None}
     paths = [write_json(out_dir / "e4.json", result), _table(result, out_dir / "e4_table.md")]
     figures = figures_dir(out_dir)
@@ -227,6 +245,10 @@ def _table(result: dict[str, Any], path: Path) -> Path:
             over = result["overhead"].get(policy)
             timing = f"{over['decision_us_p50']:.0f} / {over['decision_us_p99']:.0f}" if over else "-"
             lines.append(f"| {policy} | " + " | ".join(entries) + f" | {timing} |")
+        drift = (result.get("host_drift") or {}).get(dataset)
+        if drift:
+            lines += ["", "host drift (full's P50 in each budget's units / the reference P50): "
+                      + ", ".join(f"{f}: {drift[f]:.2f}" for f in fractions if f in drift)]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
     return path
