@@ -26,7 +26,9 @@ from flexvlm_ray.models.base import ModelAdapter
 
 
 def guardrail_of(control: dict[str, Any]) -> Optional[Guardrail]:
-    return Guardrail(margin=float(control.get("margin", 1.0))) if control.get("guardrail") else None
+    if not control.get("guardrail"):
+        return None
+    return Guardrail(margin=float(control.get("margin", 1.0)), calibrated=bool(control.get("calibrated", False)))
 
 
 def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int, Sample]],

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from flexvlm_ray.control.env import RowEnvironment
-from flexvlm_ray.control.estimate import CandidateModel, Guardrail, RequestTerms
+from flexvlm_ray.control.estimate import NO_SPREAD, CandidateModel, Guardrail, RequestTerms
 from flexvlm_ray.control.features import Featurizer, Request, RequestFeatures
 from flexvlm_ray.control.learned import PolicyNet, train_policy_net
 from flexvlm_ray.control.space import ConfigSpace
@@ -68,14 +68,16 @@ Decide = Callable[[Request, float], "Decision"]
 
 
 def _reader(controller: "Controller", kind: str) -> Callable[[Request], list[float]]:
-    """request -> its estimated T_total (``kind`` 'latency') or seed FLOPs ('flops') of every configuration,
+    """request -> its estimated T_total (``kind`` 'latency'), the same x the spread ('guarded': what a
+    calibrated guardrail compares) or the seed FLOPs ('flops') of every configuration,
     from the controller's memos: image size -> crop counts, prompt -> word count, (task, crop counts,
     words) -> the list (a miss computes and stores)."""
     featurizer = controller.featurizer
     sizes, size_info = featurizer._memo, featurizer.size_info
     prompts, prompt_stats = featurizer._prompts, featurizer.prompt_stats
-    memo, compute = ((controller._estimates, controller.estimates_of) if kind == "latency"
-                     else (controller._flops, controller.flops_of))
+    memo, compute = {"latency": (controller._estimates, controller.estimates_of),
+                     "guarded": (controller._guarded, controller.guarded_estimates_of),
+                     "flops": (controller._flops, controller.flops_of)}[kind]
 
     def read(request: Request) -> list[float]:
         size = sizes.get((request.width, request.height)) or size_info(request.width, request.height)
@@ -103,7 +105,7 @@ class Policy(ABC):
         need, everything request-independent bound in it; this default is the reference itself."""
         def decide(request: Request, budget_ms: float) -> Decision:
             ctx = controller.context(request, budget_ms)
-            return controller.decision(*_reference_choice(self.rank(ctx), ctx, guardrail))
+            return controller.decision(*_reference_choice(self.rank(ctx), controller, ctx, guardrail))
         return decide
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,13 +132,15 @@ def fit_ranked(*, quality: np.ndarray, latency: np.ndarray, budget_ms: float) ->
     return RankedTable(quality=quality, latency=latency).rank(budget_ms)
 
 
-def _reference_choice(order: np.ndarray, ctx: Context, guardrail: Optional[Guardrail]) -> tuple[int, int]:
-    """The first of ``order``, or with the guardrail the first it admits (none: the lowest estimate)."""
+def _reference_choice(order: np.ndarray, controller: "Controller", ctx: Context,
+                      guardrail: Optional[Guardrail]) -> tuple[int, int]:
+    """The first of ``order``, or with the guardrail the first it admits (none: the lowest guarded estimate)."""
     if guardrail is None:
         return int(order[0]), -1
-    mask = guardrail.admit(estimates=ctx.estimates, budget_ms=ctx.budget_ms)
+    guarded = controller.model.guarded(ctx.estimates, guardrail, task=ctx.features.request.task)
+    mask = guardrail.admit(estimates=guarded, budget_ms=ctx.budget_ms)
     admitted = int(mask.sum())
-    return (int(order[np.argmax(mask[order])]) if admitted else int(np.argmin(ctx.estimates))), admitted
+    return (int(order[np.argmax(mask[order])]) if admitted else int(np.argmin(guarded))), admitted
 
 
 def _table_decider(controller: "Controller", guardrail: Optional[Guardrail],
@@ -149,7 +153,7 @@ def _table_decider(controller: "Controller", guardrail: Optional[Guardrail],
             index = table._first.get(budget_ms)
             return plain[index if index is not None else table.first(budget_ms)]
         return decide
-    estimates_of, limit_of = _reader(controller, "latency"), guardrail.limit
+    estimates_of, limit_of = controller.guard_reader(guardrail), guardrail.limit
 
     def decide_guarded(request: Request, budget_ms: float) -> Decision:
         table, estimates, limit = table_of(request), estimates_of(request), limit_of(budget_ms)
@@ -191,6 +195,22 @@ class RankedTable:
                 self._first.clear()
             index = self._first[budget_ms] = int(self.rank(budget_ms)[0])
         return index
+
+
+def _pooled_latency(cells: dict[str, dict[str, Any]], groups: dict[str, list[int]], *, env: RowEnvironment,
+                    quantile: float) -> dict[str, dict[str, Any]]:
+    """Each size cell's latency as its median x the task's spread of latency over the cell medians."""
+    by_task: dict[str, list[str]] = {}
+    for key in groups:
+        if key != "*" and not key.endswith("/*"):
+            by_task.setdefault(key.split("/")[0], []).append(key)
+    for task, keys in by_task.items():
+        medians = {key: np.median(env.latency[groups[key]], axis=0) for key in keys}
+        ratios = np.concatenate([env.latency[groups[key]] / medians[key] for key in keys])
+        spread = np.quantile(ratios, quantile, axis=0)
+        for key in keys:
+            cells[key] = {**cells[key], "latency": (medians[key] * spread).tolist()}
+    return cells
 
 
 def _table(quality: np.ndarray, latency: np.ndarray, q: float) -> dict[str, list[float]]:
@@ -284,7 +304,7 @@ class FlopsProxyPolicy(Policy):
                         most = c
                 return plain[_argmin(flops) if most is None else most]
             return decide
-        estimates_of, limit_of = _reader(controller, "latency"), guardrail.limit
+        estimates_of, limit_of = controller.guard_reader(guardrail), guardrail.limit
 
         def decide_guarded(request: Request, budget_ms: float) -> Decision:
             flops, estimates, limit = flops_of(request), estimates_of(request), limit_of(budget_ms)
@@ -337,13 +357,16 @@ class RandomPolicy(Policy):
         plain, counted, nothing = (controller.decisions(a) for a in (-1, NOT_COUNTED, 0))
         estimates_of, seed, crc32 = _reader(controller, "latency"), self.seed, zlib.crc32
         limit_of = None if guardrail is None else guardrail.limit
-
+        guarded_of = None if guardrail is None else controller.guard_reader(guardrail)
         budgets: dict[float, str] = {}      # budget -> its '%.6f/' text
 
         def decide(request: Request, budget_ms: float) -> Decision:
             estimates = estimates_of(request)
-            limit = budget_ms if limit_of is None else min(budget_ms, limit_of(budget_ms))
-            candidates = [c for c, e in enumerate(estimates) if e <= limit]     # fit (and admitted)
+            if limit_of is None:
+                candidates = [c for c, e in enumerate(estimates) if e <= budget_ms]    # fit
+            else:
+                guarded, limit = guarded_of(request), limit_of(budget_ms)
+                candidates = [c for c, e in enumerate(estimates) if e <= budget_ms and guarded[c] <= limit]
             made = plain if limit_of is None else counted
             if candidates:   # the lowest hash of (seed, request, budget, config), as rank's sort (ties: the
                 text = budgets.get(budget_ms)      # earlier config); crc32 runs on the shared prefix once
@@ -355,9 +378,8 @@ class RandomPolicy(Policy):
                 return made[min(candidates, key=lambda c: crc32(_digits(c), prefix))]
             if limit_of is None:
                 return plain[_argmin(estimates)]
-            limit = limit_of(budget_ms)      # admitted but over budget (margin > 1): the lowest estimate
-            admitted = [c for c, e in enumerate(estimates) if e <= limit]
-            return counted[min(admitted, key=estimates.__getitem__)] if admitted else nothing[_argmin(estimates)]
+            admitted = [c for c, g in enumerate(guarded) if g <= limit]    # admitted, over budget: the lowest estimate
+            return counted[min(admitted, key=estimates.__getitem__)] if admitted else nothing[_argmin(guarded)]
         return decide
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,13 +404,29 @@ class LookupTablePolicy(Policy):
 
     @classmethod
     def fit(cls, *, env: RowEnvironment, featurizer: Featurizer, quantile: float = 0.95, min_cell: int = 5,
-            **_: Any) -> "LookupTablePolicy":
+            prior: float = 0.0, pooled_spread: bool = False, **_: Any) -> "LookupTablePolicy":
+        """Cells of at least ``min_cell`` training requests. ``prior``: a cell's quality is its mean shrunk
+        towards its parent's (the task's, then every request's) as if ``prior`` parent requests were added,
+        so a cell of few requests does not pick a configuration on their noise. ``pooled_spread``: a cell's
+        latency quantile is its median x the configuration's spread (the ``quantile`` of each request's
+        latency over its cell's median, pooled over the cells of the task), so the quantile of a cell of few
+        requests is not set by one noisy measurement; else the cell's own quantile."""
         groups: dict[str, list[int]] = {}
         for i, f in enumerate(env.requests):
             for key in cls.cell_keys(f, featurizer):
                 groups.setdefault(key, []).append(i)
-        cells = {key: _table(env.quality[idx], env.latency[idx], quantile)
-                 for key, idx in groups.items() if len(idx) >= min_cell or key == "*"}
+        kept = {key: idx for key, idx in groups.items() if len(idx) >= min_cell or key == "*"}
+        cells = {key: _table(env.quality[idx], env.latency[idx], quantile) for key, idx in kept.items()}
+        if pooled_spread:
+            cells = _pooled_latency(cells, kept, env=env, quantile=quantile)
+        if prior > 0:        # from the unshrunk means: a size cell towards its task's, a task's towards all
+            means = {key: cell["quality"] for key, cell in cells.items()}
+            for key, cell in cells.items():
+                if key != "*":
+                    task_key = f"{key.split('/')[0]}/*"
+                    parent = means[task_key] if key != task_key and task_key in means else means["*"]
+                    n = cell["n"]
+                    cell["quality"] = [(n * q + prior * p) / (n + prior) for q, p in zip(cell["quality"], parent)]
         return cls(cells=cells, featurizer=featurizer)
 
     def rank(self, ctx: Context) -> np.ndarray:
@@ -460,6 +498,7 @@ class LearnedPolicy(Policy):
         prompts, prompt_stats, task_vector = featurizer._prompts, featurizer.prompt_stats, featurizer.task_vector
         memo, estimates_of = controller._estimates, controller.estimates_of
         limit_of = None if guardrail is None else guardrail.limit
+        guarded_of = None if guardrail is None or not guardrail.calibrated else controller.guard_reader(guardrail)
 
         def decide(request: Request, budget_ms: float) -> Decision:
             size = sizes.get((request.width, request.height)) or size_info(request.width, request.height)
@@ -474,11 +513,12 @@ class LearnedPolicy(Policy):
                              + task_vector(request.task) + stats.bow).tolist()
             if limit_of is None:
                 return plain[max(range(len(logits)), key=logits.__getitem__)]     # the first of the largest
+            guarded = estimates if guarded_of is None else guarded_of(request)
             limit, best = limit_of(budget_ms), None
-            for c, e in enumerate(estimates):
+            for c, e in enumerate(guarded):
                 if e <= limit and (best is None or logits[c] > logits[best]):
                     best = c
-            return counted[best] if best is not None else nothing[_argmin(estimates)]
+            return counted[best] if best is not None else nothing[_argmin(guarded)]
         return decide
 
     def to_dict(self) -> dict[str, Any]:
@@ -523,6 +563,7 @@ class Controller:
         self._terms: dict[tuple[str, tuple[int, ...]], RequestTerms] = {}
         self._estimates: dict[tuple[str, tuple[int, ...], int], list[float]] = {}
         self._flops: dict[tuple[str, tuple[int, ...], int], list[float]] = {}
+        self._guarded: dict[tuple[str, tuple[int, ...], int], list[float]] = {}
         # the decision path's answers, made once: [admitted][index] for admitted -1, NOT_COUNTED and 0
         self._decisions = {a: [Decision(knobs=k, index=i, admitted=a) for i, k in enumerate(self.space.configs)]
                            for a in (-1, NOT_COUNTED, 0)}
@@ -554,6 +595,23 @@ class Controller:
             estimates = self._estimates[key] = self.terms(task, counts).latency(
                 self.model.language_tokens_of(prompt_words))
         return estimates
+
+    def guarded_estimates_of(self, task: str, counts: tuple[int, ...], prompt_words: int) -> list[float]:
+        """``estimates_of`` x each configuration's spread (what a calibrated guardrail compares), remembered."""
+        key = (task, counts, prompt_words)
+        guarded = self._guarded.get(key)
+        if guarded is None:
+            if len(self._guarded) >= MEMO_ESTIMATES:
+                self._guarded.clear()
+            guarded = self._guarded[key] = [e * s for e, s in zip(self.estimates_of(task, counts, prompt_words),
+                                                                  self.model.spread_of(task))]
+        return guarded
+
+    def guard_reader(self, guardrail: Guardrail) -> Callable[[Request], list[float]]:
+        """request -> what ``guardrail`` compares with budget x margin, per configuration."""
+        if guardrail.calibrated and self.model.spread is None:
+            raise ValueError(NO_SPREAD)
+        return _reader(self, "guarded" if guardrail.calibrated else "latency")
 
     def flops_of(self, task: str, counts: tuple[int, ...], prompt_words: int) -> list[float]:
         """The seeds' FLOPs of every configuration (as ``estimates_of``), remembered."""
@@ -599,7 +657,7 @@ class Controller:
             raise KeyError(f"policy {policy!r} is not fitted in this controller; fitted: {', '.join(sorted(self.policies))}")
         ctx = self.context(request, budget_ms)
         order = self.policies[policy].rank(ctx)
-        return self.decision(*_reference_choice(order, ctx, None if policy == "full" else guardrail))
+        return self.decision(*_reference_choice(order, self, ctx, None if policy == "full" else guardrail))
 
     def bind(self, policy: str, *, guardrail: Optional[Guardrail] = None) -> "BoundPolicy":
         return BoundPolicy(controller=self, policy=policy, guardrail=guardrail)
