@@ -9,11 +9,15 @@ budget fraction): P50 / P95 / P99 T_total, SLO violation rate (T_total > budget)
 quality retained (mean quality / full's mean quality on the same requests), all with 95% bootstrap
 CIs (scipy.stats.bootstrap, percentile method, 2000 resamples over requests; paired with full's
 rows for the retained ratio), the configurations chosen, and the controller overhead (M3): median
-and P99 decision time in microseconds, and median decision time / median T_total.
+and P99 decision time in microseconds, and median decision time / median T_total (and the median time
+to build the Request from the dataset sample, ``request_us``, in runs that record it).
 
 Targets (issue 17) are checked for the LUT and learned policies with the guardrail: violation
 <= 5% at every budget, quality retained >= 95% at the 0.7 budget, strictly more quality than
 ``static`` at equal or lower violation on >= 3 of 5 budgets with non-overlapping CIs.
+
+``host_drift``: where ``full`` ran as a control policy, its P50 in each budget's units over the
+reference P50 (the host's speed change between the reference and those units).
 
 ``guardrail_effect`` (M4 in the closed loop): every policy run with and without the guardrail,
 violation and measured quality side by side per workload and budget.
@@ -148,6 +152,19 @@ def targets(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str,
     return out
 
 
+def host_drift(rows: pd.DataFrame) -> Optional[dict[str, dict[str, float]]]:
+    """Per workload and budget fraction: the full policy's P50 T_total in that budget's control units / the
+    reference P50 the budgets multiply (measured before them). Far from 1, the host changed speed between
+    the reference and those units, and every policy's violations at that budget say so more than they say
+    anything about the policy. None when ``full`` is not a control policy of the run."""
+    full = rows[(rows["role"] == "control") & (rows["policy"] == "full")]
+    if full.empty:
+        return None
+    return {str(ds): {f"{fraction:g}": float(np.median(p["T_total"]) / p["reference_p50_ms"].iloc[0])
+                      for fraction, p in part.groupby("budget_fraction")}
+            for ds, part in full.groupby("dataset")}
+
+
 def guardrail_effect(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
     """M4 in the closed loop: each policy run with and without the guardrail, per workload and budget:
     violation rate and mean quality of both (measured, with their CIs)."""
@@ -165,6 +182,18 @@ def guardrail_effect(cells: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> 
     return out
 
 
+def _overhead_of(part: pd.DataFrame) -> dict[str, Any]:
+    """M3 for one policy: decision time median / P99 (us) and its share of the median request; runs that
+    time building the Request from the sample apart (``request_us``) also give its median."""
+    out = {"decision_us_p50": float(np.median(part["decision_us"])),
+           "decision_us_p99": float(np.quantile(part["decision_us"], 0.99)),
+           "share_of_median_request": float(np.median(part["decision_us"]) / 1e3 / np.median(part["T_total"])),
+           "n": int(len(part))}
+    if "request_us" in part and part["request_us"].notna().any():
+        out["request_us_p50"] = float(np.median(part["request_us"].dropna()))
+    return out
+
+
 def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: ModelSpec, seed: int = 0) -> list[Path]:
     out_dir = Path(out_dir)
     rows = ok_rows(rows)
@@ -176,11 +205,8 @@ def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: ModelSpec, seed: int
         full = data[(data["dataset"] == dataset) & (data["policy"] == "full") & (data["budget_fraction"] == fraction)]
         cells.setdefault(dataset, {}).setdefault(policy, {})[f"{fraction:g}"] = cell_stats(part, full, seed=seed)
     control = data[data["policy"] != "full"]
-    overhead = {policy: {"decision_us_p50": float(np.median(p["decision_us"])),
-                         "decision_us_p99": float(np.quantile(p["decision_us"], 0.99)),
-                         "share_of_median_request": float(np.median(p["decision_us"]) / 1e3 / np.median(p["T_total"])),
-                         "n": int(len(p))}
-                for policy, p in control.groupby("policy")}
+    overhead = {policy: _overhead_of(p) for policy, p in control.groupby("policy")}
+    drift = host_drift(rows)
     meaningful = quality_meaningful(model)
     result = {"model": {k: getattr(model, k) for k in ("family", "preset", "path", "dtype", "backend")},
               "quality_meaningful": meaningful,
@@ -190,6 +216,7 @@ def analyze_e4(*, rows: pd.DataFrame, out_dir: Path, model: ModelSpec, seed: int
               "reference_p50_ms": {ds: float(p["reference_p50_ms"].iloc[0]) for ds, p in control.groupby("dataset")},
               "policies": sorted(data["policy"].unique().tolist()), "cells": cells, "overhead": overhead,
               "guardrail_effect": {"order": "[without, with]", "policies": guardrail_effect(cells)},
+              "host_drift": drift,
               "targets": targets(cells) if meaningful else None}
     paths = [write_json(out_dir / "e4.json", result), _table(result, out_dir / "e4_table.md")]
     figures = figures_dir(out_dir)
@@ -219,6 +246,10 @@ def _table(result: dict[str, Any], path: Path) -> Path:
             over = result["overhead"].get(policy)
             timing = f"{over['decision_us_p50']:.0f} / {over['decision_us_p99']:.0f}" if over else "-"
             lines.append(f"| {policy} | " + " | ".join(entries) + f" | {timing} |")
+        drift = (result.get("host_drift") or {}).get(dataset)
+        if drift:
+            lines += ["", "host drift (full's P50 in each budget's units / the reference P50): "
+                      + ", ".join(f"{f}: {drift[f]:.2f}" for f in fractions if f in drift)]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
     return path

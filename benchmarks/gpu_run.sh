@@ -21,6 +21,9 @@ for step in "$@"; do
         --set datasets.0.num_samples=4 --set datasets.1.num_samples=2 2>&1 | grep -v -i "warning" | tail -30
         (cd /tmp/runs && tar czf "$OUT/quickstart_run.tgz" quickstart) ;;
     profile) python3 benchmarks/profile_prefill.py ${PROFILE_ARGS:-} 2>&1 | grep -v Warning ;;
+    decide) # M3 outside the worker, on this host's CPU (no GPU used): warm, then cold caches (~2 minutes)
+        python3 benchmarks/decision_bench.py --rounds 2 --json "$OUT/decision_bench_warm.json"
+        python3 benchmarks/decision_bench.py --between trash --rounds 1 --samples 48 --json "$OUT/decision_bench_cold.json" ;;
     refs:*) # each line of the list: SPEC RUN_ID [--set ...]; runs land in /tmp/runs/<sweep>/<run-id>
         grep -v '^#' "${step#refs:}" | while read -r spec run_id overrides; do
           [ -n "$spec" ] || continue

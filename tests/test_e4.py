@@ -98,6 +98,18 @@ def test_e4_sweep_validates_on_gpu_defaults_and_cpu_overrides():
     assert (cpu.model.preset, cpu.model.dtype) == ("tiny", "float32")
 
 
+def test_cpu_e4_sweep_runs_the_tiny_model_with_a_calibrated_guardrail_and_one_block_configs():
+    spec = load_spec(SWEEPS / "e4_cpu_tiny.yaml")
+    assert (spec.model.preset, spec.model.dtype, spec.experiment) == ("tiny", "float32", "e4")
+    assert spec.control.guard_quantile == 0.95 and spec.control.margin == 1.0 and 1 in spec.knobs.active_blocks
+    assert spec.control.budgets == [0.35, 0.5, 0.7, 0.85, 1.0] and spec.measure.pin_cpus
+    units = expand(spec)
+    control = [u.control for u in units if u.control["role"] == "control"]
+    assert len(units) == 24 * 2 + 3 + 8 * 5 * 3 and all(c["calibrated"] for c in control)
+    small = load_spec(SWEEPS / "e4_cpu_tiny.yaml", overrides=cpu_overrides("e4_cpu_tiny"))
+    assert small.control.train_samples == 4
+
+
 @pytest.mark.slow
 def test_closed_loop_on_the_tiny_model_and_two_logical_gpus(ray_local, tmp_path):
     import numpy as np
@@ -126,16 +138,21 @@ def test_closed_loop_on_the_tiny_model_and_two_logical_gpus(ray_local, tmp_path)
     assert np.allclose(control["reference_p50_ms"], p50)
     assert np.allclose(control["budget_ms"], control["budget_fraction"] * p50)
     assert (control["violated"] == (control["T_total"] > control["budget_ms"])).all()
-    assert (control["decision_us"] > 0).all() and set(control["policy"]) == {"static", "lut+guard", "learned", "random"}
+    assert (control["decision_us"] > 0).all() and (control["request_us"] > 0).all()
+    assert set(control["policy"]) == {"static", "lut+guard", "learned", "random"}
 
     controller = Controller.load(run_dir / "control")
     samples = {s.sample_id: s for s in DATASETS.get("shapes_vqa").load(split="validation", num_samples=4, seed=0, path=None)}
-    margin = load_spec(run_dir / "spec.yaml").control.margin
+    settings = load_spec(run_dir / "spec.yaml").control
+    guardrail = Guardrail(settings.margin, calibrated=settings.guard_quantile is not None)
+    assert guardrail.calibrated and controller.model.spread is not None
     for row in control.itertuples():
         request = Request.of_sample(samples[row.sample_id], dataset=row.dataset)
         name = row.policy.removesuffix("+guard")
         expected = controller.decide(request, row.budget_ms, policy=name,
-                                     guardrail=Guardrail(margin) if row.guardrail else None).knobs
+                                     guardrail=guardrail if row.guardrail else None).knobs
+        assert expected == controller.decide_reference(request, row.budget_ms, policy=name,
+                                                       guardrail=guardrail if row.guardrail else None).knobs
         ran = Knobs(max_crops=int(row.max_crops), top_k=int(row.top_k), active_blocks=int(row.active_blocks),
                     block_policy=row.block_policy, max_new_tokens=int(row.max_new_tokens))
         assert ran == expected, (row.policy, row.budget_ms, row.sample_id)

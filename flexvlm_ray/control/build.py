@@ -28,8 +28,10 @@ def training_requests(*, datasets: Iterable[dict[str, Any]], seed: int) -> list[
 
 def build_controller(*, rows: pd.DataFrame, requests: list[Request], space: ConfigSpace, policies: list[str],
                      seed: int = 0, geometry: Optional[dict[str, Any]] = None,
-                     options: Optional[dict[str, dict[str, Any]]] = None) -> tuple[Controller, RowEnvironment]:
-    """Fit on ``rows`` (profiling rows of the space's configurations over ``requests``)."""
+                     options: Optional[dict[str, dict[str, Any]]] = None,
+                     guard_quantile: Optional[float] = 0.95, spread_per: str = "config") -> tuple[Controller, RowEnvironment]:
+    """Fit on ``rows`` (profiling rows of the space's configurations over ``requests``); ``guard_quantile``:
+    the quantile of measured / estimated latency a calibrated guardrail scales estimates by (None: no spread)."""
     tasks = tuple(sorted({r.task for r in requests}))
     featurizer = Featurizer(max_crops_values=tuple(space.max_crops_values), geometry=dict(geometry or {}), tasks=tasks)
     features: dict[tuple[str, str], RequestFeatures] = {(r.dataset, r.request_id): featurizer.features(r)
@@ -41,6 +43,8 @@ def build_controller(*, rows: pd.DataFrame, requests: list[Request], space: Conf
     rows = rows[rows["prompt_words"].notna() & rows["config"].isin(space.keys)]
     env = RowEnvironment.from_rows(rows, requests=features, space=space)
     model = CandidateModel.fit(rows, space=space)
+    if guard_quantile is not None:
+        model.calibrate(rows, features=features, quantile=guard_quantile, per=spread_per)
     controller = Controller.fit(env=env, model=model, featurizer=featurizer, policies=policies, seed=seed,
                                 options=options)
     return controller, env

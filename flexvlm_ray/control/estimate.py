@@ -12,7 +12,11 @@ and from them the stage estimator's ``T_total`` (``flexvlm_ray.estimator.StageEs
 the same rows) and the seeds' FLOPs formula (vision FLOPs per crop, projector FLOPs, LLM FLOPs per
 token of the config, all medians of the rows' ``flops_*`` columns).
 
-``Guardrail`` admits a configuration iff its estimated ``T_total`` <= budget x margin.
+``Guardrail`` admits a configuration iff its estimated ``T_total`` <= budget x margin; a calibrated
+guardrail first multiplies each configuration's estimate by its ``spread``: the ``spread_quantile``
+(0.95 by default) of measured / estimated T_total over the training rows of that configuration
+(``CandidateModel.calibrate``), so it admits what fits at that quantile of the host's measured latency
+(its noise and the estimator's error), not at the median.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ import pandas as pd
 from flexvlm_ray.control.features import RequestFeatures
 from flexvlm_ray.control.space import ConfigSpace, knobs_key
 from flexvlm_ray.estimator import StageEstimator, usable_rows
+
+NO_SPREAD = ("a calibrated guardrail needs a controller fitted with a latency spread (control.guard_quantile); "
+             "this one has none")
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -50,6 +57,8 @@ class CandidateModel:
     blocks: list[float]
     top_k: list[float]
     flops: Optional[dict[str, Any]] = None             # vision_per_crop, projector, llm_per_token[], ms_per_flop
+    spread: Optional[dict[str, list[float]]] = None    # task -> per config: quantile of measured / estimated T_total
+    spread_quantile: Optional[float] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     # -- fit ----------------------------------------------------------------------------------
@@ -88,6 +97,48 @@ class CandidateModel:
         return cls(space=space, estimator=StageEstimator.fit(rows), vision_tokens=vision, language_tokens=language,
                    output_tokens=output, blocks=blocks, top_k=top_k, flops=flops)
 
+    def calibrate(self, rows: pd.DataFrame, *, features: dict[tuple[str, str], RequestFeatures],
+                  quantile: float = 0.95, per: str = "config", min_rows: int = 20) -> "CandidateModel":
+        """Set ``spread``: per task (and '*' for any other), one factor per configuration: the ``quantile`` of
+        measured / estimated T_total over ``rows`` (training rows with a ``config`` column; every row,
+        repeated passes included, so it holds the host's pass-to-pass noise and the estimator's error).
+        ``per`` 'task': one quantile over all configurations of the task (a configuration's own rows come
+        from one unit, measured in one stretch of time, so on a host whose load varies their spread says
+        more about when they ran than about the configuration); 'config': each configuration's own rows
+        where it has ``min_rows``, else the task's."""
+        if not 0 < quantile <= 1:
+            raise ValueError(f"spread quantile must be in (0, 1], got {quantile}")
+        if per not in ("task", "config"):
+            raise ValueError(f"spread per 'task' or 'config', got {per!r}")
+        keys = self.space.keys
+        slot = {k: i for i, k in enumerate(keys)}
+        estimates: dict[tuple[str, str], np.ndarray] = {}
+        ratios: dict[str, list[list[float]]] = {}
+        for d, s, config, measured in zip(rows["dataset"], rows["sample_id"], rows["config"], rows["T_total"]):
+            f = features.get((d, s))
+            if f is None or config not in slot or not np.isfinite(measured):
+                continue
+            if (d, s) not in estimates:
+                estimates[(d, s)] = self.latency(f)
+            estimate = estimates[(d, s)][slot[config]]
+            if estimate > 0:
+                for task in (f.request.task, "*"):
+                    ratios.setdefault(task, [[] for _ in keys])[slot[config]].append(float(measured) / float(estimate))
+        if "*" not in ratios:
+            raise ValueError("no training row to calibrate the guardrail's spread on")
+        spread = {}
+        for task, per_config in ratios.items():
+            pooled = float(np.quantile([r for part in per_config for r in part], quantile))
+            spread[task] = [max(float(np.quantile(r, quantile)) if per == "config" and len(r) >= min_rows else pooled,
+                                0.0) for r in per_config]
+        self.spread, self.spread_quantile = spread, float(quantile)
+        return self
+
+    def spread_of(self, task: str) -> list[float]:
+        if self.spread is None:
+            raise ValueError(NO_SPREAD)
+        return self.spread.get(task, self.spread["*"])
+
     # -- per request --------------------------------------------------------------------------
     def inputs(self, features: RequestFeatures) -> dict[str, np.ndarray]:
         """The estimator's input columns, one value per configuration of the space."""
@@ -113,6 +164,27 @@ class CandidateModel:
         """``StageEstimator.predict`` on ``inputs``: what ``latency`` computes, the slow way."""
         return np.asarray(self.estimator.predict(self.inputs(features))["T_total"], float)
 
+    # -- the decision fast path ---------------------------------------------------------------
+    def terms(self, task: str, crops: np.ndarray) -> "RequestTerms":
+        """Everything of ``latency`` and ``seed_flops`` that depends on the task and the per-configuration
+        crop counts only (not on the prompt), as Python lists: a decision adds the prompt's language
+        tokens (``language_tokens_of``) per configuration in plain float arithmetic, the same IEEE
+        operations as ``latency`` and ``seed_flops`` (so the same numbers), without a numpy call."""
+        k0, k1, k2, k3, _ = self._folded(task)
+        crops = np.asarray(crops, float)
+        vision = np.maximum(self.vision_tokens[0] * crops + self.vision_tokens[1], 0.0)
+        out = np.asarray(self.output_tokens.get(task, self.output_tokens["*"]), float)
+        flops_head = llm = None
+        if self.flops is not None:
+            flops_head = (self.flops["vision_per_crop"] * crops + self.flops["projector"]).tolist()
+            llm = np.asarray(self.flops["llm_per_token"], float).tolist()
+        return RequestTerms(base=(k0 + k1 * crops).tolist(), vision=vision.tolist(), k2=np.asarray(k2, float).tolist(),
+                            k3=np.asarray(k3, float).tolist(), flops_head=flops_head, llm=llm, output=out.tolist(),
+                            ms_per_flop=self.flops["ms_per_flop"] if self.flops else None)
+
+    def language_tokens_of(self, prompt_words: int) -> float:
+        return max(self.language_tokens[0] * prompt_words + self.language_tokens[1], 1.0)
+
     def _folded(self, task: str):
         if task not in self._cache:
             values = sorted({k.max_crops for k in self.space.configs}, key=lambda v: float("inf") if v is None else v)
@@ -132,6 +204,12 @@ class CandidateModel:
             self._cache[task] = (k0, k1, k2, k3, values)
         return self._cache[task]
 
+    def guarded(self, estimates: np.ndarray, guardrail: "Guardrail", *, task: str) -> np.ndarray:
+        """What ``guardrail`` compares with budget x margin: the estimates, x the task's spread when calibrated."""
+        if not guardrail.calibrated:
+            return estimates
+        return np.asarray(estimates, float) * np.asarray(self.spread_of(task), float)
+
     def seed_flops(self, features: RequestFeatures) -> Optional[np.ndarray]:
         """The seeds' FLOPs formula of every configuration for this request (None without FLOPs rows)."""
         if self.flops is None:
@@ -147,31 +225,70 @@ class CandidateModel:
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"estimator": self.estimator.to_dict(), "vision_tokens": list(self.vision_tokens),
-                "language_tokens": list(self.language_tokens), "output_tokens": self.output_tokens,
-                "blocks": self.blocks, "top_k": self.top_k, "flops": self.flops}
+        out = {"estimator": self.estimator.to_dict(), "vision_tokens": list(self.vision_tokens),
+               "language_tokens": list(self.language_tokens), "output_tokens": self.output_tokens,
+               "blocks": self.blocks, "top_k": self.top_k, "flops": self.flops}
+        if self.spread is not None:
+            out["spread"], out["spread_quantile"] = self.spread, self.spread_quantile
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, space: ConfigSpace) -> "CandidateModel":
         return cls(space=space, estimator=StageEstimator.from_dict(data["estimator"]),
                    vision_tokens=tuple(data["vision_tokens"]), language_tokens=tuple(data["language_tokens"]),
                    output_tokens={k: list(v) for k, v in data["output_tokens"].items()},
-                   blocks=list(data["blocks"]), top_k=list(data["top_k"]), flops=data.get("flops"))
+                   blocks=list(data["blocks"]), top_k=list(data["top_k"]), flops=data.get("flops"),
+                   spread=data.get("spread"), spread_quantile=data.get("spread_quantile"))
+
+
+@dataclass(frozen=True)
+class RequestTerms:
+    """``CandidateModel.terms``: per configuration, for one task and image. With ``T = vision + L`` (L the
+    prompt's language tokens), T_total = base + (k2 + k3 T) T and FLOPs = flops_head + llm (T + output)."""
+
+    base: list[float]
+    vision: list[float]
+    k2: list[float]
+    k3: list[float]
+    flops_head: Optional[list[float]]
+    llm: Optional[list[float]]
+    output: list[float]
+    ms_per_flop: Optional[float]
+
+    def latency(self, language: float) -> list[float]:
+        """Estimated T_total (ms) per configuration: ``CandidateModel.latency``'s numbers."""
+        out = []
+        for base, vision, k2, k3 in zip(self.base, self.vision, self.k2, self.k3):
+            t = vision + language
+            out.append(base + (k2 + k3 * t) * t)
+        return out
+
+    def flops(self, language: float) -> list[float]:
+        """The seeds' FLOPs per configuration: ``CandidateModel.seed_flops``'s numbers."""
+        return [head + llm * ((vision + language) + out)
+                for head, llm, vision, out in zip(self.flops_head, self.llm, self.vision, self.output)]
 
 
 @dataclass(frozen=True)
 class Guardrail:
-    """E3 as a filter: admit configurations whose estimated T_total <= budget x margin."""
+    """E3 as a filter: admit configurations whose estimated T_total <= budget x margin; ``calibrated``:
+    whose estimate x its configuration's spread (``CandidateModel.spread``) <= budget x margin."""
 
     margin: float = 1.0
+    calibrated: bool = False
 
     def __post_init__(self) -> None:
         if not self.margin > 0:
             raise ValueError(f"guardrail margin must be > 0, got {self.margin}")
 
     def admit(self, *, estimates: np.ndarray, budget_ms: float) -> np.ndarray:
-        """Boolean mask over configurations; may be all False (nothing is estimated to fit)."""
-        return np.asarray(estimates, float) <= budget_ms * self.margin
+        """Boolean mask over configurations; may be all False (nothing is estimated to fit). ``estimates``:
+        the guarded ones (x the spread when calibrated: ``CandidateModel.guarded``)."""
+        return np.asarray(estimates, float) <= self.limit(budget_ms)
+
+    def limit(self, budget_ms: float) -> float:
+        """The largest estimate admitted under ``budget_ms``."""
+        return budget_ms * self.margin
 
 
 def config_column(rows: pd.DataFrame) -> pd.Series:

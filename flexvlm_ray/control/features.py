@@ -30,6 +30,7 @@ import numpy as np
 BOW_DIM = 16
 WORDS = re.compile(r"\w+|[^\w\s]")
 CROP_MEMO_SIZES = 4096   # image sizes whose crop counts a featurizer remembers
+PROMPT_MEMO_SIZE = 4096  # prompts whose word counts and bag of words a featurizer remembers
 DEFAULT_MAX_CROPS = 12   # what a max_crops of None (the model default) tiles with: MolmoE's default
 
 
@@ -74,6 +75,24 @@ class RequestFeatures:
         return hashed_bow(self.words)
 
 
+@dataclass(frozen=True)
+class PromptStats:
+    """What a decision reads from the prompt (``Featurizer.prompt_stats``)."""
+
+    words: int
+    log1p_words: list[float]       # [log1p(words)]: the learned policy's prompt entry
+    bow: list[float]
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    """What a decision reads from the image size (``Featurizer.size_info``)."""
+
+    counts: tuple[int, ...]        # crop count per max_crops value (global crop included)
+    size_class: int                # the crop count at the largest max_crops
+    vector: list[float]            # the learned policy's entries: log1p width, log1p height, log crops
+
+
 def prompt_words(prompt: str) -> list[str]:
     return WORDS.findall(prompt.lower())
 
@@ -95,15 +114,45 @@ class Featurizer:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_memo", {})
+        object.__setattr__(self, "_prompts", {})
+        object.__setattr__(self, "_tasks", {})
 
     def crops(self, request: Request) -> dict[Optional[int], int]:
-        key = (request.width, request.height)
-        counts = self._memo.get(key)
-        if counts is None:
+        return dict(zip(self.max_crops_values, self.crop_counts(request.width, request.height)))
+
+    def crop_counts(self, width: int, height: int) -> tuple[int, ...]:
+        """The crop count of every ``max_crops_values`` entry (same order), memoized per image size."""
+        return self.size_info(width, height).counts
+
+    def size_info(self, width: int, height: int) -> "SizeInfo":
+        """Crop counts and the learned policy's image entries of one image size, memoized."""
+        key = (width, height)
+        info = self._memo.get(key)
+        if info is None:
             if len(self._memo) >= CROP_MEMO_SIZES:
                 self._memo.clear()
-            counts = self._memo[key] = self._crop_counts(request.width, request.height)
-        return dict(zip(self.max_crops_values, counts))
+            counts = self._crop_counts(width, height)
+            info = self._memo[key] = SizeInfo(counts=counts, size_class=int(counts[-1]), vector=(
+                [math.log1p(width), math.log1p(height)] + [math.log(c) for c in counts]))
+        return info
+
+    def prompt_stats(self, prompt: str) -> "PromptStats":
+        """The prompt's word count and the learned policy's prompt entries, memoized per prompt text."""
+        stats = self._prompts.get(prompt)
+        if stats is None:
+            if len(self._prompts) >= PROMPT_MEMO_SIZE:
+                self._prompts.clear()
+            words = prompt_words(prompt)
+            stats = self._prompts[prompt] = PromptStats(words=len(words), log1p_words=[math.log1p(len(words))],
+                                                        bow=list(hashed_bow(words)))
+        return stats
+
+    def task_vector(self, task: str) -> list[float]:
+        """The learned policy's task one-hot of ``task``."""
+        vector = self._tasks.get(task)
+        if vector is None:
+            vector = self._tasks[task] = [1.0 if task == t else 0.0 for t in self.tasks]
+        return vector
 
     def _crop_counts(self, width: int, height: int) -> tuple[int, ...]:
         """``crop_grid`` (rows x cols) + the global crop per max_crops, in plain Python: the same choice
@@ -148,6 +197,11 @@ class Featurizer:
         return (["log_budget_ms", "log_budget_over_full_estimate", "log_prompt_words", "log_width", "log_height"]
                 + [f"log_crops@{m}" for m in self.max_crops_values] + [f"task={t}" for t in self.tasks]
                 + [f"bow{i}" for i in range(BOW_DIM)])
+
+    def static_vector(self, *, size: "SizeInfo", task: str, stats: "PromptStats") -> list[float]:
+        """``vector`` from its third entry on (no budget in it), from the memoized parts: a decision puts
+        log(budget) and log(budget / full estimate) in front (the same numbers as ``vector``)."""
+        return stats.log1p_words + size.vector + self.task_vector(task) + stats.bow
 
     def vector(self, features: RequestFeatures, *, budget_ms: float, full_estimate_ms: float) -> np.ndarray:
         r = features.request

@@ -1,11 +1,13 @@
 """The closed loop of one E4 work unit, run inside a worker: per request, ask the policy for knobs
-under the unit's budget (timed: ``decision_us``, features and estimates included), then run the
+under the unit's budget (timed: ``decision_us``, the policy's decision on the request, features and
+estimates included; ``request_us`` times building the ``Request`` from the dataset sample, its image
+size and prompt, which a server receives with the request), then run the
 sample with those knobs through the engine's own per-sample body (warm-up before the first pass of
 a shape or knob setting the unit has not run yet, then the timed passes), so latency and quality are measured.
 
 Rows are the engine's rows with the knobs the policy chose, plus ``role`` ('control'), ``policy``,
-``guardrail``, ``budget_fraction``, ``budget_ms``, ``reference_p50_ms``, ``decision_us`` and
-``violated`` (T_total > budget_ms).
+``guardrail``, ``budget_fraction``, ``budget_ms``, ``reference_p50_ms``, ``decision_us``, ``request_us``
+and ``violated`` (T_total > budget_ms).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from flexvlm_ray.models.base import ModelAdapter
 
 
 def guardrail_of(control: dict[str, Any]) -> Optional[Guardrail]:
-    return Guardrail(margin=float(control.get("margin", 1.0))) if control.get("guardrail") else None
+    if not control.get("guardrail"):
+        return None
+    return Guardrail(margin=float(control.get("margin", 1.0)), calibrated=bool(control.get("calibrated", False)))
 
 
 def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int, Sample]],
@@ -37,6 +41,8 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
              "guardrail": guardrail is not None, "budget_fraction": float(control["budget_fraction"]),
              "budget_ms": float(budget_ms), "reference_p50_ms": float(reference_p50_ms)}
     measure = unit.measure
+    decide = controller.decider(policy, guardrail)      # made once per unit: a decision is one call
+    budget_ms = float(budget_ms)
     seen: set[tuple] = set()   # shapes and knob settings this unit has warmed up (ShapeWarmup's key)
     rows = []
     with noise_control(measure, cuda=on_gpu(adapter)) as noise:
@@ -49,9 +55,11 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
                                  "error_message": sample.error})
                 continue
             started = time.perf_counter_ns()
-            decision = controller.decide(Request.of_sample(sample, dataset=unit.dataset), budget_ms, policy=policy,
-                                         guardrail=guardrail)
-            decision_us = (time.perf_counter_ns() - started) / 1e3
+            request = Request.of_sample(sample, dataset=unit.dataset)
+            built = time.perf_counter_ns()
+            decision = decide(request, budget_ms)
+            decision_us = (time.perf_counter_ns() - built) / 1e3
+            request_us = (built - started) / 1e3
             chosen = dataclasses.replace(unit, knobs=decision.knobs)
             adapter.apply_knobs(decision.knobs)
             try:   # the same per-sample body as run_unit: warm-up for a new shape or knob setting, then timed passes
@@ -68,5 +76,5 @@ def run_closed_loop(*, adapter: ModelAdapter, unit: Any, samples: list[tuple[int
                                  context=context)
                 rows.append({**base, **noise, **result, **summary, "warmup_passes": warmed if run_index == 0 else 0,
                              **_quality(result, sample=sample, metric=metric, measure=measure),
-                             **extra, "decision_us": decision_us, "violated": bool(result["T_total"] > budget_ms)})
+                             **extra, "decision_us": decision_us, "request_us": request_us, "violated": bool(result["T_total"] > budget_ms)})
     return rows

@@ -121,7 +121,12 @@ class ClosedLoopDriver(SweepDriver):
         folder = self.store.root / CONTROL_DIR
         if (folder / "controller.json").is_file() and (folder / "reference.json").is_file():
             say(f"using the controller saved in {folder}")
-            return Controller.load(folder).to_payload(), json.loads((folder / "reference.json").read_text())["p50_ms"]
+            saved = Controller.load(folder)
+            if self.spec.control.guard_quantile is not None and saved.model.spread is None:
+                raise RuntimeError(f"the controller saved in {folder} has no latency spread, which the spec's "
+                                   "calibrated guardrail (control.guard_quantile) needs: move that folder "
+                                   "away and resume (the controller is fitted again on the stored training rows)")
+            return saved.to_payload(), json.loads((folder / "reference.json").read_text())["p50_ms"]
         reference = self._reference_p50([u for u in units if (u.control or {}).get("role") == "reference"])
         controller, env = self._fit([u for u in units if (u.control or {}).get("role") == "train"])
         controller.save(folder)
@@ -155,7 +160,9 @@ class ClosedLoopDriver(SweepDriver):
         requests = training_requests(datasets=datasets, seed=self.spec.seed)
         names = sorted({p.name for p in control.policies})
         options = {"static": {"quantile": control.quantile},
-                   "lut": {"quantile": control.quantile, "min_cell": control.lut_min_cell},
+                   "lut": {"quantile": control.quantile, "min_cell": control.lut_min_cell, "prior": control.lut_prior,
+                           "pooled_spread": control.lut_pooled_spread},
                    "learned": {"hidden": control.hidden, "epochs": control.epochs}}
         return build_controller(rows=rows, requests=requests, space=ConfigSpace.of(knob_grid(self.spec)),
-                                policies=names, seed=self.spec.seed, options=options)
+                                policies=names, seed=self.spec.seed, options=options,
+                                guard_quantile=control.guard_quantile, spread_per=control.spread_per)

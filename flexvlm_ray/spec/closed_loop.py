@@ -56,7 +56,8 @@ def expand_closed_loop(spec: SweepSpec) -> list[WorkUnit]:
             cells.append(dict(dataset=ds, split=ds.split, num_samples=ds.num_samples, shard=shard,
                               num_shards=ds.shards, knobs=full, repeat=repeat, gpu_type=gpu_type,
                               control={"role": "control", "policy": policy.name, "guardrail": policy.guardrail,
-                                       "margin": control.margin, "budget_fraction": float(fraction)}))
+                                       "margin": control.margin, "calibrated": control.guard_quantile is not None,
+                                       "budget_fraction": float(fraction)}))
     units = []
     for index, c in enumerate(cells):
         ds = c["dataset"]

@@ -168,7 +168,8 @@ POLICY_NAMES = ("flops_proxy", "full", "learned", "lut", "random", "static")
 
 class PolicySpec(_Strict):
     name: Literal[POLICY_NAMES] = Field(description="policy name (flexvlm_ray.control.POLICIES)")
-    guardrail: bool = Field(default=False, description="drop configs whose estimated T_total > budget x margin")
+    guardrail: bool = Field(default=False, description="drop configs whose estimated T_total (x its spread: "
+                            "control.guard_quantile) > budget x margin")
 
 
 def _policy_entry(value: Any) -> Any:
@@ -183,11 +184,21 @@ class ControlSpec(_Strict):
         min_length=1, description="policies to evaluate: names or {name, guardrail}")
     budgets: list[float] = Field(default_factory=lambda: [0.35, 0.5, 0.7, 0.85, 1.0],
                                  description="budgets as fractions of the full model's P50 T_total per workload")
-    margin: float = Field(default=0.9, gt=0, le=2, description="guardrail: admit configs estimated <= budget x margin")
+    margin: float = Field(default=1.0, gt=0, le=2, description="guardrail: admit configs whose estimate (x its "
+                          "spread, with guard_quantile) <= budget x margin")
+    guard_quantile: Optional[float] = Field(
+        default=0.95, gt=0, le=1, description="calibrated guardrail: estimates x this quantile of measured / "
+        "estimated T_total on the training rows (the spread); null: the estimates alone")
+    spread_per: Literal["task", "config"] = Field(
+        default="config", description="the spread per configuration of a task (its rows; few rows: the task's), or one per task")
     train_split: str = Field(default="train", description="split of every dataset the policies are trained on")
     train_samples: int = Field(default=64, ge=2, description="training requests per dataset")
     quantile: float = Field(default=0.95, gt=0, le=1, description="latency quantile static and lut fit to the budget")
     lut_min_cell: int = Field(default=5, ge=1, description="training requests a lut cell needs (else it falls back)")
+    lut_prior: float = Field(default=5.0, ge=0, description="lut: a cell's mean quality shrunk towards its parent's "
+                             "as if this many of the parent's requests were added (0: the cell's own mean)")
+    lut_pooled_spread: bool = Field(default=True, description="lut: a cell's latency quantile = its median x the "
+                                    "task's spread over cell medians (false: the cell's own quantile)")
     hidden: int = Field(default=64, ge=4, le=512, description="learned policy: hidden width of its MLP")
     epochs: int = Field(default=300, ge=1, description="learned policy: full-batch training epochs")
 

@@ -63,9 +63,10 @@ ROW_SCHEMA = pa.schema([
     ("timestamp", pa.timestamp("us", tz="UTC")),
     # closed-loop runs (spec.control, E4; null elsewhere): the unit's role (train | reference | control),
     # the policy label, whether the guardrail filtered, the budget (fraction of the full model's P50
-    # T_total on the workload in this run, and ms), the time of the decision in microseconds, T_total > budget
+    # T_total on the workload in this run, and ms), the time of the decision and of building its Request from the
+# dataset sample in microseconds, T_total > budget
     ("role", _str), ("policy", _str), ("guardrail", pa.bool_()), ("budget_fraction", _f64), ("budget_ms", _f64),
-    ("reference_p50_ms", _f64), ("decision_us", _f64), ("violated", pa.bool_()),
+    ("reference_p50_ms", _f64), ("decision_us", _f64), ("request_us", _f64), ("violated", pa.bool_()),
 ])
 
 COLUMNS = tuple(ROW_SCHEMA.names)
