@@ -131,7 +131,7 @@ def _rows(run_dir: str | Path, manifest: dict):
     from flexvlm_ray.store.reader import load_frame
 
     name = manifest.get("rows_file")
-    if name is None:
+    if not isinstance(name, str):   # None, or a sweep's compacted rows.parquet record (store.writer.compact)
         return load_frame(run_dir)
     import pandas as pd
 

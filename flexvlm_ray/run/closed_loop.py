@@ -157,5 +157,9 @@ class ClosedLoopDriver(SweepDriver):
         options = {"static": {"quantile": control.quantile},
                    "lut": {"quantile": control.quantile, "min_cell": control.lut_min_cell},
                    "learned": {"hidden": control.hidden, "epochs": control.epochs}}
+        from flexvlm_ray.control.trained import trained_options   # learned:<trainer> (E5 trainers)
+
+        options.update(trained_options(names, hidden=control.hidden,
+                                       trained=control.trained.model_dump() if control.trained else None))
         return build_controller(rows=rows, requests=requests, space=ConfigSpace.of(knob_grid(self.spec)),
                                 policies=names, seed=self.spec.seed, options=options)
