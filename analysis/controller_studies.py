@@ -78,8 +78,9 @@ def paired_difference(mine: pd.DataFrame, base: pd.DataFrame, *, seed: int = 0) 
         return {"requests": 0}
     sa, sb = _sums(a, clusters), _sums(b, clusters)
     w = _weights(len(clusters), seed)
-    point = _stats(sa.sum(axis=0)) - _stats(sb.sum(axis=0))
-    boot = _stats(w @ sa) - _stats(w @ sb)
+    with np.errstate(invalid="ignore"):      # a resample whose full quality sums to 0: nan, left out of the CI
+        point = _stats(sa.sum(axis=0)) - _stats(sb.sum(axis=0))
+        boot = _stats(w @ sa) - _stats(w @ sb)
     out: dict[str, Any] = {"requests": int(len(clusters)), "decisions": int(len(a))}
     for j, name in enumerate(STATS):
         out[name] = None if not np.isfinite(point[j]) else float(point[j])
