@@ -5,7 +5,8 @@ fixed, scored. Per (workload, active blocks, policy):
 
 - quality: mean score over samples (a sample's passes averaged first) with a 95% percentile bootstrap
   CI (``common.bootstrap_ci``, 2000 resamples);
-- latency: P50 ``T_total`` (ms) with its bootstrap CI, and P50 ``T_LLM_prefill``;
+- latency: P50 ``T_total`` (ms) with its bootstrap CI, P50 ``T_LLM_prefill`` and the P50 output length
+  (natural decoding: a mask that changes the answer changes its length and so its ``T_total``);
 - against ``prefix`` at the same active blocks, on the same samples (paired): the mean score
   difference and the mean ``T_total`` difference with paired bootstrap CIs (the per-sample differences
   resampled). A difference is claimed (``quality_verdict``: ``better`` / ``worse``) only where its CI
@@ -72,6 +73,9 @@ def cell_stats(part: pd.DataFrame, *, seed: int) -> dict[str, Any]:
            "T_total_p50_ci": [t_low, t_high]}
     if "T_LLM_prefill" in part:
         out["T_LLM_prefill_p50_ms"] = float(np.median(part["T_LLM_prefill"]))
+    if "num_output_tokens" in part and part["num_output_tokens"].notna().any():
+        # natural decoding: a mask that changes the answer changes its length, and so T_total
+        out["output_tokens_p50"] = float(np.median(part["num_output_tokens"].dropna()))
     return out
 
 
@@ -140,7 +144,7 @@ def _table(result: dict[str, Any], path: Path) -> Path:
     for dataset, by_blocks in result["cells"].items():
         lines += [f"## {dataset} ({result['metric'].get(dataset, '')})", "",
                   "| active blocks | policy | samples | quality [CI] | vs prefix [CI] | verdict | T_total P50 ms | "
-                  "T_total vs prefix ms [CI] |", "|---|---|---|---|---|---|---|---|"]
+                  "T_total vs prefix ms [CI] | output tokens P50 |", "|---|---|---|---|---|---|---|---|---|"]
         for n in sorted(by_blocks, key=int):
             for policy in sorted(by_blocks[n], key=lambda p: POLICIES.index(p) if p in POLICIES else 9):
                 c = by_blocks[n][policy]
@@ -150,7 +154,7 @@ def _table(result: dict[str, Any], path: Path) -> Path:
                       f"{_fmt(vs['T_total_ms']['ci'][1], 1)}]") if vs else "-"
                 lines.append(f"| {n} | {policy} | {c['samples']} | {_fmt(c['quality'])} [{_fmt(c['quality_ci'][0])}, "
                              f"{_fmt(c['quality_ci'][1])}] | {dq} | {c.get('quality_verdict', '-')} | "
-                             f"{_fmt(c['T_total_p50_ms'], 1)} | {dt} |")
+                             f"{_fmt(c['T_total_p50_ms'], 1)} | {dt} | {_fmt(c.get('output_tokens_p50'), 1)} |")
         lines.append("")
     lines += ["Latency noise (the largest mean T_total difference between policies at the most active blocks, where "
               "they run the same blocks): " + ", ".join(f"{ds} {_fmt(v, 1)} ms" for ds, v in result["latency_noise_ms"].items())
