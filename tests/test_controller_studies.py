@@ -162,3 +162,13 @@ def test_committed_study_runs_reanalyse_to_their_committed_json(run_dir, tmp_pat
     load_analysis(manifest["experiment"])(rows=rows, out_dir=tmp_path, manifest=manifest)
     name = f"{manifest['experiment']}.json"
     assert json.loads((tmp_path / name).read_text()) == json.loads((Path(run_dir) / "analysis" / name).read_text())
+
+
+def test_controller_rows_sweep_validates_on_gpu_defaults_and_cpu_overrides():
+    from analysis_support import SWEEPS, cpu_overrides
+    from flexvlm_ray.spec.load import load_spec
+
+    gpu = load_spec(SWEEPS / "controller_rows.yaml")
+    assert [d.name for d in gpu.datasets] == ["shapes_vqa", "shapes_caption", "shapes_mc", "shapes_count"]
+    cpu = load_spec(SWEEPS / "controller_rows.yaml", overrides=cpu_overrides("controller_rows"))
+    assert (cpu.model.preset, cpu.model.dtype, cpu.control) == ("tiny", "float32", None)
