@@ -127,17 +127,17 @@ def analyze_run(run_dir: str | Path) -> list[Path]:
 
 def _rows(run_dir: str | Path, manifest: dict):
     """A sweep's rows, or for a run folder that is not a sweep (E5's training trials) the Parquet file
-    its manifest names in ``curves_file``."""
+    its manifest names in ``table_file``."""
     from flexvlm_ray.store.reader import load_frame
 
-    name = manifest.get("curves_file")
+    name = manifest.get("table_file")
     if name is None:
         return load_frame(run_dir)
     import pandas as pd
 
     path = Path(run_dir) / name
     if Path(name).name != name or not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: the manifest's curves_file {name!r} is not a file of the run folder")
+        raise FileNotFoundError(f"{run_dir}: the manifest's table_file {name!r} is not a file of the run folder")
     return pd.read_parquet(path)
 
 

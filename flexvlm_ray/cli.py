@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "train-tiny": "flexvlm_ray.commands.tiny:train_tiny",
     "eval-tiny": "flexvlm_ray.commands.tiny:eval_tiny",
     "train-controller": "flexvlm_ray.commands.train_controller:train_controller",
+    "controller-study": "flexvlm_ray.commands.controller_study:controller_study",
 }
 
 

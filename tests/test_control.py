@@ -236,7 +236,7 @@ def test_space_full_is_the_largest_config():
 def test_unknown_policy_lists_the_registered_ones(fitted):
     from flexvlm_ray.control import POLICIES as REGISTRY
 
-    with pytest.raises(KeyError, match="Available: flops_proxy, full, learned, lut, random, static"):
+    with pytest.raises(KeyError, match="Available: flops_proxy, full, learned, learned:dpo, learned:grpo, learned:lut, learned:ppo, learned:supervised, lut, random, static"):
         REGISTRY.get("nope")
 
 

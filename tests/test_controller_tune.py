@@ -144,7 +144,7 @@ E5_REFERENCE = ROOT / "results" / "reference" / "cpu-2core-2026-12-03" / "e5" / 
 @pytest.mark.skipif(not E5_REFERENCE.is_dir(), reason="the committed E5 reference run is not in this checkout")
 def test_committed_e5_reference_run_reanalyses_to_its_committed_json(tmp_path):
     manifest = json.loads((E5_REFERENCE / "manifest.json").read_text())
-    rows = pd.read_parquet(E5_REFERENCE / manifest["curves_file"])
+    rows = pd.read_parquet(E5_REFERENCE / manifest["table_file"])
     analyze_e5(rows=rows, out_dir=tmp_path, manifest=manifest)
     assert json.loads((tmp_path / "e5.json").read_text()) == json.loads((E5_REFERENCE / "analysis" / "e5.json").read_text())
     assert (tmp_path / "e5_table.md").read_text() == (E5_REFERENCE / "analysis" / "e5_table.md").read_text()

@@ -163,6 +163,10 @@ class ClosedLoopDriver(SweepDriver):
                    "lut": {"quantile": control.quantile, "min_cell": control.lut_min_cell, "prior": control.lut_prior,
                            "pooled_spread": control.lut_pooled_spread},
                    "learned": {"hidden": control.hidden, "epochs": control.epochs}}
+        from flexvlm_ray.control.trained import trained_options   # learned:<trainer> (E5 trainers)
+
+        options.update(trained_options(names, hidden=control.hidden,
+                                       trained=control.trained.model_dump() if control.trained else None))
         return build_controller(rows=rows, requests=requests, space=ConfigSpace.of(knob_grid(self.spec)),
                                 policies=names, seed=self.spec.seed, options=options,
                                 guard_quantile=control.guard_quantile, spread_per=control.spread_per)

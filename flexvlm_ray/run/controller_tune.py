@@ -19,7 +19,7 @@ reports its learning curve point by point with ``tune.report``) and writes OUT_D
   tune/            Ray Tune's own experiment folder
 
 The analysis (``flexvlm_ray.analysis.e5``, experiment "e5") reads curves.parquet through the
-manifest's ``curves_file``.
+manifest's ``table_file``.
 """
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def run_training(*, bandit: BanditEnv, out_dir: str | Path, grid: Optional[dict[
     out.mkdir(parents=True, exist_ok=True)
     trials = grid_trials(grid, seeds=list(seeds))
     settings = {"sample_budget": int(sample_budget), "eval_every": int(eval_every), "hidden": int(hidden)}
-    manifest = {"experiment": "e5", "format": FORMAT, "run_id": out.name, "unit_ids": [], "curves_file": ROWS_FILE,
+    manifest = {"experiment": "e5", "format": FORMAT, "run_id": out.name, "unit_ids": [], "table_file": ROWS_FILE,
                 "status": "running", "source": source, "bandit": bandit.describe(), "grid": grid,
                 "seeds": list(seeds), **settings, "trials": len(trials),
                 "host": {"cpu_count": os.cpu_count(), "loadavg_before": list(os.getloadavg())},

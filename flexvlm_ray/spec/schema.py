@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from flexvlm_ray.knobs.base import BLOCK_POLICIES
 from flexvlm_ray.models.base import BACKENDS
@@ -163,7 +163,9 @@ class TuneSpec(_Strict):
 
 # the policies of flexvlm_ray.control.POLICIES (spec sits below control in the import order, so the names
 # are listed here; tests/test_e4.py checks that the two agree)
-POLICY_NAMES = ("flops_proxy", "full", "learned", "lut", "random", "static")
+# ``learned:<trainer>``: E4's learned network trained by an E5 trainer (control.trained, control.train.TRAINERS)
+E5_TRAINERS = ("dpo", "grpo", "lut", "ppo", "supervised")
+POLICY_NAMES = ("flops_proxy", "full", "learned", *(f"learned:{t}" for t in E5_TRAINERS), "lut", "random", "static")
 
 
 class PolicySpec(_Strict):
@@ -174,6 +176,28 @@ class PolicySpec(_Strict):
 
 def _policy_entry(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
+
+
+class TrainedSpec(_Strict):
+    """How the ``learned:<trainer>`` policies train (E5 trainers on the bandit of the run's training rows;
+    docs/E5_TRAINING.md): every listed one with the same budget, reward and seed (the spec's)."""
+
+    samples: int = Field(default=10_000, ge=1, description="environment samples each trainer may spend")
+    held_out: float = Field(default=0.25, gt=0, lt=1, description="share of the training requests kept out of "
+                            "the bandit (its own held-out curve; the run's held-out requests are never seen)")
+    beta: float = Field(default=1.0, ge=0, description="reward: weight of the relative budget overshoot")
+    gamma: float = Field(default=0.5, ge=0, description="reward: penalty of a violated budget")
+    eval_every: int = Field(default=1000, ge=1, description="environment samples between curve points")
+    hparams: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per trainer: hyperparameters "
+                                               "over its defaults, e.g. {ppo: {lr: 0.003}}")
+
+    @field_validator("hparams")
+    @classmethod
+    def _trainers(cls, hparams: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(hparams) - set(E5_TRAINERS))
+        if unknown:
+            raise ValueError(f"unknown trainer {', '.join(unknown)}; allowed: {', '.join(E5_TRAINERS)}")
+        return hparams
 
 
 class ControlSpec(_Strict):
@@ -201,6 +225,16 @@ class ControlSpec(_Strict):
                                     "task's spread over cell medians (false: the cell's own quantile)")
     hidden: int = Field(default=64, ge=4, le=512, description="learned policy: hidden width of its MLP")
     epochs: int = Field(default=300, ge=1, description="learned policy: full-batch training epochs")
+    trained: Optional[TrainedSpec] = Field(default=None, description="the learned:<trainer> policies' E5 training "
+                                           "(defaults when omitted)")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_trained(self, handler: Any) -> dict[str, Any]:
+        # a spec that does not set ``trained`` dumps (hashes, unit ids) as before the key existed
+        data = handler(self)
+        if data.get("trained") is None:
+            data.pop("trained", None)
+        return data
 
     @field_validator("budgets")
     @classmethod
