@@ -147,13 +147,14 @@ def test_closed_loop_runs_the_trained_network_on_the_tiny_model_and_two_logical_
     direct = make_trainer("ppo").train(bandit, sample_budget=600, seed=0, hidden=64, eval_every=300)
     samples = {s.sample_id: s for s in DATASETS.get("shapes_vqa").load(split="validation", num_samples=4, seed=0,
                                                                         path=None)}
-    margin = load_spec(run_dir / "spec.yaml").control.margin
+    control_spec = load_spec(run_dir / "spec.yaml").control   # the guardrail the workers built (control.loop)
+    guard = Guardrail(margin=control_spec.margin, calibrated=control_spec.guard_quantile is not None)
     for row in control.itertuples():
         request = Request.of_sample(samples[row.sample_id], dataset=row.dataset)
         ran = Knobs(max_crops=int(row.max_crops), top_k=int(row.top_k), active_blocks=int(row.active_blocks),
                     block_policy=row.block_policy, max_new_tokens=int(row.max_new_tokens))
         expected = controller.decide(request, row.budget_ms, policy="learned:ppo",
-                                     guardrail=Guardrail(margin) if row.guardrail else None)
+                                     guardrail=guard if row.guardrail else None)
         assert ran == expected.knobs, (row.policy, row.budget_ms, row.sample_id)
         if not row.guardrail:   # the trained net's own choice: the argmax of PPO's logits
             ctx = controller.context(request, row.budget_ms)

@@ -20,6 +20,21 @@ def fail(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def analyze_or_exit(run_dir) -> None:
+    """Run the folder's analysis, print the files it wrote; a failed analysis is one line and exit 3
+    (the run's data is kept)."""
+    import click
+
+    from flexvlm_ray.analysis.registry import AnalysisError, analyze_run
+
+    try:
+        for path in analyze_run(run_dir):
+            click.echo(str(path))
+    except AnalysisError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_ANALYSIS)
+
+
 def load_units(spec_path: str, overrides: tuple[str, ...], max_units: Optional[int] = None):
     """The validated spec and its work units; exit 2 with one line per problem."""
     from flexvlm_ray.spec.expand import expand

@@ -2,13 +2,12 @@
 knobs, guardrail, budget feature, mask strategy) on a run's profiled rows, then the m6 / e6 analysis."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from flexvlm_ray.commands.common import EXIT_ANALYSIS, fail
+from flexvlm_ray.commands.common import analyze_or_exit, fail
 
 
 @click.command("controller-study")
@@ -54,11 +53,4 @@ def controller_study(study: str, run_dir: str, out_dir: str, mask_run: Optional[
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     if not no_analysis:
-        from flexvlm_ray.analysis.registry import AnalysisError, analyze_run
-
-        try:
-            for path in analyze_run(out):
-                click.echo(str(path))
-        except AnalysisError as exc:
-            click.echo(str(exc), err=True)
-            sys.exit(EXIT_ANALYSIS)
+        analyze_or_exit(out)

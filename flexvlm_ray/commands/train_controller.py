@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from flexvlm_ray.commands.common import EXIT_ANALYSIS, EXIT_FAILURES, fail
+from flexvlm_ray.commands.common import EXIT_FAILURES, analyze_or_exit, fail
 
 
 def _grid(strategies: Optional[str], grid_json: Optional[str]) -> dict:
@@ -109,14 +109,7 @@ def train_controller(source: str, out_dir: str, strategies: Optional[str], grid_
                        max_concurrent=max_concurrent, source=source, say=lambda m: click.echo(m, err=True))
     manifest = json.loads((out / "manifest.json").read_text())
     if not no_analysis:
-        from flexvlm_ray.analysis.registry import AnalysisError, analyze_run
-
-        try:
-            for path in analyze_run(out):
-                click.echo(str(path))
-        except AnalysisError as exc:
-            click.echo(str(exc), err=True)
-            sys.exit(EXIT_ANALYSIS)
+        analyze_or_exit(out)
     if manifest.get("failed_trials"):
         click.echo(f"{manifest['failed_trials']} trials failed (trials.json names their errors)", err=True)
         sys.exit(EXIT_FAILURES)

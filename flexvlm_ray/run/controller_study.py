@@ -31,30 +31,10 @@ STUDIES = ("m6", "e6")
 
 
 def prepared_from_run(run_dir: str | Path) -> Prepared:
-    from flexvlm_ray.control.build import training_requests
-    from flexvlm_ray.control.space import ConfigSpace
-    from flexvlm_ray.spec.expand import knob_grid
-    from flexvlm_ray.spec.load import MAX_UNITS, load_spec_text
-    from flexvlm_ray.store.reader import load_frame
-    from flexvlm_ray.store.writer import RunStore
+    from flexvlm_ray.run.controller_tune import profiled_run
 
-    store = RunStore(run_dir)
-    manifest = store.manifest()
-    spec = load_spec_text(store.spec_text(), source=str(store.root / "spec.yaml"),
-                          max_units=max(MAX_UNITS, len(manifest["unit_ids"])))
-    rows = load_frame(run_dir)
-    rows = rows[rows["status"] == "ok"]
-    if "role" in rows and (rows["role"] == "train").any():
-        rows = rows[rows["role"] == "train"]
-        datasets = [{"name": ds.name, "split": spec.control.train_split, "num_samples": spec.control.train_samples,
-                     "path": ds.path} for ds in spec.datasets]
-    else:
-        datasets = [{"name": ds.name, "split": ds.split, "num_samples": ds.num_samples, "path": ds.path}
-                    for ds in spec.datasets]
-    if rows.empty:
-        raise ValueError(f"{run_dir}: no ok rows")
-    requests = training_requests(datasets=datasets, seed=spec.seed)
-    return Prepared.of(rows=rows, requests=requests, space=ConfigSpace.of(knob_grid(spec)))
+    rows, requests, space, _ = profiled_run(run_dir)
+    return Prepared.of(rows=rows, requests=requests, space=space)
 
 
 def run_controller_study(*, study: str, run_dir: str | Path, out_dir: str | Path, trainers: list[str],

@@ -75,10 +75,10 @@ def synthetic_bandit(*, n: int = 20, levels: Optional[tuple[float, ...]] = None,
                            budget_levels=levels)
 
 
-def bandit_from_run(run_dir: str | Path, *, reward: Optional[RewardSpec] = None, held_out: float = 0.25,
-                    split_seed: int = 0, budget_range: tuple[float, float] = BUDGET_RANGE) -> BanditEnv:
-    """The bandit of a run's profiled rows (see the module docstring)."""
-    from flexvlm_ray.control.build import build_controller, training_requests
+def profiled_run(run_dir: str | Path):
+    """(ok profiled rows, their requests, the configuration space, the spec) of a run folder: a
+    closed-loop run's training rows, or a grid sweep's rows."""
+    from flexvlm_ray.control.build import training_requests
     from flexvlm_ray.control.space import ConfigSpace
     from flexvlm_ray.spec.expand import knob_grid
     from flexvlm_ray.spec.load import MAX_UNITS, load_spec_text
@@ -102,8 +102,16 @@ def bandit_from_run(run_dir: str | Path, *, reward: Optional[RewardSpec] = None,
     if rows.empty:
         raise ValueError(f"{run_dir}: no ok rows to build the environment from")
     requests = training_requests(datasets=datasets, seed=spec.seed)
-    controller, env = build_controller(rows=rows, requests=requests, space=ConfigSpace.of(knob_grid(spec)),
-                                       policies=["full"], seed=spec.seed)
+    return rows, requests, ConfigSpace.of(knob_grid(spec)), spec
+
+
+def bandit_from_run(run_dir: str | Path, *, reward: Optional[RewardSpec] = None, held_out: float = 0.25,
+                    split_seed: int = 0, budget_range: tuple[float, float] = BUDGET_RANGE) -> BanditEnv:
+    """The bandit of a run's profiled rows (see the module docstring)."""
+    from flexvlm_ray.control.build import build_controller
+
+    rows, requests, space, spec = profiled_run(run_dir)
+    controller, env = build_controller(rows=rows, requests=requests, space=space, policies=["full"], seed=spec.seed)
     return BanditEnv.build(env=env, model=controller.model, featurizer=controller.featurizer, reward=reward,
                            held_out=held_out, split_seed=split_seed, budget_range=budget_range)
 
