@@ -311,8 +311,9 @@ experiment: g
 model: {family: flexmoe, preset: molmoe-1b, dtype: bfloat16, backend: fast}
 datasets: [{name: probe_grid, num_samples: 1}]
 knobs: {top_k: [3], max_new_tokens: [4]}
-measure: {warmup: 0, prefill_hook: false}
+measure: {warmup: 0, prefill_hook: false, burn_in_s: 0}
 """
+    # no burn-in: on a GPU it would run (and capture) this shape before the first timed pass
     unit = expand(load_spec_text(spec, source="x"))[0]
     before = molmoe.setup_count()
     samples = [(0, sample(width=1000, height=333)), (1, sample(width=1000, height=333))]
