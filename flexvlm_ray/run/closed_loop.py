@@ -90,10 +90,7 @@ class ClosedLoopDriver(SweepDriver):
                 ray.get([s.actor.load_controller.remote(self.payload_ref) for s in self.slots if s.actor is not None])
                 self._run_phase([self._with_budget(u, reference) for u in later])
         finally:
-            self.bar.close()
-            self.summary.wall_s = time.perf_counter() - started
-            self._final_walltimes()
-            self._stop_all()
+            self._end(started=started)
         return self.summary
 
     def _run_phase(self, units: list[WorkUnit]) -> None:

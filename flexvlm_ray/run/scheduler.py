@@ -114,10 +114,7 @@ class SweepDriver:
             while self.by_ref:
                 self._wait_one()
         finally:
-            self.bar.close()
-            self.summary.wall_s = time.perf_counter() - started
-            self._final_walltimes()
-            self._stop_all()
+            self._end(started=started)
         return self.summary
 
     def _begin(self, *, units: list[WorkUnit], gpu_types: Optional[list[str]]) -> list[WorkUnit]:
@@ -201,6 +198,13 @@ class SweepDriver:
             options["accelerator_type"] = slot.gpu_type
         slot.actor = self.remote_cls.options(**options).remote(
             model=self.model, seed=self.seed, name=slot.name, cpu_threads=self.cpu_threads)
+
+    def _end(self, *, started: float) -> None:
+        """Close the progress bar, record the wall time, collect the workers' clocks, stop them."""
+        self.bar.close()
+        self.summary.wall_s = time.perf_counter() - started
+        self._final_walltimes()
+        self._stop_all()
 
     def _stop_all(self) -> None:
         import ray

@@ -140,10 +140,7 @@ class TuneDriver(SweepDriver):
                 self._wait_one()
                 self._finish_trials()
         finally:
-            self.bar.close()
-            self.summary.wall_s = time.perf_counter() - started
-            self._final_walltimes()
-            self._stop_all()
+            self._end(started=started)
         return self.summary
 
     # -- searcher side -----------------------------------------------------------------
