@@ -42,28 +42,7 @@ for v in "${variants[@]}"; do
     --no-progress "${BASE[@]}" $extra < /dev/null 2>&1 | grep -v -i "warning" | tail -12 | tee -a "$log"
 done
 echo "=== median CoV per stage, % (pooled over repeats / within one repeat)" | tee -a "$log"
-$PY - "$RUNS/m2" results/reference/h200-2026-12-03/m2 <<'EOF' 2>&1 | tee -a "$log"
-import json, sys
-from pathlib import Path
-stages = ("T_vision_encoder", "T_LLM_prefill", "T_LLM_decode", "T_total")
-print(f"{'run':34s}" + "".join(f"{s:>22s}" for s in stages))
-for i, root in enumerate(sys.argv[1:]):
-    for run in sorted(Path(root).glob("*/manifest.json")):
-        from flexvlm_ray.analysis.m2 import series, stage_repeatability, within_repeats
-        from flexvlm_ray.store.reader import load_frame
-        rows = load_frame(run.parent)
-        ok = rows[rows["status"] == "ok"]
-        if ok.empty:
-            continue
-        all_series = series(ok)
-        cells = []
-        for s in stages:
-            r = stage_repeatability(all_series, s)
-            w = within_repeats(all_series, s)
-            cells.append(f"{100 * r['cov_median']:.2f} / {100 * w:.2f}" if r and w is not None else "-")
-        label = ("this call/" if i == 0 else "2026-12-03/") + run.parent.name
-        print(f"{label:34s}" + "".join(f"{c:>22s}" for c in cells))
-EOF
+$PY benchmarks/m2_cov.py "$RUNS/m2" results/reference/h200-2026-12-03/m2 2>&1 | tee -a "$log"
 echo "=== done in $(( $(date +%s) - started )) s" | tee -a "$log"
 (cd "$RUNS" && tar czf "$OUT/h200_m2_noise.tgz" --exclude='.lock' m2)
 ls -la "$OUT" | tee -a "$log"

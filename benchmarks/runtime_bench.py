@@ -193,6 +193,7 @@ BACKENDS = {
     "fast-eager": ("fast", {"cuda_graphs": False}),
     "fast-grouped": ("fast", {"prefill_moe": "grouped"}),
     "fast-fused-decode": ("fast", {"fused_decode": True}),   # decode only: the prefill is the defaults'
+    "fast-overlap": ("fast", {"overlap_decode": True}),      # decode only: the defaults, host one step ahead
 }
 PREFILL_BACKENDS = ("hf-eager", "hf-grouped_mm", "fast", "fast-torch", "fast-eager",   # gather: decode only
                     "fast-grouped")
@@ -211,11 +212,43 @@ def bench_decode(*, adapter, name: str, knobs: Knobs, prepared: Prepared, embeds
         blocks = adapter.active_block_indices()
     finally:
         adapter.restore_knobs()
+    return decode_row(adapter=adapter, stage="decode", name=name, knobs=knobs, blocks=blocks, context=context,
+                      times=times, args=args, ceilings=ceilings)
+
+
+def decode_row(*, adapter, stage: str, name: str, knobs: Knobs, blocks, context: int, times: list[float], args,
+               ceilings: dict[str, float]) -> dict[str, Any]:
     top_k = knobs.top_k or adapter.config.top_k
     nbytes = decode_bytes(adapter=adapter, top_k=top_k, blocks=blocks, context=context)
-    row = {"stage": "decode", "backend": name, "top_k": top_k, "blocks": len(blocks), "tokens": context,
+    row = {"stage": stage, "backend": name, "top_k": top_k, "blocks": len(blocks), "tokens": context,
            "bytes": nbytes, **summary(times)}
     return with_roofline(row, floor_ms=nbytes / args.hbm_bw * 1e3, floor_ms_measured=nbytes / ceilings["hbm_bw"] * 1e3)
+
+
+def bench_decode_run(*, adapter, name: str, knobs: Knobs, prepared: Prepared, embeds: torch.Tensor, args,
+                     ceilings: dict[str, float]) -> dict[str, Any]:
+    """ms per token of the engine's decode loop (``decode_run``, forced length): ``--run-steps`` steps from a
+    fresh prefill per repeat, wall clock from the prefill's end (synchronized) to the last token on the host;
+    the host's work between steps is inside, as in a row's T_LLM_decode."""
+    adapter.apply_knobs(knobs)
+    steps = args.run_steps
+    try:
+        def run() -> float:
+            state = adapter.prefill(prepared, embeds)
+            adapter.synchronize()
+            t0 = time.perf_counter()
+            adapter.decode_run(state, max_new=steps + 1, stop=None)
+            adapter.synchronize()
+            return (time.perf_counter() - t0) * 1e3 / steps
+        for _ in range(args.warmup):
+            run()
+        times = [run() for _ in range(args.run_repeats)]
+        context = prepared.num_total_tokens + steps // 2
+        blocks = adapter.active_block_indices()
+    finally:
+        adapter.restore_knobs()
+    return decode_row(adapter=adapter, stage="decode_run", name=name, knobs=knobs, blocks=blocks, context=context,
+                      times=times, args=args, ceilings=ceilings)
 
 
 def bench_prefill(*, adapter, name: str, prepared: Prepared, embeds: torch.Tensor, source: str, args,
@@ -272,9 +305,11 @@ def run(args) -> dict[str, Any]:
             backend, options = BACKENDS[name]
             adapter.set_backend(backend=backend, options=options)
             for knobs in () if name in PREFILL_ONLY or "decode" not in args.stages else decode_knobs(adapter.config):
-                rows.append(bench_decode(adapter=adapter, name=name, knobs=knobs, prepared=decode_prompt,
-                                         embeds=decode_embeds, args=args, ceilings=ceilings))
-                print(_line(rows[-1]), flush=True)
+                benches = (bench_decode_run,) if name == "fast-overlap" else (bench_decode, bench_decode_run)
+                for bench in benches if name.startswith("fast") else (bench_decode,):
+                    rows.append(bench(adapter=adapter, name=name, knobs=knobs, prepared=decode_prompt,
+                                      embeds=decode_embeds, args=args, ceilings=ceilings))
+                    print(_line(rows[-1]), flush=True)
             if name in PREFILL_BACKENDS and "prefill" in args.stages:
                 for prepared, embeds, source in prefill_inputs:
                     rows.append(bench_prefill(adapter=adapter, name=name, prepared=prepared, embeds=embeds,
@@ -314,7 +349,7 @@ def print_table(result: dict[str, Any]) -> None:
           f"total {result['total_s']:.1f}s")
     print(f"ceilings: HBM {m['hbm_bw'] / 1e12:.2f} TB/s measured ({result['nominal']['hbm_bw'] / 1e12:.2f} nominal), "
           f"matmul {m['matmul_flops'] / 1e12:.0f} TFLOP/s measured ({result['nominal']['peak_flops'] / 1e12:.0f} nominal)")
-    for stage in ("decode", "prefill", "vision"):
+    for stage in ("decode", "decode_run", "prefill", "vision"):
         rows = [r for r in result["rows"] if r["stage"] == stage]
         backends = list(dict.fromkeys(r["backend"] for r in rows))
         knobs = list(dict.fromkeys(_knob(r) for r in rows))
@@ -339,6 +374,8 @@ def parse_args(argv: Optional[list[str]] = None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per prefill / vision point")
     p.add_argument("--decode-repeats", type=int, default=30, help="timed decode steps per decode point")
+    p.add_argument("--run-steps", type=int, default=32, help="steps of each timed decode run (stage decode_run)")
+    p.add_argument("--run-repeats", type=int, default=10, help="timed decode runs per decode_run point")
     p.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy source")
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS),

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from flexvlm_ray.data import DATASETS
 from flexvlm_ray.data.base import Sample
 from flexvlm_ray.measure.engine import timed_passes
 from flexvlm_ray.models import Knobs
@@ -341,3 +342,63 @@ def test_set_backend_switches_in_place_on_the_same_weights(hf):
     assert adapter.fast is first and adapter.backend == "fast"
     with pytest.raises(ValueError, match="do not apply to backend 'hf'"):
         adapter.set_backend(backend="hf", options={"cuda_graphs": False})
+
+
+def _decoded(adapter, knobs: Knobs, *, overlap: bool, max_new: int, stop=None,
+             smp: Sample | None = None) -> tuple[list[int], torch.Tensor]:
+    """Tokens of ``adapter.decode_run`` after one prefill, the fast decoder's loop (host one step ahead)
+    with ``overlap``, else step by step; and the logits the state ends with."""
+    adapter.apply_knobs(knobs)
+    before = adapter.overlap_decode
+    adapter.overlap_decode = overlap
+    try:
+        prepared = adapter.prepare(sample=smp or sample(), knobs=knobs)
+        state = adapter.prefill(prepared, adapter.projector(prepared, adapter.vision_encoder(prepared)))
+        adapter.decode_run(state, max_new=max_new, stop=stop)
+        assert state.position == prepared.num_total_tokens + len(state.tokens) - 1
+        return list(state.tokens), state.extras["logits"].clone()
+    finally:
+        adapter.overlap_decode = before
+        adapter.restore_knobs()
+
+
+def test_overlap_decode_option_reaches_the_adapter():
+    assert make(backend="fast", overlap_decode=True).overlap_decode is True
+    assert make(backend="fast").overlap_decode is False
+    with pytest.raises(ValueError, match="overlap_decode must be true or false"):
+        make(backend="fast", overlap_decode="yes")
+
+
+@pytest.mark.parametrize("knobs", [Knobs(), Knobs(top_k=1, active_blocks=2, block_policy="prefix")],
+                         ids=["full", "k1-b2"])
+def test_overlapped_decode_gives_the_step_by_step_tokens_across_kv_buckets(fast, knobs):
+    """A kv bucket of 8 positions: 30 forced steps cross four graph keys; tokens and last logits equal."""
+    bucket = fast.fast.kv_bucket
+    fast.fast.kv_bucket = 8
+    try:
+        ref, ref_logits = _decoded(fast, knobs, overlap=False, max_new=31)
+        got, got_logits = _decoded(fast, knobs, overlap=True, max_new=31)
+    finally:
+        fast.fast.kv_bucket = bucket
+    assert len(ref) == 31 and got == ref
+    assert torch.equal(got_logits, ref_logits)
+
+
+def test_overlapped_decode_stops_after_the_first_stop_token(fast):
+    """On a caption (varied tokens), each token first seen after step 2 as the stop: both loops end on it."""
+    caption = DATASETS.get("shapes_caption").load(split="validation")[0]
+    ref, _ = _decoded(fast, Knobs(), overlap=False, max_new=16, smp=caption)
+    stops = [t for i, t in enumerate(ref) if i >= 2 and t not in ref[:i]][:3]
+    assert stops, ref
+    for stop in stops:
+        step_by_step, _ = _decoded(fast, Knobs(), overlap=False, max_new=16, stop=stop, smp=caption)
+        overlapped, _ = _decoded(fast, Knobs(), overlap=True, max_new=16, stop=stop, smp=caption)
+        assert step_by_step == overlapped == ref[:ref.index(stop) + 1]
+    already, _ = _decoded(fast, Knobs(), overlap=True, max_new=16, stop=ref[0], smp=caption)
+    assert already == ref[:1]                                  # prefill's token is the stop: no step runs
+
+
+def test_overlapped_decode_past_the_static_cache_fails_clearly(fast):
+    with pytest.raises(ValueError, match="outside the static cache of 4096"):
+        fast.fast.decode_run(token=5, position=4090, blocks=(0,), steps=7)
+    assert fast.fast.decode_run(token=5, position=4090, blocks=(0,), steps=0) == []

@@ -114,6 +114,37 @@ def test_graphs_across_a_kv_bucket_boundary(molmoe):
     assert_same_run(logits, tokens, ref_logits, ref_tokens, tol=BF16_REL)
 
 
+def test_overlapped_decode_under_graphs_gives_the_step_by_step_tokens(molmoe):
+    """``overlap_decode``: the host enqueues each step before reading the last one's token, the next input
+    made on the device. 40 steps across a kv bucket of 16: the tokens of the step-by-step loop, and a stop
+    token ends both loops at the same place."""
+    knobs = Knobs(top_k=2, active_blocks=6, block_policy="prefix")
+
+    def tokens(overlap: bool, stop=None) -> list[int]:
+        molmoe.apply_knobs(knobs)
+        molmoe.overlap_decode = overlap
+        try:
+            prepared = molmoe.prepare(sample=sample(), knobs=knobs)
+            state = molmoe.prefill(prepared, molmoe.projector(prepared, molmoe.vision_encoder(prepared)))
+            molmoe.decode_run(state, max_new=41, stop=stop)
+            return list(state.tokens)
+        finally:
+            molmoe.overlap_decode = False
+            molmoe.restore_knobs()
+
+    bucket = molmoe.fast.kv_bucket
+    molmoe.fast.kv_bucket = 16
+    try:
+        ref = tokens(False)
+        assert tokens(True) == ref and len(ref) == 41
+        later = [t for i, t in enumerate(ref) if i >= 3 and t not in ref[:i]]
+        if later:
+            assert tokens(True, stop=later[0]) == tokens(False, stop=later[0]) == ref[:ref.index(later[0]) + 1]
+    finally:
+        molmoe.fast.kv_bucket = bucket
+        molmoe.fast.clear_graphs()
+
+
 def test_prefill_runs_eagerly_when_blocks_are_hooked(molmoe):
     """The engine's hook timing needs Python between blocks: a hooked prefill is not graphed."""
     knobs = Knobs(top_k=3)

@@ -242,11 +242,13 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     max_new = knobs.max_new_tokens
     natural = measure.decode_mode == "natural"
     eos = adapter.eos_token_id
-    while 0 < len(state.tokens) < max_new and not (natural and state.tokens[-1] == eos):
-        adapter.decode_step(state)
-        if measure.per_token_decode:
+    stop = eos if natural else None
+    if measure.per_token_decode:
+        while 0 < len(state.tokens) < max_new and not (stop is not None and state.tokens[-1] == stop):
+            adapter.decode_step(state)
             timer.mark("decode_token")
-    if not measure.per_token_decode:
+    else:
+        adapter.decode_run(state, max_new=max_new, stop=stop)
         timer.mark("llm_decode")
     stages = timer.finish()
     tokens = state.tokens[:max_new]

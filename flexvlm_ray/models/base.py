@@ -111,6 +111,13 @@ class ModelAdapter(ABC):
     def decode_step(self, state: DecodeState) -> int:
         """One greedy decode step from ``state``; updates it and returns the new token."""
 
+    def decode_run(self, state: DecodeState, *, max_new: int, stop: Optional[int]) -> None:
+        """Greedy steps until ``state`` holds ``max_new`` tokens or its last token is ``stop`` (None: never
+        stop early). The stage ``llm_decode``; a family may run it faster than step by step (the flexmoe
+        fast backend overlaps host and device), with the same tokens."""
+        while 0 < len(state.tokens) < max_new and not (stop is not None and state.tokens[-1] == stop):
+            self.decode_step(state)
+
     @abstractmethod
     def decode_text(self, token_ids: Sequence[int]) -> str:
         """Detokenize generated tokens (special tokens dropped)."""

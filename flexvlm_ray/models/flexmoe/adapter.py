@@ -26,6 +26,8 @@ Options:
     max_graphs (fast only): captured graphs kept per decoder, least recently used dropped beyond (default 512).
     fused_decode (fast only): false (default) | true   a decode step's block in fewer Triton kernels (needs
         kernels 'triton' and decode_moe 'fused'; docs/FAST_RUNTIME.md).
+    overlap_decode (fast only): false (default) | true   the host enqueues each decode step before it reads
+        the previous step's token (``FastDecoder.decode_run``): the device never waits on the host.
 
 Stages: ``vision_encoder`` runs CLIP and concatenates two layers' patch features (CLS dropped);
 ``projector`` adds the padding embeddings (MolmoE), pools every 2x2 window and projects it;
@@ -94,6 +96,7 @@ def _file_sha256(path: Path) -> str:
 @register_model("flexmoe")
 class FlexMoeAdapter(ModelAdapter):
     backends = BACKENDS
+    overlap_decode = False   # set_backend: the fast decoder's decode_run (host one step ahead) for llm_decode
 
     @classmethod
     def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
@@ -147,10 +150,11 @@ class FlexMoeAdapter(ModelAdapter):
                 self.experts_implementation = self.model.decoder.config._experts_implementation
             self.fast = None
         else:
-            key = tuple(sorted(options.items()))
+            key = tuple(sorted((k, v) for k, v in options.items() if k != "overlap_decode"))   # a loop, not a build
             if key not in self._fast_decoders:
                 self._fast_decoders[key] = self._build_fast(options)
             self.fast = self._fast_decoders[key]
+        self.overlap_decode = backend == "fast" and bool(options.get("overlap_decode", False))
         self.backend = backend
 
     def _build_fast(self, options: dict[str, Any]) -> FastDecoder:
@@ -282,6 +286,23 @@ class FlexMoeAdapter(ModelAdapter):
         hidden = self.model.decoder.model.embed_tokens(ids)
         logits = self._forward(hidden=hidden, start=state.position, cache=state.cache)
         return record_token(state=state, token=greedy_token(logits), logits=logits)
+
+    @torch.inference_mode()
+    def decode_run(self, state: DecodeState, *, max_new: int, stop: Optional[int]) -> None:
+        """With the fast backend and ``overlap_decode``, ``FastDecoder.decode_run`` (the host one step ahead of
+        the device); else step by step. ``extras['logits']`` is then the decoder's static buffer: the last
+        step it ran, which after a stop token is the step enqueued past it."""
+        if self.fast is None or not self.overlap_decode:
+            return super().decode_run(state, max_new=max_new, stop=stop)
+        check_blocks_unchanged(state=state, active=self._active)
+        if state.extras.get("epoch") != self.fast.cache.epoch:
+            raise RuntimeError("this decode state's KV cache was overwritten by a later prefill")
+        if not 0 < len(state.tokens) < max_new or (stop is not None and state.tokens[-1] == stop):
+            return None
+        for token in self.fast.decode_run(token=state.next_token, position=state.position, blocks=self._active,
+                                          steps=max_new - len(state.tokens), stop=stop):
+            record_token(state=state, token=token, logits=self.fast.logits)
+        return None
 
     def _fast_decode_step(self, state: DecodeState) -> int:
         """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""

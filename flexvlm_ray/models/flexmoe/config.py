@@ -218,8 +218,9 @@ DEFAULT_PRESET = "tiny"
 CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
 BACKENDS = ("hf", "fast")
 OPTIONS = ("experts_implementation", "attn_implementation", "decode_moe", "prefill_moe", "kernels", "cuda_graphs",
-           "max_graphs", "fused_decode", "cache_len")
-FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs", "max_graphs", "fused_decode", "cache_len")
+           "max_graphs", "fused_decode", "cache_len", "overlap_decode")
+FAST_OPTIONS = ("decode_moe", "prefill_moe", "kernels", "cuda_graphs", "max_graphs", "fused_decode", "cache_len",
+                "overlap_decode")
 MAX_CACHE_LEN = 65_536   # positions of the fast backend's static KV cache (prompt + output), at most
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -258,7 +259,7 @@ def check_options(options: dict[str, Any]) -> None:
                           ("prefill_moe", PREFILL_MOE), ("kernels", KERNELS)):
         if options.get(name) is not None and options[name] not in allowed:
             raise ValueError(f"{name} '{options[name]}' is not one of {', '.join(allowed)}")
-    for flag in ("cuda_graphs", "fused_decode"):
+    for flag in ("cuda_graphs", "fused_decode", "overlap_decode"):
         if options.get(flag) is not None and not isinstance(options[flag], bool):
             raise ValueError(f"{flag} must be true or false, got {options[flag]!r}")
     graphs = options.get("max_graphs")

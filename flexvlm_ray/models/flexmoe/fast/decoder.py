@@ -499,6 +499,7 @@ class FastDecoder:
         self.zero = torch.zeros(1, dtype=torch.long, device=dev)
         self.logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
         self.token_out = torch.zeros(1, dtype=torch.long, device=dev)
+        self.host_tokens: Optional[torch.Tensor] = None       # decode_run's tokens, read back (pinned on CUDA)
         self.prefill_in: Optional[torch.Tensor] = None       # (max_len, H) graphed prefill input, made on first use
         self.prefill_last = torch.zeros(1, dtype=torch.long, device=dev)
         self.prefill_logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
@@ -604,6 +605,62 @@ class FastDecoder:
         else:
             self._replay(key, lambda: self._decode_body(blocks=key[0], bucket=key[2]))
         return int(self.token_out.item())
+
+    def decode_run(self, *, token: int, position: int, blocks: Sequence[int], steps: int,
+                   stop: Optional[int] = None) -> list[int]:
+        """Up to ``steps`` greedy steps from ``token`` at ``position``, the host one step ahead of the device.
+
+        What ``decode`` does step by step, without the device waiting on the host between steps (the
+        overlap of vLLM's async scheduling and SGLang's overlap scheduler): the next step's input token and
+        position are copied on the device from this step's output, the step after is enqueued before this
+        step's token is read back (a copy into pinned memory and an event per step), and only then does
+        the host wait, for this step alone. The tokens are those of ``decode`` step by step; the run stops
+        after the first ``stop`` token, having waited for the one step enqueued past it (its cache write,
+        one position past the output, is never read). ``self.logits`` holds the last step run's logits.
+        """
+        steps = int(steps)
+        if steps <= 0:
+            return []
+        if position < 0 or position + steps > self.cache.max_len:
+            raise ValueError(f"decode positions {position}..{position + steps - 1} are outside the static cache "
+                             f"of {self.cache.max_len}")
+        if self.host_tokens is None or self.host_tokens.numel() < self.cache.max_len:
+            self.host_tokens = torch.zeros(self.cache.max_len, dtype=torch.long,
+                                           pin_memory=self.device.type == "cuda")
+        self.token_in.fill_(int(token))
+        self.position_in.fill_(int(position))
+        tokens: list[int] = []
+        pending = self._enqueue_step(slot=0, position=position, blocks=blocks)
+        for slot in range(steps):
+            ahead = self._enqueue_step(slot=slot + 1, position=position + slot + 1, blocks=blocks) \
+                if slot + 1 < steps else None
+            if pending is not None:
+                pending.synchronize()
+            tokens.append(int(self.host_tokens[slot]))
+            if stop is not None and tokens[-1] == stop:
+                if ahead is not None:
+                    ahead.synchronize()
+                break
+            pending = ahead
+        return tokens
+
+    def _enqueue_step(self, *, slot: int, position: int, blocks: Sequence[int]) -> Optional[Any]:
+        """One step from the device-side token and position; its token copied to ``host_tokens[slot]``, then
+        the next step's input made on the device. An event recorded after the copy (None on the CPU, where
+        every op has finished when it returns)."""
+        key = self.graph_key(blocks=blocks, position=position)
+        if not self.use_graphs:
+            self._decode_body(blocks=key[0], bucket=key[2])
+        else:
+            self._replay(key, lambda: self._decode_body(blocks=key[0], bucket=key[2]))
+        self.host_tokens[slot:slot + 1].copy_(self.token_out, non_blocking=True)
+        self.token_in.copy_(self.token_out)
+        self.position_in.add_(1)
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _decode_body(self, *, blocks: Sequence[int], bucket: int) -> None:
         """One step from the static input buffers to the static output buffers (what a graph records)."""
