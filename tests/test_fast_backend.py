@@ -363,8 +363,9 @@ def _decoded(adapter, knobs: Knobs, *, overlap: bool, max_new: int, stop=None,
 
 
 def test_overlap_decode_option_reaches_the_adapter():
-    assert make(backend="fast", overlap_decode=True).overlap_decode is True
-    assert make(backend="fast").overlap_decode is False
+    assert make(backend="fast").overlap_decode is True                        # the default
+    assert make(backend="fast", overlap_decode=False).overlap_decode is False
+    assert make().overlap_decode is False                                     # hf: step by step
     with pytest.raises(ValueError, match="overlap_decode must be true or false"):
         make(backend="fast", overlap_decode="yes")
 

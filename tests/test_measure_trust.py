@@ -182,7 +182,7 @@ class ScriptedTimer:
     def start(self):
         self.names = []
 
-    def mark(self, name):
+    def mark(self, name, *, at=None):
         self.names.append(name)
 
     def finish(self):

@@ -248,8 +248,7 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
             adapter.decode_step(state)
             timer.mark("decode_token")
     else:
-        adapter.decode_run(state, max_new=max_new, stop=stop)
-        timer.mark("llm_decode")
+        timer.mark("llm_decode", at=adapter.decode_run(state, max_new=max_new, stop=stop))
     stages = timer.finish()
     tokens = state.tokens[:max_new]
 

@@ -33,9 +33,10 @@ class StageTimer:
     def start(self) -> None:
         self._marks = [("start", self._stamp())]
 
-    def mark(self, name: str) -> None:
-        """End the stage ``name`` here (it began at the previous mark)."""
-        self._marks.append((name, self._stamp()))
+    def mark(self, name: str, *, at: Any = None) -> None:
+        """End the stage ``name`` here (it began at the previous mark), or at ``at``: a CUDA timing event
+        the stage recorded earlier on this stream (work it left running past its end is not its time)."""
+        self._marks.append((name, self._stamp() if at is None or not self.cuda else at))
 
     def finish(self) -> list[tuple[str, float]]:
         """[(stage name, ms)] in order; repeated names (per-token marks) are kept separately."""

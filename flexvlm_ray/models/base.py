@@ -111,12 +111,15 @@ class ModelAdapter(ABC):
     def decode_step(self, state: DecodeState) -> int:
         """One greedy decode step from ``state``; updates it and returns the new token."""
 
-    def decode_run(self, state: DecodeState, *, max_new: int, stop: Optional[int]) -> None:
+    def decode_run(self, state: DecodeState, *, max_new: int, stop: Optional[int]) -> Optional[Any]:
         """Greedy steps until ``state`` holds ``max_new`` tokens or its last token is ``stop`` (None: never
-        stop early). The stage ``llm_decode``; a family may run it faster than step by step (the flexmoe
-        fast backend overlaps host and device), with the same tokens."""
+        stop early): the stage ``llm_decode``. A family may run it faster than step by step, with the same
+        tokens (the flexmoe fast backend overlaps host and device); where it leaves device work running
+        past the stop token it returns the CUDA timing event at which the output was complete (the stage
+        ends there), else None."""
         while 0 < len(state.tokens) < max_new and not (stop is not None and state.tokens[-1] == stop):
             self.decode_step(state)
+        return None
 
     @abstractmethod
     def decode_text(self, token_ids: Sequence[int]) -> str:

@@ -26,8 +26,8 @@ Options:
     max_graphs (fast only): captured graphs kept per decoder, least recently used dropped beyond (default 512).
     fused_decode (fast only): false (default) | true   a decode step's block in fewer Triton kernels (needs
         kernels 'triton' and decode_moe 'fused'; docs/FAST_RUNTIME.md).
-    overlap_decode (fast only): false (default) | true   the host enqueues each decode step before it reads
-        the previous step's token (``FastDecoder.decode_run``): the device never waits on the host.
+    overlap_decode (fast only): true (default) | false   on CUDA the host enqueues each decode step before it
+        reads the previous step's token (``FastDecoder.decode_run``): the device does not wait on the host.
 
 Stages: ``vision_encoder`` runs CLIP and concatenates two layers' patch features (CLS dropped);
 ``projector`` adds the padding embeddings (MolmoE), pools every 2x2 window and projects it;
@@ -96,7 +96,7 @@ def _file_sha256(path: Path) -> str:
 @register_model("flexmoe")
 class FlexMoeAdapter(ModelAdapter):
     backends = BACKENDS
-    overlap_decode = False   # set_backend: the fast decoder's decode_run (host one step ahead) for llm_decode
+    overlap_decode = False   # set_backend (fast: true by default): FastDecoder.decode_run for llm_decode
 
     @classmethod
     def describe(cls, *, preset: Optional[str], path: Optional[str], options: dict[str, Any]) -> ModelInfo:
@@ -154,7 +154,7 @@ class FlexMoeAdapter(ModelAdapter):
             if key not in self._fast_decoders:
                 self._fast_decoders[key] = self._build_fast(options)
             self.fast = self._fast_decoders[key]
-        self.overlap_decode = backend == "fast" and bool(options.get("overlap_decode", False))
+        self.overlap_decode = backend == "fast" and bool(options.get("overlap_decode", True))
         self.backend = backend
 
     def _build_fast(self, options: dict[str, Any]) -> FastDecoder:
@@ -288,10 +288,11 @@ class FlexMoeAdapter(ModelAdapter):
         return record_token(state=state, token=greedy_token(logits), logits=logits)
 
     @torch.inference_mode()
-    def decode_run(self, state: DecodeState, *, max_new: int, stop: Optional[int]) -> None:
-        """With the fast backend and ``overlap_decode``, ``FastDecoder.decode_run`` (the host one step ahead of
-        the device); else step by step. ``extras['logits']`` is then the decoder's static buffer: the last
-        step it ran, which after a stop token is the step enqueued past it."""
+    def decode_run(self, state: DecodeState, *, max_new: int, stop: Optional[int]) -> Optional[Any]:
+        """With the fast backend and ``overlap_decode`` (the default), ``FastDecoder.decode_run``: on CUDA the
+        host one step ahead of the device; the CUDA event where a stop token left the device is returned
+        (the step enqueued past it still runs). Else step by step. ``extras['logits']`` is the decoder's
+        static buffer."""
         if self.fast is None or not self.overlap_decode:
             return super().decode_run(state, max_new=max_new, stop=stop)
         check_blocks_unchanged(state=state, active=self._active)
@@ -302,7 +303,7 @@ class FlexMoeAdapter(ModelAdapter):
         for token in self.fast.decode_run(token=state.next_token, position=state.position, blocks=self._active,
                                           steps=max_new - len(state.tokens), stop=stop):
             record_token(state=state, token=token, logits=self.fast.logits)
-        return None
+        return self.fast.stop_event
 
     def _fast_decode_step(self, state: DecodeState) -> int:
         """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""

@@ -500,6 +500,7 @@ class FastDecoder:
         self.logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
         self.token_out = torch.zeros(1, dtype=torch.long, device=dev)
         self.host_tokens: Optional[torch.Tensor] = None       # decode_run's tokens, read back (pinned on CUDA)
+        self.stop_event: Optional[Any] = None                 # decode_run: where a stop token left the device
         self.prefill_in: Optional[torch.Tensor] = None       # (max_len, H) graphed prefill input, made on first use
         self.prefill_last = torch.zeros(1, dtype=torch.long, device=dev)
         self.prefill_logits = torch.zeros(config.vocab_size, dtype=self.dtype, device=dev)
@@ -608,17 +609,21 @@ class FastDecoder:
 
     def decode_run(self, *, token: int, position: int, blocks: Sequence[int], steps: int,
                    stop: Optional[int] = None) -> list[int]:
-        """Up to ``steps`` greedy steps from ``token`` at ``position``, the host one step ahead of the device.
+        """Up to ``steps`` greedy steps from ``token`` at ``position``, on CUDA the host one step ahead of the device.
 
         What ``decode`` does step by step, without the device waiting on the host between steps (the
         overlap of vLLM's async scheduling and SGLang's overlap scheduler): the next step's input token and
-        position are copied on the device from this step's output, the step after is enqueued before this
-        step's token is read back (a copy into pinned memory and an event per step), and only then does
-        the host wait, for this step alone. The tokens are those of ``decode`` step by step; the run stops
-        after the first ``stop`` token, having waited for the one step enqueued past it (its cache write,
-        one position past the output, is never read). ``self.logits`` holds the last step run's logits.
+        position are copied on the device from this step's output, and on CUDA the step after is enqueued
+        before this step's token is read back (a copy into pinned memory and an event per step); the host
+        then waits for this step alone. The tokens are those of ``decode`` step by step. After the first
+        ``stop`` token the run returns at once: ``self.stop_event`` is the event recorded when that token
+        was copied out (where the request's output ended on the device), and the one step enqueued past it
+        is left to finish on the stream (its cache write, one position past the output, is never read).
+        On the CPU, where every op has finished when it returns, each token is read before the next step
+        runs. ``self.logits`` holds the last step run's logits.
         """
         steps = int(steps)
+        self.stop_event = None
         if steps <= 0:
             return []
         if position < 0 or position + steps > self.cache.max_len:
@@ -629,25 +634,27 @@ class FastDecoder:
                                            pin_memory=self.device.type == "cuda")
         self.token_in.fill_(int(token))
         self.position_in.fill_(int(position))
+        run_ahead = self.device.type == "cuda"
         tokens: list[int] = []
         pending = self._enqueue_step(slot=0, position=position, blocks=blocks)
         for slot in range(steps):
+            more = slot + 1 < steps
             ahead = self._enqueue_step(slot=slot + 1, position=position + slot + 1, blocks=blocks) \
-                if slot + 1 < steps else None
+                if more and run_ahead else None
             if pending is not None:
                 pending.synchronize()
             tokens.append(int(self.host_tokens[slot]))
             if stop is not None and tokens[-1] == stop:
-                if ahead is not None:
-                    ahead.synchronize()
+                self.stop_event = pending if more else None
                 break
+            if more and not run_ahead:
+                ahead = self._enqueue_step(slot=slot + 1, position=position + slot + 1, blocks=blocks)
             pending = ahead
         return tokens
 
     def _enqueue_step(self, *, slot: int, position: int, blocks: Sequence[int]) -> Optional[Any]:
         """One step from the device-side token and position; its token copied to ``host_tokens[slot]``, then
-        the next step's input made on the device. An event recorded after the copy (None on the CPU, where
-        every op has finished when it returns)."""
+        the next step's input made on the device. A timing event recorded after the copy (None on the CPU)."""
         key = self.graph_key(blocks=blocks, position=position)
         if not self.use_graphs:
             self._decode_body(blocks=key[0], bucket=key[2])
@@ -658,7 +665,7 @@ class FastDecoder:
         self.position_in.add_(1)
         if self.device.type != "cuda":
             return None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
@@ -721,6 +728,7 @@ class FastDecoder:
         """Drop every captured graph (their memory returns to the pool) and the vision graphs' buffers."""
         self.graphs.clear()
         self.vision_io.clear()
+        self._pool = None   # the pool is freed with its last graph: a later capture takes a new one
 
 
 # -- vision --------------------------------------------------------------------------------------
