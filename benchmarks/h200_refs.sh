@@ -9,10 +9,10 @@
 # h200_refs.tgz (the run folders with their analyses, < 16 MiB: figures are left out if it would be larger);
 # RUNS (default /tmp/runs): where the runs are written; LIMIT_S (default 480): the wall time the list may
 # take, after which no unit starts (cut runs stay resumable with `flexvlm-ray launch --resume RUN_DIR`);
-# WHL (default .whl): wheels installed first where that folder has any (as benchmarks/gpu_run.sh does).
+# EXP5_ID (default h200-refs): the run id of the list's Exp 3 and Exp 4 runs, combined into Exp 5; WHL (default .whl): wheels installed first where that folder has any (as benchmarks/gpu_run.sh does).
 # On a CPU-only machine `CPU_CHECK=1 bash benchmarks/h200_refs.sh` runs the same list on the tiny model.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; RUNS=${RUNS:-/tmp/runs}; LIMIT_S=${LIMIT_S:-480}
+OUT=${OUT:-/tmp/out}; RUNS=${RUNS:-/tmp/runs}; LIMIT_S=${LIMIT_S:-480}; EXP5_ID=${EXP5_ID:-h200-refs}
 LIST=${1:-benchmarks/reference/h200_refs.txt}
 mkdir -p "$OUT" "$RUNS"
 started=$(date +%s)
@@ -36,9 +36,9 @@ extra=()
 timeout $((LIMIT_S + 30)) $PY benchmarks/run_sweeps.py "$LIST" --output "$RUNS" --deadline-s $((LIMIT_S - 40)) \
   --set model.backend=fast "${extra[@]}" 2>&1 | grep -v -i "warning" | tee -a "$log"
 echo "=== motivation_exp5 (Exp 3 + Exp 4 of this call) ($(date +%T))" | tee -a "$log"
-if [ -d "$RUNS/motivation_exp3/h200-refs" ] && [ -d "$RUNS/motivation_exp4/h200-refs" ]; then
-  $PY -m flexvlm_ray.cli analyze "$RUNS/motivation_exp3/h200-refs" "$RUNS/motivation_exp4/h200-refs" \
-    --combine motivation_exp5 --out "$RUNS/motivation_exp5/h200-refs" 2>&1 | grep -v -i "warning" | tee -a "$log"
+if [ -d "$RUNS/motivation_exp3/$EXP5_ID" ] && [ -d "$RUNS/motivation_exp4/$EXP5_ID" ]; then
+  $PY -m flexvlm_ray.cli analyze "$RUNS/motivation_exp3/$EXP5_ID" "$RUNS/motivation_exp4/$EXP5_ID" \
+    --combine motivation_exp5 --out "$RUNS/motivation_exp5/$EXP5_ID" 2>&1 | grep -v -i "warning" | tee -a "$log"
 fi
 echo "=== done in $(( $(date +%s) - started )) s; packing" | tee -a "$log"
 (cd "$RUNS" && tar czf "$OUT/h200_refs.tgz" --exclude='.lock' .)
