@@ -21,7 +21,7 @@ yet (``run_unit``'s ``warmed_shapes``, kept by the worker across its units; with
 hooks are on); ``warmup_passes`` on the sample's first row counts them. Before its first timed pass a
 worker burns in once: untimed passes of its first sample for ``measure.burn_in_s`` seconds (default 10
 on a GPU, 0 on the CPU; ``burn_in_s`` on every row says how long it ran). On the H200 the first units
-after a model load were the noisy ones (``results/reference/h200-2026-12-03/e3_calibration/h200-fast``:
+after a model load were the noisy ones (call 2's E3 rows, ``e3_calibration/h200-fast``, in git history:
 T_LLM_decode spread 3-6% in the first 6 s of timed passes, 0.3-2.5% afterwards; M2's first unit 4% slower
 in decode than its later repeats). A timed pass during which
 the model still did one-time setup (``ModelAdapter.setup_count`` grew: a CUDA graph captured for a
