@@ -190,4 +190,4 @@ def test_committed_e5_reference_run_reanalyses_to_its_committed_json(tmp_path):
     analyze_e5(rows=rows, out_dir=tmp_path, manifest=manifest)
     assert json.loads((tmp_path / "e5.json").read_text()) == json.loads((E5_REFERENCE / "analysis" / "e5.json").read_text())
     assert (tmp_path / "e5_table.md").read_text() == (E5_REFERENCE / "analysis" / "e5_table.md").read_text()
-    assert manifest["trials"] == len(json.loads((E5_REFERENCE / "trials.json").read_text())) == 36
+    assert manifest["trials"] == len(json.loads((E5_REFERENCE / "trials.json").read_text())) == 42
