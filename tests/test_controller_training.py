@@ -223,22 +223,24 @@ def test_cross_fitted_choice_fitted_on_other_requests_uses_their_whole_cell():
     assert got.tolist() == [0, 2, 2]
 
 
-def _loo_by_hand(ev, names):
-    """The environment set's cross-fitted value per partition, one row at a time (a slow second
-    implementation of EvalSet.set_cross_fitted's leave-one-request-out)."""
+def _cross_fitted_by_hand(fit, ev, names):
+    """A set's cross-fitted value per partition, one row at a time (a slow second implementation of
+    EvalSet.set_cross_fitted): the choice for a row is the best mean over ``fit``'s rows of other requests
+    in its finest cell that has any, coarse to fine."""
     from flexvlm_ray.control.train.bandit import PARTITIONS, cells_of
 
     out, levels = {}, []
     for name, inputs in PARTITIONS:
-        levels.append(cells_of(ev.x, names, inputs))
+        both = cells_of(np.concatenate([fit.x, ev.x]), names, inputs)
+        levels.append((both[:len(fit.x)], both[len(fit.x):]))
         total = 0.0
         for j in range(len(ev.idx)):
-            others = ev.idx != ev.idx[j]
-            pick = int(np.argmax(ev.rewards[others].mean(axis=0)))
-            for cell in levels:
-                same = others & (cell == cell[j])
+            others = fit.idx != ev.idx[j]
+            pick = int(np.argmax(fit.rewards[others].mean(axis=0)))
+            for fit_cell, ev_cell in levels:
+                same = others & (fit_cell == ev_cell[j])
                 if same.any():
-                    pick = int(np.argmax(ev.rewards[same].mean(axis=0)))
+                    pick = int(np.argmax(fit.rewards[same].mean(axis=0)))
             total += ev.rewards[j, pick]
         out[name] = total / len(ev.idx)
     return out
@@ -247,11 +249,12 @@ def _loo_by_hand(ev, names):
 def test_the_bandits_cross_fitted_reference_is_leave_one_request_out(synthetic):
     _, _, bandit = synthetic
     names = bandit.featurizer.vector_names()
-    by_hand = _loo_by_hand(bandit.eval_env, names)
-    got = {name: p["cross_fitted"] for name, p in bandit.eval_env.partitions.items()}
-    assert got == pytest.approx(by_hand)
-    assert bandit.eval_env.xfit_reward == pytest.approx(max(by_hand.values()))
-    assert bandit.eval_env.partitions["all inputs"]["in_sample"] == pytest.approx(bandit.eval_env.oracle_reward)
+    for ev in (bandit.eval_env, bandit.eval_held_out):      # both fitted on the environment's requests
+        by_hand = _cross_fitted_by_hand(bandit.eval_env, ev, names)
+        got = {name: p["cross_fitted"] for name, p in ev.partitions.items()}
+        assert got == pytest.approx(by_hand)
+        assert ev.xfit_reward == pytest.approx(max(by_hand.values()))
+        assert ev.partitions["all inputs"]["in_sample"] == pytest.approx(ev.oracle_reward)
     base = bandit.baselines()
     assert set(base["env"]["partitions"]) == set(by_hand)
     assert base["held_out"]["cross_fitted"] == bandit.eval_held_out.xfit_reward
