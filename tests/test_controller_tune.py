@@ -143,10 +143,15 @@ def test_e5_analysis_checks_the_target_against_each_reference(tmp_path):
                        "xfit_samples_to_95": ["grpo", "lut", "supervised"],
                        "held_out_xfit_samples_to_95": ["grpo", "lut"], "both_xfit_samples_to_95": ["lut"]}
     assert result["strategies"]["grpo"]["{}"]["both_xfit_samples_to_95"]["per_seed"] == [12000, 4000]
+    later = targets["both_xfit_samples_to_95"]["reached_later"]
+    assert [(m["trainer"], m["max"]) for m in later] == [("grpo", 12000)]
+    # what the one meeting the context oracle's target keeps on held-out requests: the memorizer's 30%
+    assert targets["samples_to_95"]["by"]["final_held_out_xfit_fraction"] == pytest.approx(0.3)
     # at 10,000 samples: between the evaluations at 8,000 and 12,000; a curve that ends before: None
     assert result["strategies"]["grpo"]["{}"]["xfit_fraction_at_10000"] == [pytest.approx(0.935), None]
     table = (tmp_path / "e5_table.md").read_text()
     assert "Target (both_xfit_samples_to_95)" in table and "met by 1 grid point(s), first lut" in table
+    assert "on every seed only later: grpo {} (max 12000; final on held-out requests 99.0%" in table
 
 
 def test_e5_analysis_of_a_run_without_the_cross_fitted_reference(tmp_path):
