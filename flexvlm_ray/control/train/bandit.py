@@ -113,7 +113,7 @@ def cross_fitted_choice(*, fit_rewards: np.ndarray, fit_cells: list[np.ndarray],
     index. The fitting and evaluated rows may be the same rows (leave one request out) or different
     ones (fit on the training requests, score the held-out ones)."""
     fit_rewards = np.asarray(fit_rewards, float)
-    n, k = len(eval_groups), fit_rewards.shape[1]
+    k = fit_rewards.shape[1]
     groups = np.unique(np.concatenate([fit_groups, eval_groups]), return_inverse=True)[1]
     fg, eg = groups[:len(fit_groups)], groups[len(fit_groups):]
     # fallback: every fitting row of another group
@@ -177,7 +177,7 @@ class EvalSet:
         counts = np.bincount(group)
         self.oracle_reward = float((sums.max(axis=1)).sum() / counts.sum())
         self.contexts = int(len(counts))
-        self.xfit_reward = float("nan")
+        self.xfit_reward, self.xfit_partition = float("nan"), None      # set_cross_fitted
         self.partitions: dict[str, dict[str, Any]] = {}
 
     def set_cross_fitted(self, *, fit: "EvalSet", names: list[str]) -> None:
@@ -227,7 +227,7 @@ class EvalSet:
     def baselines(self, *, full_index: int, fractions: int) -> dict[str, float]:
         per_fraction = self.rewards.reshape(-1, fractions, self.rewards.shape[1]).mean(axis=0)
         return {"oracle": self.oracle_reward, "hindsight": self.hindsight_reward,
-                "cross_fitted": self.xfit_reward, "cross_fitted_partition": getattr(self, "xfit_partition", None),
+                "cross_fitted": self.xfit_reward, "cross_fitted_partition": self.xfit_partition,
                 "partitions": self.partitions, "uniform": self.uniform_reward,
                 "full": float(self.rewards[:, full_index].mean()),
                 "best_static": float(per_fraction.max(axis=1).mean()), "contexts": self.contexts,
