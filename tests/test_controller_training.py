@@ -18,6 +18,7 @@ from flexvlm_ray.control.build import build_controller
 from flexvlm_ray.control.synthetic import synthetic_requests, synthetic_rows, synthetic_space
 from flexvlm_ray.control.train import TRAINERS, BanditEnv, RewardSpec, make_trainer
 from flexvlm_ray.control.train.bandit import split
+from flexvlm_ray.control.train.trainers import init_net
 from flexvlm_ray.registry import UnknownName
 
 LEVELS = (0.6, 0.8, 1.0, 1.3)   # budget fractions of the workload's full-configuration P50
@@ -171,3 +172,132 @@ def test_unknown_trainer_and_hyperparameter_name_what_is_allowed():
         make_trainer("reinforce")
     with pytest.raises(ValueError, match="allowed: .*clip"):
         make_trainer("ppo", clipp=0.1)
+
+
+# -- the cross-fitted reference -----------------------------------------------------------------------------
+# rows: (request, cell id per level coarse to fine, rewards of two configurations); each case's expected
+# choices are worked by hand
+XFIT_CASES = [
+    # one request per cell, outcomes unrelated to the cell: the in-sample cell oracle (0.5) overestimates what
+    # a choice made without the request's outcome earns (0: each request gets the other's best)
+    ("noise", [(0, [0], [1.0, 0.0]), (1, [0], [0.0, 1.0])], [1, 0], 0.0, 0.5),
+    # the cell carries the outcome: the cross-fitted choice is the in-sample one
+    ("informative", [(0, [0], [1.0, 0.0]), (1, [0], [1.0, 0.0]), (2, [1], [0.0, 1.0]), (3, [1], [0.0, 1.0])],
+     [0, 0, 1, 1], 1.0, 1.0),
+    # a request seen at two budgets (two rows): leaving it out drops both rows, so request 0's own rows never
+    # choose for it; request 1 alone decides for request 0 and vice versa
+    ("one request, two rows", [(0, [0], [1.0, 0.0]), (0, [0], [1.0, 0.0]), (1, [0], [0.0, 3.0])], [1, 1, 0], 0.0,
+     1.0),
+    # the fine level (second id) holds request 0 alone: it backs off to the coarse cell (requests 1 and 2);
+    # request 1 and 2 share a fine cell and choose for each other
+    ("back-off", [(0, [0, 0], [0.0, 1.0]), (1, [0, 1], [1.0, 0.0]), (2, [0, 1], [0.2, 0.0])], [0, 0, 0], 0.4,
+     (1.0 + 1.0 + 0.2) / 3),
+]
+
+
+@pytest.mark.parametrize("name,rows,choice,value,in_sample", XFIT_CASES, ids=[c[0] for c in XFIT_CASES])
+def test_cross_fitted_choice_never_reads_the_scored_requests_outcome(name, rows, choice, value, in_sample):
+    from flexvlm_ray.control.train.bandit import cross_fitted_choice
+
+    groups = np.array([r[0] for r in rows])
+    levels = [np.array([r[1][k] for r in rows]) for k in range(len(rows[0][1]))]
+    rewards = np.array([r[2] for r in rows])
+    got = cross_fitted_choice(fit_rewards=rewards, fit_cells=levels, fit_groups=groups, eval_cells=levels,
+                              eval_groups=groups)
+    assert got.tolist() == choice
+    assert rewards[np.arange(len(rows)), got].mean() == pytest.approx(value)
+    finest = levels[-1]
+    sums = np.zeros((finest.max() + 1, 2))
+    np.add.at(sums, finest, rewards)
+    assert sums.max(axis=1).sum() / len(rows) == pytest.approx(in_sample)   # the context oracle's estimate
+
+
+def test_cross_fitted_choice_fitted_on_other_requests_uses_their_whole_cell():
+    """Held-out rows (groups the fitting rows do not have): each cell's best mean over every fitting row;
+    a cell no fitting row has: the best mean over all of them."""
+    from flexvlm_ray.control.train.bandit import cross_fitted_choice
+
+    fit = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 2.0]])
+    got = cross_fitted_choice(fit_rewards=fit, fit_cells=[np.array([0, 0, 1])], fit_groups=np.array([0, 1, 2]),
+                              eval_cells=[np.array([0, 1, 2])], eval_groups=np.array([7, 8, 9]))
+    assert got.tolist() == [0, 2, 2]
+
+
+def _cross_fitted_by_hand(fit, ev, names):
+    """A set's cross-fitted value per partition, one row at a time (a slow second implementation of
+    EvalSet.set_cross_fitted): the choice for a row is the best mean over ``fit``'s rows of other requests
+    in its finest cell that has any, coarse to fine."""
+    from flexvlm_ray.control.train.bandit import PARTITIONS, cells_of
+
+    out, levels = {}, []
+    for name, inputs in PARTITIONS:
+        both = cells_of(np.concatenate([fit.x, ev.x]), names, inputs)
+        levels.append((both[:len(fit.x)], both[len(fit.x):]))
+        total = 0.0
+        for j in range(len(ev.idx)):
+            others = fit.idx != ev.idx[j]
+            pick = int(np.argmax(fit.rewards[others].mean(axis=0)))
+            for fit_cell, ev_cell in levels:
+                same = others & (fit_cell == ev_cell[j])
+                if same.any():
+                    pick = int(np.argmax(fit.rewards[same].mean(axis=0)))
+            total += ev.rewards[j, pick]
+        out[name] = total / len(ev.idx)
+    return out
+
+
+def test_the_bandits_cross_fitted_reference_is_leave_one_request_out(synthetic):
+    _, _, bandit = synthetic
+    names = bandit.featurizer.vector_names()
+    for ev in (bandit.eval_env, bandit.eval_held_out):      # both fitted on the environment's requests
+        by_hand = _cross_fitted_by_hand(bandit.eval_env, ev, names)
+        got = {name: p["cross_fitted"] for name, p in ev.partitions.items()}
+        assert got == pytest.approx(by_hand)
+        assert ev.xfit_reward == pytest.approx(max(by_hand.values()))
+        assert ev.partitions["all inputs"]["in_sample"] == pytest.approx(ev.oracle_reward)
+    base = bandit.baselines()
+    assert set(base["env"]["partitions"]) == set(by_hand)
+    assert base["held_out"]["cross_fitted"] == bandit.eval_held_out.xfit_reward
+
+
+def test_cross_fitted_reference_stays_below_the_context_oracle_when_outcomes_are_noise():
+    """Quality as independent coin flips per (request, configuration) and a budget nothing violates: nothing
+    a policy sees predicts the outcome. The hindsight oracle is 1 (every request has a configuration that
+    scores), the context oracle (the best mean over the about 5 requests sharing an input) well above a
+    coin flip; a choice made on other requests earns about a coin flip (0.63 with this seed; 0.87, the
+    context oracle's, if the scored request's own outcome leaked into its choice)."""
+    space = synthetic_space()
+    requests = synthetic_requests(n=40)
+    rows = synthetic_rows(requests=requests, space=space)
+    rng = np.random.default_rng(0)
+    rows["score"] = rng.integers(0, 2, size=len(rows)).astype(float)
+    controller, env = build_controller(rows=rows, requests=requests, space=space, policies=["full"], seed=0)
+    bandit = BanditEnv.build(env=env, model=controller.model, featurizer=controller.featurizer,
+                             budget_levels=(100.0,), reward=RewardSpec(normalize=False))   # nothing violates
+    ev = bandit.eval_env
+    assert (ev.rewards == ev.quality).all()
+    assert ev.oracle_reward == pytest.approx(ev.partitions["all inputs"]["in_sample"])
+    assert ev.hindsight_reward == 1.0 and ev.contexts < len(ev.idx)
+    assert ev.oracle_reward > 0.8
+    assert ev.xfit_reward < 0.7
+    for p in ev.partitions.values():
+        assert p["cross_fitted"] < p["in_sample"] - 0.1     # every partition's in-sample value overestimates
+
+
+def test_lut_all_bins_updates_every_budget_bin_from_one_measurement(synthetic):
+    _, _, bandit = synthetic
+    trainer = make_trainer("lut", batch=1, bins=4)
+    rng = np.random.default_rng(0)
+    bandit.samples = 0
+    net = init_net(bandit, rng=rng, hidden=8, seed=0)
+    trainer.setup(bandit, net, rng)
+    trainer.step(bandit, net, rng)
+    assert bandit.samples == 1
+    # the synthetic bandit's levels 0.6, 0.8, 1.0, 1.3 fall in 4 different bins of (0.6, 1.3): one count each
+    tried = np.argwhere(trainer.counts > 0)
+    assert trainer.counts.sum() == 4 and len({c // 4 for c, _ in tried}) == 1 and len({c % 4 for c, _ in tried}) == 4
+    assert len({a for _, a in tried}) == 1
+    old = make_trainer("lut", batch=1, bins=4, all_bins=False)
+    old.setup(bandit, net, rng)
+    old.step(bandit, net, rng)
+    assert old.counts.sum() == 1 and bandit.samples == 2

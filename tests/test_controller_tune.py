@@ -88,16 +88,22 @@ def test_train_controller_rejects_bad_input_before_ray_starts(tmp_path, args, me
     assert not (tmp_path / "x").exists()
 
 
-def _curves(points: dict[tuple[str, str, int], list[tuple[int, float]]]) -> pd.DataFrame:
+def _curves(points: dict[tuple[str, str, int], list[tuple]]) -> pd.DataFrame:
+    """Curve rows from (samples, fraction of the context oracle[, of the cross-fitted reference on the
+    environment's requests, on held-out ones]) points (without the last two: a run from before the
+    cross-fitted reference)."""
     rows = []
     for (trainer, hparams, seed), curve in points.items():
-        for samples, fraction in curve:
-            rows.append({"trainer": trainer, "hparams": hparams, "seed": seed, "env_samples": samples,
-                         "train_time_s": samples / 1000, "reward": fraction, "oracle_fraction": fraction,
-                         "hindsight_fraction": fraction, "normalized": fraction, "violation_rate": 0.1,
-                         "quality": 1.0, **{f"held_out_{k}": fraction * 0.9 for k in
-                                            ("reward", "oracle_fraction", "hindsight_fraction", "normalized")},
-                         "held_out_violation_rate": 0.2, "held_out_quality": 0.9})
+        for samples, fraction, *xfit in curve:
+            row = {"trainer": trainer, "hparams": hparams, "seed": seed, "env_samples": samples,
+                   "train_time_s": samples / 1000, "reward": fraction, "oracle_fraction": fraction,
+                   "hindsight_fraction": fraction, "normalized": fraction, "violation_rate": 0.1,
+                   "quality": 1.0, **{f"held_out_{k}": fraction * 0.9 for k in
+                                      ("reward", "oracle_fraction", "hindsight_fraction", "normalized")},
+                   "held_out_violation_rate": 0.2, "held_out_quality": 0.9}
+            if xfit:
+                row["xfit_fraction"], row["held_out_xfit_fraction"] = xfit
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -117,6 +123,45 @@ def test_e5_analysis_counts_samples_to_95_and_checks_the_target(tmp_path):
     assert "500 [500-1500] (500, 1500, 500)" in table and "1/2 seeds" in table
 
 
+def test_e5_analysis_checks_the_target_against_each_reference(tmp_path):
+    """A memorizer (the context oracle reached, the cross-fitted one passed on the environment's requests,
+    held-out far below) and a generalizer (the cross-fitted reference reached on both sets, never the
+    context oracle): each target names the one that meets it; 'both' needs the two sets at the same
+    evaluation, which the late seed reaches only at 12,000 samples."""
+    memorizer = [(0, 0.1, 0.2, 0.2), (4000, 0.96, 1.6, 0.4), (8000, 0.97, 1.7, 0.3)]
+    generalizer = [(0, 0.1, 0.2, 0.2), (4000, 0.55, 0.96, 0.97), (8000, 0.56, 0.97, 0.99)]
+    late = [(0, 0.1, 0.2, 0.2), (4000, 0.55, 0.96, 0.90), (8000, 0.56, 0.90, 0.99), (12000, 0.56, 0.97, 0.99)]
+    rows = _curves({**{("supervised", "{}", s): memorizer for s in (0, 1)},
+                    **{("lut", "{}", s): generalizer for s in (0, 1)},
+                    ("grpo", "{}", 0): late, ("grpo", "{}", 1): generalizer})
+    analyze_e5(rows=rows, out_dir=tmp_path, manifest={"sample_budget": 12000, "eval_every": 4000, "seeds": [0, 1]})
+    result = json.loads((tmp_path / "e5.json").read_text())
+    targets = result["targets"]
+    assert result["target"] == targets["samples_to_95"]
+    meeting = {name: sorted(m["trainer"] for m in t["all_meeting"]) for name, t in targets.items()}
+    assert meeting == {"samples_to_95": ["supervised"], "held_out_samples_to_95": [],
+                       "xfit_samples_to_95": ["grpo", "lut", "supervised"],
+                       "held_out_xfit_samples_to_95": ["grpo", "lut"], "both_xfit_samples_to_95": ["lut"]}
+    assert result["strategies"]["grpo"]["{}"]["both_xfit_samples_to_95"]["per_seed"] == [12000, 4000]
+    later = targets["both_xfit_samples_to_95"]["reached_later"]
+    assert [(m["trainer"], m["max"]) for m in later] == [("grpo", 12000)]
+    # what the one meeting the context oracle's target keeps on held-out requests: the memorizer's 30%
+    assert targets["samples_to_95"]["by"]["final_held_out_xfit_fraction"] == pytest.approx(0.3)
+    # at 10,000 samples: between the evaluations at 8,000 and 12,000; a curve that ends before: None
+    assert result["strategies"]["grpo"]["{}"]["xfit_fraction_at_10000"] == [pytest.approx(0.935), None]
+    table = (tmp_path / "e5_table.md").read_text()
+    assert "Target (both_xfit_samples_to_95)" in table and "met by 1 grid point(s), first lut" in table
+    assert "on every seed only later: grpo {} (max 12000; final on held-out requests 99.0%" in table
+
+
+def test_e5_analysis_of_a_run_without_the_cross_fitted_reference(tmp_path):
+    rows = _curves({("ppo", "{}", 0): [(0, 0.1), (500, 0.96)]})
+    analyze_e5(rows=rows, out_dir=tmp_path, manifest={"sample_budget": 500, "eval_every": 500, "seeds": [0]})
+    result = json.loads((tmp_path / "e5.json").read_text())
+    assert set(result["targets"]) == {"samples_to_95", "held_out_samples_to_95"} and result["target"]["met"]
+    assert "cross-fitted" not in (tmp_path / "e5_table.md").read_text()
+
+
 def test_t_interval_and_samples_to():
     assert t_interval([1.0]) == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 1}
     ci = t_interval([1.0, 2.0, 3.0])
@@ -124,6 +169,8 @@ def test_t_interval_and_samples_to():
     curve = pd.DataFrame({"env_samples": [0, 10, 20], "f": [0.5, 0.95, 0.9]})
     assert samples_to(curve, key="f") == 10
     assert samples_to(curve, key="f", fraction=0.99) is None
+    curve["g"] = [0.96, 0.5, 0.97]
+    assert samples_to(curve, key=("f", "g"), fraction=0.9) == 20     # every key at the same evaluation
 
 
 @pytest.mark.skipif(not E4_REFERENCE.is_dir(), reason="the committed E4 reference run is not in this checkout")
@@ -148,4 +195,4 @@ def test_committed_e5_reference_run_reanalyses_to_its_committed_json(tmp_path):
     analyze_e5(rows=rows, out_dir=tmp_path, manifest=manifest)
     assert json.loads((tmp_path / "e5.json").read_text()) == json.loads((E5_REFERENCE / "analysis" / "e5.json").read_text())
     assert (tmp_path / "e5_table.md").read_text() == (E5_REFERENCE / "analysis" / "e5_table.md").read_text()
-    assert manifest["trials"] == len(json.loads((E5_REFERENCE / "trials.json").read_text())) == 36
+    assert manifest["trials"] == len(json.loads((E5_REFERENCE / "trials.json").read_text())) == 42

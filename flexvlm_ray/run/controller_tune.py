@@ -40,8 +40,8 @@ FORMAT = "flexvlm-ray/e5/v1"
 ROWS_FILE = "curves.parquet"
 # a small grid per strategy: the hyperparameter each strategy is most sensitive to
 DEFAULT_GRID: dict[str, dict[str, list[Any]]] = {
-    "lut": {"bins": [6, 12]},
-    "supervised": {"target": ["label", "reward"], "relabel": [1, 8]},
+    "lut": {"bins": [6, 12], "size": [True, False]},
+    "supervised": {"target": ["label", "reward"], "relabel": [8], "updates": [8, 64]},
     "ppo": {"lr": [3e-3, 1e-2]},
     "dpo": {"beta": [0.1, 0.5]},
     "grpo": {"kl_coef": [0.0, 0.04]},

@@ -20,9 +20,12 @@ largest logit, as ``LearnedPolicy.rank`` does.
 Environment samples are counted: every reward a trainer reads (``query``: one per (context,
 configuration)) adds one to ``samples``; drawing contexts (features and budgets, no reward) is
 free. Evaluation (``evaluate``) reads the held-out requests at a fixed grid of budget fractions and
-counts nothing. The oracle is hindsight: per held-out context the configuration with the best
-reward on that request, so its mean is an upper bound that a policy seeing only features may not
-reach when the quality of one request is noisy (one answer right or wrong).
+counts nothing. Each evaluation set has three references (``EvalSet``): the context oracle (per
+distinct policy input the best mean reward: the optimum of the finite bandit, which, where every
+request's input differs, knows each request's outcome), the hindsight oracle (per request the best:
+an upper bound) and the cross-fitted reference (``cross_fitted``: a per-cell best configuration chosen
+on other requests than the one it is scored on: what a feature-based policy can earn without seeing
+the evaluated request's outcome).
 """
 from __future__ import annotations
 
@@ -67,6 +70,8 @@ class Evaluation:
     oracle_fraction: float         # reward / oracle reward (nan when the oracle's is <= 0)
     hindsight_reward: float        # the per-request hindsight oracle (E4's RowEnvironment.oracle, by reward)
     hindsight_fraction: float
+    xfit_reward: float             # the cross-fitted reference (EvalSet.xfit_reward)
+    xfit_fraction: float           # reward / cross-fitted reference reward
     normalized: float              # (reward - uniform) / (oracle - uniform): 0 random, 1 oracle
     violation_rate: float
     quality: float
@@ -75,15 +80,84 @@ class Evaluation:
         return asdict(self)
 
 
+# The cells of the cross-fitted reference, coarse to fine: the policy inputs (``Featurizer.vector_names``,
+# by name or name prefix) that key a cell. A finer partition backs off to the coarser ones where its cell
+# holds no other request. None: every input (the context oracle's cells).
+PARTITIONS: tuple[tuple[str, Optional[tuple[str, ...]]], ...] = (
+    ("task+budget", ("task=", "log_budget_ms")),
+    ("task+budget+crops", ("task=", "log_budget_ms", "log_crops@")),
+    ("task+budget+image", ("task=", "log_budget_ms", "log_crops@", "log_width", "log_height")),
+    ("all inputs", None),
+)
+
+
+def cells_of(x: np.ndarray, names: list[str], inputs: Optional[tuple[str, ...]]) -> np.ndarray:
+    """Cell ids (0..k-1) of the rows of ``x``: equal (rounded) values of the named inputs (None: all)."""
+    cols = (np.arange(x.shape[1]) if inputs is None else
+            np.array([j for j, n in enumerate(names) if any(n == p or (p.endswith(("=", "@")) and n.startswith(p))
+                                                             for p in inputs)], int))
+    if len(cols) == 0:
+        return np.zeros(len(x), int)
+    _, cell = np.unique(np.round(x[:, cols], 9), axis=0, return_inverse=True)
+    return cell.reshape(-1)
+
+
+def cross_fitted_choice(*, fit_rewards: np.ndarray, fit_cells: list[np.ndarray], fit_groups: np.ndarray,
+                        eval_cells: list[np.ndarray], eval_groups: np.ndarray) -> np.ndarray:
+    """Per evaluated row, the configuration with the best mean reward over the fitting rows of its cell
+    whose group (request) differs from the row's own: a choice that never reads the evaluated
+    request's outcome. ``fit_cells`` / ``eval_cells``: one cell id array per level, coarse to fine,
+    with ids shared between the two sets (a level's cell means the same inputs in both); a row whose
+    finest cell holds no other request takes the next coarser level's choice, and a row no level
+    covers the best mean over every fitting row of another group. Ties: the lower configuration
+    index. The fitting and evaluated rows may be the same rows (leave one request out) or different
+    ones (fit on the training requests, score the held-out ones)."""
+    fit_rewards = np.asarray(fit_rewards, float)
+    k = fit_rewards.shape[1]
+    groups = np.unique(np.concatenate([fit_groups, eval_groups]), return_inverse=True)[1]
+    fg, eg = groups[:len(fit_groups)], groups[len(fit_groups):]
+    # fallback: every fitting row of another group
+    total, total_n = fit_rewards.sum(axis=0), len(fit_rewards)
+    own = np.zeros((groups.max() + 1, k))
+    np.add.at(own, fg, fit_rewards)
+    own_n = np.bincount(fg, minlength=groups.max() + 1)
+    sums, counts = total[None, :] - own[eg], total_n - own_n[eg]
+    choice = np.where(counts > 0, np.argmax(sums, axis=1), 0)
+    for fc, ec in zip(fit_cells, eval_cells):
+        cells = int(max(fc.max(initial=-1), ec.max(initial=-1))) + 1
+        cell_sum = np.zeros((cells, k))
+        np.add.at(cell_sum, fc, fit_rewards)
+        cell_n = np.bincount(fc, minlength=cells)
+        pair = fc.astype(np.int64) * (groups.max() + 1) + fg           # (cell, group) of each fitting row
+        upair, pinv = np.unique(pair, return_inverse=True)
+        pair_sum = np.zeros((len(upair), k))
+        np.add.at(pair_sum, pinv.reshape(-1), fit_rewards)
+        pair_n = np.bincount(pinv.reshape(-1), minlength=len(upair))
+        want = ec.astype(np.int64) * (groups.max() + 1) + eg
+        at = np.searchsorted(upair, want)
+        found = (at < len(upair)) & (upair[np.minimum(at, len(upair) - 1)] == want)
+        s = cell_sum[ec] - np.where(found[:, None], pair_sum[np.minimum(at, len(upair) - 1)], 0.0)
+        c = cell_n[ec] - np.where(found, pair_n[np.minimum(at, len(upair) - 1)], 0)
+        choice = np.where(c > 0, np.argmax(s, axis=1), choice)
+    return choice
+
+
 class EvalSet:
-    """Fixed contexts (requests x budget fractions) with every configuration's reward, and two oracles:
+    """Fixed contexts (requests x budget fractions) with every configuration's reward, and three references:
 
     - the context oracle: per distinct policy input (feature vector and budget), the configuration
       with the best mean reward over the requests that share it. It is the optimal policy of the
-      contextual bandit (a policy sees the features, not the request's outcome); with every request's
-      features distinct it equals the hindsight oracle;
+      finite contextual bandit (a policy sees the features, not the request's outcome); with every
+      request's features distinct it equals the hindsight oracle, and as an estimate of what a
+      feature-based policy earns on requests it has not seen it is biased upward (the max over
+      configurations of means of one or a few requests);
     - the hindsight oracle: per request, the configuration with the best reward on that request
-      (knows whether this request's answer comes out right: an upper bound).
+      (knows whether this request's answer comes out right: an upper bound);
+    - the cross-fitted reference (``set_cross_fitted``): per partition of ``PARTITIONS`` the
+      per-cell best configuration chosen on other requests (leave one request out on the
+      environment's requests; fitted on the environment's requests for the held-out ones) and
+      scored on the request; the reference is the best partition's value (the max over four, so if
+      anything generous). It never reads the scored request's outcome.
     """
 
     def __init__(self, *, bandit: "BanditEnv", requests: np.ndarray) -> None:
@@ -103,6 +177,31 @@ class EvalSet:
         counts = np.bincount(group)
         self.oracle_reward = float((sums.max(axis=1)).sum() / counts.sum())
         self.contexts = int(len(counts))
+        self.xfit_reward, self.xfit_partition = float("nan"), None      # set_cross_fitted
+        self.partitions: dict[str, dict[str, Any]] = {}
+
+    def set_cross_fitted(self, *, fit: "EvalSet", names: list[str]) -> None:
+        """The cross-fitted reference of this set, its choices fitted on ``fit``'s rows (this set itself:
+        leave one request out). Per partition: the in-sample cell oracle (max of the cell means on this
+        set: the context oracle's estimate at that partition) and the cross-fitted value."""
+        rows = np.arange(len(self.idx))
+        levels_fit: list[np.ndarray] = []
+        levels_eval: list[np.ndarray] = []
+        self.partitions = {}
+        for name, inputs in PARTITIONS:
+            both = cells_of(np.concatenate([fit.x, self.x]), names, inputs)
+            levels_fit.append(both[:len(fit.x)])
+            levels_eval.append(both[len(fit.x):])
+            choice = cross_fitted_choice(fit_rewards=fit.rewards, fit_cells=levels_fit, fit_groups=fit.idx,
+                                         eval_cells=levels_eval, eval_groups=self.idx)
+            own = levels_eval[-1]
+            sums = np.zeros((own.max() + 1, self.rewards.shape[1]))
+            np.add.at(sums, own, self.rewards)
+            self.partitions[name] = {"cross_fitted": float(self.rewards[rows, choice].mean()),
+                                     "in_sample": float(sums.max(axis=1).sum() / len(own)),
+                                     "cells": int(len(np.unique(own)))}
+        best = max(self.partitions, key=lambda p: self.partitions[p]["cross_fitted"])
+        self.xfit_partition, self.xfit_reward = best, self.partitions[best]["cross_fitted"]
 
     def evaluate(self, actions: np.ndarray) -> Evaluation:
         rows = np.arange(len(actions))
@@ -111,6 +210,7 @@ class EvalSet:
                           oracle_fraction=_ratio(reward, self.oracle_reward),
                           hindsight_reward=self.hindsight_reward,
                           hindsight_fraction=_ratio(reward, self.hindsight_reward),
+                          xfit_reward=self.xfit_reward, xfit_fraction=_ratio(reward, self.xfit_reward),
                           normalized=(reward - self.uniform_reward) / max(self.oracle_reward - self.uniform_reward, 1e-12),
                           violation_rate=float((self.latency[rows, actions] > self.budget).mean()),
                           quality=float(self.quality[rows, actions].mean()))
@@ -126,7 +226,9 @@ class EvalSet:
 
     def baselines(self, *, full_index: int, fractions: int) -> dict[str, float]:
         per_fraction = self.rewards.reshape(-1, fractions, self.rewards.shape[1]).mean(axis=0)
-        return {"oracle": self.oracle_reward, "hindsight": self.hindsight_reward, "uniform": self.uniform_reward,
+        return {"oracle": self.oracle_reward, "hindsight": self.hindsight_reward,
+                "cross_fitted": self.xfit_reward, "cross_fitted_partition": self.xfit_partition,
+                "partitions": self.partitions, "uniform": self.uniform_reward,
                 "full": float(self.rewards[:, full_index].mean()),
                 "best_static": float(per_fraction.max(axis=1).mean()), "contexts": self.contexts,
                 "rows": int(len(self.idx))}
@@ -178,6 +280,10 @@ class BanditEnv:
         # requests (generalization), each at every evaluation fraction
         self.eval_env = EvalSet(bandit=self, requests=self.train)
         self.eval_held_out = EvalSet(bandit=self, requests=self.held_out)
+        # the cross-fitted reference: leave one request out on the environment's requests, fitted on them for
+        # the held-out ones
+        self.eval_env.set_cross_fitted(fit=self.eval_env, names=names)
+        self.eval_held_out.set_cross_fitted(fit=self.eval_env, names=names)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -278,8 +384,9 @@ class BanditEnv:
                 "held_out": self.eval_held_out.evaluate(self.greedy(net, self.eval_held_out.x))}
 
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Reference rewards per evaluation set: context and hindsight oracles, uniform random, the full
-        configuration, the best single configuration per budget fraction chosen in hindsight."""
+        """Reference rewards per evaluation set: context and hindsight oracles, the cross-fitted reference
+        (and each partition's in-sample and cross-fitted value), uniform random, the full configuration,
+        the best single configuration per budget fraction chosen in hindsight."""
         kw = {"full_index": self.env.space.full_index, "fractions": len(self.eval_fractions)}
         return {"env": self.eval_env.baselines(**kw), "held_out": self.eval_held_out.baselines(**kw)}
 

@@ -7,8 +7,9 @@ budget is spent. ``Trainer.train`` evaluates the greedy policy on the held-out c
 ``eval_every`` samples and returns the network and the learning curve.
 
   lut         tabular: mean reward per (task, image size class, budget bin, configuration) from
-              systematic exploration (the least-tried configuration of the context's cell), the
-              table's best configuration per cell distilled into the network (cross-entropy)
+              systematic exploration (the least-tried configuration of the context's cell; one
+              measurement fills every budget bin), the table's best configuration per cell distilled
+              into the network (cross-entropy)
   supervised  oracle labels: a full sweep of the space per context (configs samples each), the
               best-reward configuration as the label, cross-entropy (E4's ``learned``)
   ppo         clipped policy gradient with a learned value baseline (one-step episodes)
@@ -41,7 +42,8 @@ from flexvlm_ray.registry import Registry
 NORM_CONTEXTS = 4096          # free context draws for the network's input normalization
 
 
-CURVE_KEYS = ("reward", "oracle_fraction", "hindsight_fraction", "normalized", "violation_rate", "quality")
+CURVE_KEYS = ("reward", "oracle_fraction", "hindsight_fraction", "xfit_fraction", "normalized", "violation_rate",
+              "quality")
 
 
 def curve_point(*, env_samples: int, train_time_s: float, evaluation: dict[str, Evaluation]) -> dict[str, float]:
@@ -272,21 +274,25 @@ class LookupTableTrainer(Trainer):
 
     Cells are (task, image size class: the crop count at the largest max_crops, budget bin: one of
     ``bins`` equal bins of the budget fraction range), the keys of E4's ``lut`` policy plus the
-    budget. Each sampled context tries the least-tried configuration of its cell (ties at random)
-    and updates that (cell, configuration)'s running mean reward: one sample per context. The
-    table's policy is the best mean of the cell (untried configurations rank last); every
-    ``distill_every`` samples the network is fitted to it (cross-entropy, ``distill_updates`` Adam
-    steps, warm-started) on the contexts seen so far."""
+    budget (``size`` off: (task, budget bin), fewer cells with more requests each). Each sampled
+    context tries the least-tried configuration of its cell (ties at random) and updates that (cell,
+    configuration)'s running mean reward: one sample per context. With ``all_bins`` the try is a measurement (``BanditEnv.measure``: quality and latency, one sample) whose
+    reward at a budget drawn in every budget bin of the request's (task, size class) costs nothing more
+    (as ``supervised``'s ``relabel``), so one sample updates that configuration in every bin; without
+    it, only the drawn budget's bin. The table's policy is the best mean of the cell (untried
+    configurations rank last); every ``distill_every`` samples the network is fitted to it
+    (cross-entropy, ``distill_updates`` Adam steps, warm-started) on the contexts seen so far."""
 
     defaults = {"bins": 12, "batch": 64, "distill_every": 256, "distill_updates": 30, "lr": 3e-3,
-                "minibatch": 256}
+                "minibatch": 256, "all_bins": True, "size": True}
 
     def setup(self, env, net, rng):
         tasks = sorted(set(env.env.tasks))
-        sizes = sorted({self._size(env.featurizer, f) for f in env.env.requests})
+        sizes = sorted({self._size(env.featurizer, f) for f in env.env.requests}) if self.size else [0]
         self.task_of = {t: i for i, t in enumerate(tasks)}
         self.size_of = {s: i for i, s in enumerate(sizes)}
-        self.cell_of_request = np.array([self.task_of[f.request.task] * len(sizes) + self.size_of[self._size(env.featurizer, f)]
+        self.cell_of_request = np.array([self.task_of[f.request.task] * len(sizes)
+                                         + (self.size_of[self._size(env.featurizer, f)] if self.size else 0)
                                          for f in env.env.requests])
         cells = len(tasks) * len(sizes) * self.bins
         self.sums = np.zeros((cells, env.num_configs))
@@ -305,6 +311,17 @@ class LookupTableTrainer(Trainer):
         b = np.clip(((frac - lo) / max(hi - lo, 1e-9) * self.bins).astype(int), 0, self.bins - 1)
         return self.cell_of_request[idx] * self.bins + b
 
+    def bin_fractions(self, env: BanditEnv, k: int, n: int, rng: np.random.Generator) -> Optional[np.ndarray]:
+        """n budget fractions inside budget bin k, drawn as the bandit draws (uniform; from its
+        ``budget_levels`` in the bin when it has them, None when none is)."""
+        lo, hi = env.budget_range
+        width = (hi - lo) / self.bins
+        if env.budget_levels is None:
+            return lo + width * (k + rng.random(n))
+        levels = np.asarray(env.budget_levels, float)
+        inside = levels[np.clip(((levels - lo) / max(hi - lo, 1e-9) * self.bins).astype(int), 0, self.bins - 1) == k]
+        return None if len(inside) == 0 else inside[rng.integers(len(inside), size=n)]
+
     def table_actions(self, cells: np.ndarray) -> np.ndarray:
         means = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), -np.inf)
         return np.argmax(means[cells], axis=1)
@@ -318,9 +335,22 @@ class LookupTableTrainer(Trainer):
             least = np.flatnonzero(counts == counts.min())
             configs[j] = least[rng.integers(len(least))]
             self.counts[cell, configs[j]] += 1
-        rewards = env.query(idx, budget, configs)
-        np.add.at(self.sums, (cells, configs), rewards)
-        self.seen.add(x=env.contexts(idx, budget), cell=cells)
+        if not self.all_bins:
+            rewards = env.query(idx, budget, configs)
+            np.add.at(self.sums, (cells, configs), rewards)
+            self.seen.add(x=env.contexts(idx, budget), cell=cells)
+        else:
+            quality, latency = env.measure(idx, configs)
+            for k in range(self.bins):
+                # the drawn budget stands for its own bin; every other bin gets a budget drawn inside it
+                fraction = self.bin_fractions(env, k, len(idx), rng)
+                if fraction is None:
+                    continue
+                b = np.where(cells % self.bins == k, budget, fraction * env.p50[idx])
+                c = self.cells(env, idx, b)
+                np.add.at(self.counts, (c, configs), (c != cells).astype(float))   # the drawn cell's is counted
+                np.add.at(self.sums, (c, configs), env.reward_of(quality=quality, latency_ms=latency, budget_ms=b))
+                self.seen.add(x=env.contexts(idx, b), cell=c)
         if env.samples - self.last_distill >= self.distill_every:
             self.distill(net, rng)
             self.last_distill = env.samples
