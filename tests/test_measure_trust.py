@@ -241,6 +241,7 @@ class Observer(SimulatedAdapter):
 @pytest.mark.parametrize("gc_off, threads", [(True, 1), (False, None)])
 def test_noise_controls_hold_during_the_passes_and_are_restored(gc_off, threads):
     before_threads, adapter = torch.get_num_threads(), Observer()
+    gc.unfreeze()
     measure = f"{{gc_off: {str(gc_off).lower()}, runs_per_sample: 2, prefill_hook: false"
     measure += f", cpu_threads: {threads}}}" if threads else "}"
     rows = run_unit(adapter=adapter, unit=_units(measure)[0], samples=[(0, _sample(336))], metric=None, context={})
@@ -249,6 +250,8 @@ def test_noise_controls_hold_during_the_passes_and_are_restored(gc_off, threads)
     assert gc.isenabled() and torch.get_num_threads() == before_threads
     assert rows[0]["noise_controls"] == noise.controls_label(_units(measure)[0].measure)
     assert ("gc_off" in rows[0]["noise_controls"]) == gc_off
+    assert (gc.get_freeze_count() > 0) == gc_off      # the unit's survivors frozen, out of later collections
+    gc.unfreeze()
 
 
 @pytest.mark.parametrize("allowed, threads, slot, expected", [
