@@ -89,3 +89,51 @@ def run_controller_study(*, study: str, run_dir: str | Path, out_dir: str | Path
                 "host": {"cpus": os.cpu_count(), "load_before": list(load_before), "load_after": list(os.getloadavg())}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     return out
+
+
+PORTABILITY_FILE = "portability.parquet"
+
+
+def rows_label(rows) -> str:
+    """'family/preset@gpu' of a run's rows (each part joined with '+' where several)."""
+    from flexvlm_ray.estimator import gpu_label_series
+
+    def part(column: str) -> str:
+        return "+".join(sorted(rows[column].astype(str).unique())) if column in rows else "?"
+    return f"{part('model_family')}/{part('model_preset')}@{'+'.join(sorted(gpu_label_series(rows).unique()))}"
+
+
+def run_portability_study(*, source_dir: str | Path, target_dirs: list[str | Path], out_dir: str | Path,
+                          ks: tuple[int, ...] = (0, 1, 3, 5), splits: int = 5, repeats: int = 5,
+                          holdout: float = 0.3, margin: float = 1.0, seed: int = 0) -> Path:
+    """E6 portability (``control.portability``) of SOURCE's estimator to each target run: writes OUT/manifest.json
+    (experiment ``e6_portability``) and portability.parquet (``portability_records`` of every pair)."""
+    import pandas as pd
+
+    from flexvlm_ray.control.portability import E4_FRACTIONS, portability_records
+    from flexvlm_ray.estimator import config_keys, usable_rows
+    from flexvlm_ray.store.reader import load_frame
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    source = usable_rows(load_frame(source_dir))
+    frames, pairs = [], []
+    for target_dir in target_dirs:
+        target = usable_rows(load_frame(target_dir))
+        pair = f"{rows_label(source)} -> {rows_label(target)}"
+        frames.append(portability_records(source=source, target=target, pair=pair, ks=ks, splits=splits,
+                                          repeats=repeats, holdout=holdout, margin=margin, seed=seed))
+        pairs.append({"pair": pair, "source": str(source_dir), "target": str(target_dir), "source_rows": len(source),
+                      "target_rows": len(target), "target_requests": int(target[["dataset", "sample_id"]]
+                                                                          .drop_duplicates().shape[0]),
+                      "target_configs": int(config_keys(target).nunique())})
+    pd.concat(frames, ignore_index=True).to_parquet(out / PORTABILITY_FILE, index=False)
+    manifest = {"experiment": "e6_portability", "format": FORMAT, "run_id": out.name, "unit_ids": [],
+                "table_file": PORTABILITY_FILE, "pairs": pairs, "ks": list(ks), "splits": splits, "repeats": repeats,
+                "holdout": holdout, "margin": margin, "seed": seed, "budgets": list(E4_FRACTIONS),
+                "wall_s": time.perf_counter() - start,
+                "host": {"cpus": os.cpu_count(), "load_before": list(load_before), "load_after": list(os.getloadavg())}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+    return out
