@@ -109,14 +109,15 @@ def _table(result: dict[str, Any], path: Path) -> Path:
                          f"{100 * t['within10']:.1f}% [{100 * t['within10_range'][0]:.1f}, "
                          f"{100 * t['within10_range'][1]:.1f}] | {vs_text} | {100 * c['fallback_share']:.0f}% |")
         fractions = [f for f in dict.fromkeys(g["budget_fraction"] for g in p["guard"]) if f != "all"]
-        lines += ["", "| rule | held-out MAPE | " + " | ".join(f"{f:g}" for f in fractions) + " | all |",
-                  "|---|---|" + "---|" * (len(fractions) + 1)]
+        lines += ["", "| rule | held-out MAPE | " + " | ".join(f"{f:g}" for f in fractions) + " | all | nothing admitted |",
+                  "|---|---|" + "---|" * (len(fractions) + 2)]
         for rule in dict.fromkeys(g["rule"] for g in p["guard"]):
             cells = {g["budget_fraction"]: g for g in p["guard"] if g["rule"] == rule}
             mape = cells["all"]["eval_mape"]
             row = [f"{100 * cells[f]['violation']:.1f} [{100 * cells[f]['violation_range'][0]:.0f}, "
                    f"{100 * cells[f]['violation_range'][1]:.0f}]" for f in fractions + ["all"]]
-            lines.append(f"| {rule} | {'-' if mape is None else f'{mape:.1f}%'} | " + " | ".join(row) + " |")
+            lines.append(f"| {rule} | {'-' if mape is None else f'{mape:.1f}%'} | " + " | ".join(row)
+                         + f" | {100 * cells['all']['nothing_admitted']:.0f}% |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
     return path

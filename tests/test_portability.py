@@ -130,3 +130,16 @@ def test_cli_writes_the_table(tmp_path):
     assert (out / "analysis" / "figures" / "e6_portability.png").is_file()
     refused = CliRunner().invoke(main, ["controller-study", "portability", str(runs[0]), "--out", str(out)])
     assert refused.exit_code != 0 and "--on" in refused.output
+
+
+def test_config_keys_of_a_family_without_a_knob():
+    """qwen3_vl_moe rows carry no max_crops: their configuration keys still build, and differ by the other knobs."""
+    from flexvlm_ray.estimator import config_keys
+
+    rows = pd.DataFrame({"max_crops": [np.nan] * 3, "top_k": [1, 2, 2], "active_blocks": [4, 4, 4],
+                         "block_policy": ["prefix"] * 3, "max_new_tokens": [24] * 3})
+    assert config_keys(rows).tolist() == ["nan|1|4|prefix|24", "nan|2|4|prefix|24", "nan|2|4|prefix|24"]
+    nones = rows.assign(max_crops=pd.Series([None] * 3, dtype=object))
+    assert config_keys(nones).tolist() == ["None|1|4|prefix|24", "None|2|4|prefix|24", "None|2|4|prefix|24"]
+    with_crops = rows.assign(max_crops=[4, 12, 12])
+    assert config_keys(with_crops).tolist() == ["4|1|4|prefix|24", "12|2|4|prefix|24", "12|2|4|prefix|24"]
