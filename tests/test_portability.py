@@ -143,3 +143,15 @@ def test_config_keys_of_a_family_without_a_knob():
     assert config_keys(nones).tolist() == ["None|1|4|prefix|24", "None|2|4|prefix|24", "None|2|4|prefix|24"]
     with_crops = rows.assign(max_crops=[4, 12, 12])
     assert config_keys(with_crops).tolist() == ["4|1|4|prefix|24", "12|2|4|prefix|24", "12|2|4|prefix|24"]
+
+
+def test_guard_decides_at_the_longest_output_where_the_grid_varies_it():
+    from flexvlm_ray.control.portability import guard_rows
+
+    rows = synthetic_rows()
+    both = pd.concat([rows, rows.assign(max_new_tokens=9)], ignore_index=True)
+    assert guard_rows(both)["max_new_tokens"].unique().tolist() == [9]
+    assert len(guard_rows(rows)) == len(rows)
+    records = portability_records(source=rows, target=both, pair="p", ks=(0,), splits=1, repeats=1)
+    configs = records.loc[records["kind"] == "guard", "config"]
+    assert configs.str.endswith("|9").all() and len(configs) == 2 * 5 * 3    # 2 workloads x 5 budgets x 3 rules

@@ -11,12 +11,13 @@ error   E3's transfer protocol, unchanged (``estimator.transfer``): the target's
         seed + s, row draw r seed + s + 100 r, as ``analysis.e3.transfer_curve``.
 guard   the target's requests split in halves per workload (calibration / evaluation, seed + s); K rows drawn
         from the calibration half (seed + s + 100 r) recalibrate the source estimator. On the evaluation half,
-        per workload and E4 budget fraction f (of the slowest configuration's P50 there: the full one on these
-        grids), the guarded policy takes, among the configurations whose estimated T_total <= budget x margin
+        per workload and E4 budget fraction f (of the full configuration's P50 there: the one with the most
+        capacity, the slowest of those where several tie), the guarded policy takes, among the configurations whose estimated T_total <= budget x margin
         (``Guardrail.admit``), the one that runs the most model (``analysis.budget``'s capacity proxy, tokens x
         blocks x (1 + top_k): what a quality-seeking policy takes where quality grows with compute; the
         target family's random weights give no quality to rank by, and GPU rows are unscored); none admitted:
-        the lowest estimate (as ``Controller.decide``). Estimates are the estimator on the configuration's
+        the lowest estimate (as ``Controller.decide``). Where the target's grid varies ``max_new_tokens`` the guard
+        decides over the configurations of the largest one (``guard_rows``). Estimates are the estimator on the configuration's
         median inputs over the evaluation requests (``analysis.budget.config_table``, as E3's budget
         enforcement), not E4's per-request input predictions. Its violation count: evaluation rows of that
         configuration whose measured T_total exceeds the budget.
@@ -85,7 +86,8 @@ def guard_records(*, table: pd.DataFrame, rows: pd.DataFrame, estimate: np.ndarr
     for dataset in sorted(table["dataset"].unique()):
         mask = (table["dataset"] == dataset).to_numpy()
         part, est = table[mask].reset_index(drop=True), estimate[mask]
-        full_p50 = float(part["lat_p50"].max())
+        most = part["quality"] == part["quality"].max()          # the full configuration: the most capacity
+        full_p50 = float(part.loc[most, "lat_p50"].max())
         for f in fractions:
             budget = float(f) * full_p50
             pos = guarded_choice(part, estimate=est, budget_ms=budget, guardrail=guardrail)
@@ -96,6 +98,15 @@ def guard_records(*, table: pd.DataFrame, rows: pd.DataFrame, estimate: np.ndarr
                         "admitted_any": bool(guardrail.admit(estimates=est, budget_ms=budget).any()),
                         "violations": int((times > budget).sum()), "requests": int(times.size)})
     return out
+
+
+def guard_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The target rows the guard decides over: those of the largest ``max_new_tokens`` where the grid varies it
+    (E3's calibration grid forces two decode lengths; E4's space has one, and a budget in fractions of the longest
+    one's P50 leaves the shorter ones far under it whatever the estimate)."""
+    if "max_new_tokens" in rows and rows["max_new_tokens"].nunique() > 1:
+        return rows[rows["max_new_tokens"] == rows["max_new_tokens"].max()]
+    return rows
 
 
 def portability_records(*, source: pd.DataFrame, target: pd.DataFrame, pair: str, ks: Sequence[int] = PORTABILITY_K,
@@ -121,7 +132,7 @@ def portability_records(*, source: pd.DataFrame, target: pd.DataFrame, pair: str
                                 "mape": report[t]["mape"], "within": report[t]["within"], "n": report[t]["n"],
                                 "fallback": bool(est.meta.get("fallback", False))})
     base = StageEstimator.fit(source)
-    keyed = with_keys(target)
+    keyed = guard_rows(with_keys(target))
     for s in range(splits):
         cal, ev = split_requests(keyed, seed=seed + s)
         table = evaluation_table(ev)
