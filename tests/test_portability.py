@@ -1,4 +1,4 @@
-"""E6 portability (control.portability, analysis.portability): known answers on synthetic rows.
+"""E6 portability (analysis.portability): known answers on synthetic rows.
 
 The source rows follow E3's stage model exactly (no noise, every request of a configuration alike); the target
 rows are the same grid at twice every stage time (a "GPU twice as slow"). So the source estimator predicts half
@@ -17,9 +17,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from flexvlm_ray.analysis.portability import error_curve, violation_summary
-from flexvlm_ray.control.estimate import Guardrail
-from flexvlm_ray.control.portability import guarded_choice, portability_records, split_requests
+from flexvlm_ray.analysis.portability import (error_curve, guarded_choice, portability_records, split_requests,
+                                              violation_summary)
 
 
 def synthetic_rows(*, factor: float = 1.0, gpu: str = "A", requests: int = 4) -> pd.DataFrame:
@@ -56,13 +55,13 @@ def test_split_requests_keeps_requests_whole_per_workload():
 
 def test_guarded_choice_takes_the_most_capacity_that_is_estimated_to_fit():
     table = pd.DataFrame({"quality": [1.0, 3.0, 2.0, 3.0]})
-    guard = Guardrail(margin=1.0)
-    assert guarded_choice(table, estimate=np.array([10, 40, 20, 30]), budget_ms=35, guardrail=guard) == 3
-    assert guarded_choice(table, estimate=np.array([10, 40, 20, 30]), budget_ms=25, guardrail=guard) == 2
-    assert guarded_choice(table, estimate=np.array([10, 30, 20, 30]), budget_ms=35, guardrail=guard) == 1  # tie: first
-    assert guarded_choice(table, estimate=np.array([10, 40, 20, 30]), budget_ms=5, guardrail=guard) == 0   # none fits
+    guard = 1.0
+    assert guarded_choice(table, estimate=np.array([10, 40, 20, 30]), budget_ms=35, margin=guard) == 3
+    assert guarded_choice(table, estimate=np.array([10, 40, 20, 30]), budget_ms=25, margin=guard) == 2
+    assert guarded_choice(table, estimate=np.array([10, 30, 20, 30]), budget_ms=35, margin=guard) == 1  # tie: first
+    assert guarded_choice(table, estimate=np.array([10, 40, 20, 30]), budget_ms=5, margin=guard) == 0   # none fits
     assert guarded_choice(table, estimate=np.array([10, 40, 20, 30]), budget_ms=40,
-                          guardrail=Guardrail(margin=0.5)) == 2
+                          margin=0.5) == 2
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,7 @@ def test_config_keys_of_a_family_without_a_knob():
 
 
 def test_guard_decides_at_the_longest_output_where_the_grid_varies_it():
-    from flexvlm_ray.control.portability import guard_rows
+    from flexvlm_ray.analysis.portability import guard_rows
 
     rows = synthetic_rows()
     both = pd.concat([rows, rows.assign(max_new_tokens=9)], ignore_index=True)

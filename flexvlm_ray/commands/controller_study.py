@@ -90,10 +90,10 @@ def _portability(*, run_dir: str, targets: tuple[str, ...], out_dir: str, ks: st
     for path in (run_dir, *targets):
         if not (Path(path) / "manifest.json").is_file():
             fail(f"{path}: not a run folder (no manifest.json)")
-    from flexvlm_ray.run.controller_study import run_portability_study
+    from flexvlm_ray.analysis.portability import run_portability
 
     try:
-        out = run_portability_study(source_dir=run_dir, target_dirs=list(targets), out_dir=out_dir, ks=values,
+        out = run_portability(source_dir=run_dir, target_dirs=list(targets), out_dir=out_dir, ks=values,
                                     splits=splits, repeats=draws, margin=margin)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
