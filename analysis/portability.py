@@ -37,7 +37,9 @@ The analysis: estimator error per K averaged over the draws of each split, then 
 MAPE difference to K=0, claimed only where its CI lies below 0); guardrail per rule and budget fraction, the
 violation rate of each draw (violating evaluation rows / all, workloads pooled), the mean over draws, its range
 and the bootstrap 95% CI of that mean; ``nothing_admitted``: the share of decisions where no configuration was
-estimated to fit. Files: e6_portability.json, e6_portability_table.md, figures/e6_portability.png.
+estimated to fit; per K, ``fallback_share`` (draws whose recalibration fell back to the raw transfer) and
+``factor_share`` (draws that kept a factor for at least one stage). Files: e6_portability.json,
+e6_portability_table.md, figures/e6_portability.png.
 """
 from __future__ import annotations
 
@@ -155,7 +157,8 @@ def portability_records(*, source: pd.DataFrame, target: pd.DataFrame, pair: str
                 for t in TARGETS:
                     out.append({"kind": "error", "pair": pair, "k": int(k), "split": s, "repeat": r, "target": t,
                                 "mape": report[t]["mape"], "within": report[t]["within"], "n": report[t]["n"],
-                                "fallback": bool(est.meta.get("fallback", False))})
+                                "fallback": bool(est.meta.get("fallback", False)),
+                                "factors": sum(w > 0 for w in est.meta.get("shrinkage", {}).values())})
     base = StageEstimator.fit(source)
     keyed = guard_rows(with_keys(target))
     for s in range(splits):
@@ -229,7 +232,8 @@ def error_curve(errors: pd.DataFrame) -> list[dict[str, Any]]:
             means = part.groupby("target")[["mape", "within"]].mean()
             per_split.append({t: {"mape": float(means.loc[t, "mape"]), "within10": float(means.loc[t, "within"])}
                               for t in TARGETS})
-        curve.append({"k": int(k), "fallback_share": float(mine["fallback"].mean()), **over_splits(per_split)})
+        curve.append({"k": int(k), "fallback_share": float(mine["fallback"].mean()),
+                      "factor_share": float((mine["factors"] > 0).mean()), **over_splits(per_split)})
     return versus_k0(curve)
 
 
@@ -290,8 +294,8 @@ def _table(result: dict[str, Any], path: Path) -> Path:
         lines += [f"## {p['pair']}", "", f"source {p.get('source')}, target {p.get('target')} "
                   f"({p.get('target_rows')} rows, {p.get('target_requests')} requests, {p.get('target_configs')} "
                   "configurations)", "",
-                  "| K | T_total MAPE | within +-10% | vs K=0 (MAPE points) | raw transfer kept (fallback) |",
-                  "|---|---|---|---|---|"]
+                  "| K | T_total MAPE | within +-10% | vs K=0 (MAPE points) | raw transfer kept (fallback) | "
+                  "a stage factor kept |", "|---|---|---|---|---|---|"]
         for c in p["error"]:
             t = c["T_total"]
             vs = c.get("vs_k0", {}).get("T_total", {})
@@ -300,7 +304,8 @@ def _table(result: dict[str, Any], path: Path) -> Path:
                 f"{vs['mape_diff']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" + (" *" if vs.get("better") else "")
             lines.append(f"| {c['k']} | {t['mape']:.1f}% [{t['mape_range'][0]:.1f}, {t['mape_range'][1]:.1f}] | "
                          f"{100 * t['within10']:.1f}% [{100 * t['within10_range'][0]:.1f}, "
-                         f"{100 * t['within10_range'][1]:.1f}] | {vs_text} | {100 * c['fallback_share']:.0f}% |")
+                         f"{100 * t['within10_range'][1]:.1f}] | {vs_text} | {100 * c['fallback_share']:.0f}% | "
+                         f"{100 * c['factor_share']:.0f}% |")
         fractions = [f for f in dict.fromkeys(g["budget_fraction"] for g in p["guard"]) if f != "all"]
         header = " | ".join(f"{f:g}" for f in fractions)
         lines += ["", f"| rule | held-out MAPE | {header} | all | nothing admitted |",

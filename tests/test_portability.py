@@ -83,6 +83,10 @@ def test_errors_follow_the_factor(records):
         assert not mine["fallback"].all()
     curve = {c["k"]: c for c in error_curve(records[(records["kind"] == "error") & (records["pair"] == "A -> B")])}
     assert curve[0]["T_total"]["within10"] == 0.0 and curve[1]["fallback_share"] == 0.0
+    assert curve[0]["factor_share"] == curve[1]["factor_share"] == 0.0     # no rows, one row: no factor
+    for k in (3, 5):   # without noise every stage's factor is kept wherever recalibration does not fall back
+        assert curve[k]["factor_share"] == pytest.approx(1 - curve[k]["fallback_share"])
+        assert curve[k]["factor_share"] > 0
     assert curve[0]["T_total"]["mape_range"] == pytest.approx([50.0, 50.0])
     assert not curve[1]["vs_k0"]["T_total"]["better"]
 
@@ -113,7 +117,8 @@ def test_cli_writes_the_table(tmp_path):
     from flexvlm_ray.cli import main
 
     small = ["knobs.top_k=[1,8]", "knobs.max_crops=[1,12]", "knobs.max_new_tokens=[8]", "datasets.0.num_samples=4"]
-    costs = "vision_ms_per_crop: {v}, projector_ms_per_crop: 0.01, prefill_ms_per_token: 0.0005, decode_ms_per_token: {d}"
+    costs = ("vision_ms_per_crop: {v}, projector_ms_per_crop: 0.01, prefill_ms_per_token: 0.0005, "
+             "decode_ms_per_token: {d}")
     runs = []
     for name, scale in (("a", 1), ("b", 2)):
         sim = [o for o in SIMULATED if not o.startswith("model.options")]
