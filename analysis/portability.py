@@ -188,6 +188,20 @@ def rows_label(rows) -> str:
     return f"{part('model_family')}/{part('model_preset')}@{'+'.join(sorted(gpu_label_series(rows).unique()))}"
 
 
+def raw_transfer(source: pd.DataFrame, target: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The source estimator (fitted on every source row) on every target row, per stage and T_total: the median
+    measured / predicted ratio (``raw_ratio``) and the stage's share of the target's summed T_total
+    (``stage_share``)."""
+    predicted = StageEstimator.fit(source).predict(target)
+    ratio, share = {}, {}
+    for t in TARGETS:
+        y, p = target[t].to_numpy(float), np.asarray(predicted[t], float)
+        ok = (y > 0) & (p > 0)
+        ratio[t] = float(np.median(y[ok] / p[ok])) if ok.any() else float("nan")
+        share[t] = float(y.sum() / target["T_total"].to_numpy(float).sum())
+    return {"raw_ratio": ratio, "stage_share": share}
+
+
 def run_portability(*, source_dir: str | Path, target_dirs: list[str | Path], out_dir: str | Path,
                     ks: Sequence[int] = PORTABILITY_K, splits: int = 5, repeats: int = 5, holdout: float = 0.3,
                     margin: float = 1.0, seed: int = 0) -> Path:
@@ -209,7 +223,7 @@ def run_portability(*, source_dir: str | Path, target_dirs: list[str | Path], ou
         pairs.append({"pair": pair, "source": str(source_dir), "target": str(target_dir), "source_rows": len(source),
                       "target_rows": len(target), "target_requests": int(target[["dataset", "sample_id"]]
                                                                           .drop_duplicates().shape[0]),
-                      "target_configs": int(config_keys(target).nunique())})
+                      "target_configs": int(config_keys(target).nunique()), **raw_transfer(source, target)})
     pd.concat(frames, ignore_index=True).to_parquet(out / PORTABILITY_FILE, index=False)
     manifest = {"experiment": "e6_portability", "format": FORMAT, "run_id": out.name, "unit_ids": [],
                 "table_file": PORTABILITY_FILE, "pairs": pairs, "ks": list(ks), "splits": splits, "repeats": repeats,

@@ -159,3 +159,13 @@ def test_guard_decides_at_the_longest_output_where_the_grid_varies_it():
     records = portability_records(source=rows, target=both, pair="p", ks=(0,), splits=1, repeats=1)
     configs = records.loc[records["kind"] == "guard", "config"]
     assert configs.str.endswith("|9").all() and len(configs) == 2 * 5 * 3    # 2 workloads x 5 budgets x 3 rules
+
+
+def test_raw_transfer_ratio_is_the_factor():
+    from flexvlm_ray.analysis.portability import raw_transfer
+
+    out = raw_transfer(synthetic_rows(), synthetic_rows(factor=2.0))
+    assert all(v == pytest.approx(2.0) for v in out["raw_ratio"].values())
+    assert out["stage_share"]["T_total"] == pytest.approx(1.0)
+    assert sum(out["stage_share"][s] for s in ("T_vision_encoder", "T_projector", "T_LLM_prefill",
+                                               "T_LLM_decode")) == pytest.approx(1.0)
