@@ -65,7 +65,6 @@ FORMAT = "flexvlm-ray/e6-portability/v1"
 PORTABILITY_FILE = "portability.parquet"
 PORTABILITY_K = (0, 1, 3, 5)
 E4_FRACTIONS = (0.35, 0.5, 0.7, 0.85, 1.0)
-REFERENCE_RULES = ("native", "measured")
 
 
 def split_requests(rows: pd.DataFrame, *, seed: int, share: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -179,6 +178,7 @@ def portability_records(*, source: pd.DataFrame, target: pd.DataFrame, pair: str
                             "eval_mape": errors["mape"], "eval_within": errors["within"],
                             "fallback": bool(est.meta.get("fallback", False)) if est is not None else False, **rec})
     return pd.DataFrame(out)
+
 
 def rows_label(rows) -> str:
     """'family/preset@gpu' of a run's rows (each part joined with '+' where several)."""
