@@ -234,9 +234,11 @@ def gpu_label_series(rows: pd.DataFrame) -> pd.Series:
 
 
 def config_keys(rows: pd.DataFrame) -> pd.Series:
-    """A hashable knob-configuration key per row (dataset not included)."""
+    """A hashable knob-configuration key per row (dataset not included). A missing knob (a family without it,
+    e.g. qwen3_vl_moe's max_crops) is 'None' / 'nan' as ``str`` writes it: ``astype(str)`` keeps pandas' missing
+    values missing, which the join refuses."""
     cols = [c for c in KNOB_COLUMNS if c in rows]
-    return rows[cols].astype(str).agg("|".join, axis=1)
+    return rows[cols].apply(lambda column: column.map(str)).agg("|".join, axis=1)
 
 
 def split_configs(rows: pd.DataFrame, *, holdout: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -164,3 +164,24 @@ def test_closed_loop_runs_the_trained_network_on_the_tiny_model_and_two_logical_
     analyze_run(run_dir)
     result = json.loads((run_dir / "analysis" / "e4.json").read_text())
     assert {"learned:ppo", "learned:ppo+guard"} <= set(result["cells"]["shapes_vqa"])
+
+
+def test_cpu_learned_sweep_runs_every_trainer_against_static_and_the_guarded_table():
+    """sweeps/e4_cpu_tiny_learned.yaml (the committed closed-loop run of docs/E5_TRAINING.md): E4's CPU grid, one
+    learned:<trainer> per E5 trainer with E5's shown hyperparameters, and static, lut, lut+guard for comparison."""
+    from flexvlm_ray.spec.load import load_spec
+
+    spec = load_spec(SWEEPS / "e4_cpu_tiny_learned.yaml")
+    names = [p if isinstance(p, str) else p.name for p in spec.control.policies]
+    assert sorted(n for n in names if trainer_of(n)) == sorted(f"learned:{t}" for t in TRAINERS.names())
+    assert {"full", "static", "lut"} <= set(names)
+    assert any(not isinstance(p, str) and p.name == "lut" and p.guardrail for p in spec.control.policies)
+    trained = spec.control.trained
+    assert trained.samples == 10_000 and trained.hparams["supervised"] == {"relabel": 8, "target": "label"}
+    for trainer, hparams in trained.hparams.items():
+        make_trainer(trainer, **hparams)                 # every hyperparameter is the trainer's own
+    units = expand(spec)
+    control = [u for u in units if u.control["role"] == "control"]
+    assert len(control) == len(names) * 5 * 3           # every policy x 5 budgets x 3 shards
+    small = load_spec(SWEEPS / "e4_cpu_tiny_learned.yaml", overrides=cpu_overrides("e4_cpu_tiny_learned"))
+    assert small.control.trained.samples == 500 and small.control.train_samples == 4
