@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flexvlm_ray.analysis.e2 import analyze, budget_cases, config_frame, coupling, hypervolume, two_way
+from flexvlm_ray.analysis.e2 import (analyze, budget_cases, config_frame, coupling, difference_of_differences,
+                                     hypervolume, two_way)
 from flexvlm_ray.analysis.pareto import pareto_mask
 from flexvlm_ray.run.worker import ModelWorker
 from flexvlm_ray.spec.expand import expand
@@ -189,3 +190,21 @@ def test_a_grid_runs_e2_analysis_needs_no_optuna(monkeypatch, tmp_path):
     hv = json.loads((tmp_path / "e2_hypervolume.json").read_text())["shapes_vqa"]
     assert "adaptive_tpe_replayed" not in hv["curves"]
     assert "adaptive_tpe_replayed left out: optuna is not installed" in hv["notes"]
+
+
+@pytest.mark.parametrize("seed, drop, nan", [(0, 0.0, 0.0), (1, 0.3, 0.0), (2, 0.0, 0.2), (3, 0.4, 0.3)])
+def test_corner_difference_of_differences_matches_the_two_way_table(seed, drop, nan):
+    """The bootstrap's fast path: the same number as two_way's, with rows dropped (cells averaged over other
+    knobs, or empty) and NaN values (skipped, as pandas' mean skips them)."""
+    rng = np.random.default_rng(seed)
+    grid = pd.DataFrame([(c, k, b) for c in (1, 4, 12) for k in (1, 2, 8) for b in (8, 16)],
+                        columns=["max_crops", "top_k", "active_blocks"])
+    table = grid.loc[rng.random(len(grid)) >= drop].copy()
+    table["T_total_p50"] = rng.gamma(4.0, 5.0, len(table))
+    table.loc[rng.random(len(table)) < nan, "T_total_p50"] = np.nan
+    table["top_k"] = table["top_k"].astype(float)
+    table.loc[rng.random(len(table)) < nan / 2, "top_k"] = np.nan          # a missing knob value: row left out
+    for a, b in (("max_crops", "top_k"), ("top_k", "active_blocks"), ("max_crops", "active_blocks")):
+        want = two_way(table, a=a, b=b, value="T_total_p50")["difference_of_differences"]
+        got = difference_of_differences(table, a=a, b=b, value="T_total_p50")
+        assert (np.isnan(want) and np.isnan(got)) or got == pytest.approx(want, rel=1e-12, abs=1e-12)
