@@ -19,7 +19,9 @@ from flexvlm_ray.models.flexmoe.model import load_flexmoe
 from flexvlm_ray.tiny.examples import (ATTRIBUTES, Draw, example_loader, grounding_targets, make_example,
                                        probe_sample, stack_pixels, tiny_tokenizer)
 from flexvlm_ray.tiny.heads import dct_patch_embedding
-from flexvlm_ray.tiny.train import batch_loss, train
+import pytest
+
+from flexvlm_ray.tiny.train import batch_loss, draw_reduced, reduced_config, train
 
 TOY = FlexMoeConfig(name="toy", crop_px=168, vit_patch_px=42, pool_margin=0, max_crops=4, vit_hidden=8,
                     vit_intermediate=16, vit_layers=1, vit_heads=1, vit_feature_layers=(-1, -1), pool_dim=8,
@@ -174,3 +176,55 @@ def test_phase1_cache_loads_safely_and_gives_the_same_weights(tmp_path):
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     torch.load(tmp_path / "phase1.pt", weights_only=True)   # raises if the file held anything but tensors and data
+
+
+TOY3 = FlexMoeConfig(**{**TOY.to_dict(), "name": "toy3", "num_blocks": 3})
+
+
+def test_reduced_config_runs_a_prefix_with_fewer_experts_and_restores_the_model():
+    """Inside ``reduced_config`` the decoder runs the first 2 of 3 blocks with top_k 1: two blocks' router
+    logits; afterwards every block and top_k is back, and a full forward records all three (transformers
+    installs its output hooks on the first forward, here the reduced one)."""
+    from flexvlm_ray.models.flexmoe.model import build_flexmoe
+
+    model = build_flexmoe(TOY3, device="cpu", dtype=torch.float32, seed=0)
+    decoder = model.decoder.model
+    hidden = torch.randn(1, 5, TOY3.hidden_size)
+    layers = list(decoder.layers)
+    with reduced_config(model=model, blocks=2, top_k=1):
+        out = decoder(inputs_embeds=hidden, output_router_logits=True)
+        assert len(out.router_logits) == 2 and [layer.mlp.gate.top_k for layer in layers] == [1, 1, 1]
+    assert list(decoder.layers) == layers and [layer.mlp.gate.top_k for layer in layers] == [2, 2, 2]
+    assert decoder.config.num_hidden_layers == 3
+    full = decoder(inputs_embeds=hidden, output_router_logits=True)
+    assert len(full.router_logits) == 3
+    with pytest.raises(ValueError, match="1 <= blocks <= 3"):
+        with reduced_config(model=model, blocks=4, top_k=1):
+            pass
+
+
+@pytest.mark.parametrize("elastic, expected_none", [(0.0, 200), (1.0, 0)])
+def test_reduced_draws_cover_every_prefix_and_top_k(elastic, expected_none):
+    rng = np.random.default_rng(0)
+    draws = [draw_reduced(rng=rng, elastic=elastic, config=TOY3) for _ in range(200)]
+    assert sum(d is None for d in draws) == expected_none
+    if elastic:
+        assert {d for d in draws} == {(b, k) for b in (1, 2, 3) for k in (1, 2)}
+
+
+def test_elastic_training_trains_reduced_configurations_and_leaves_elastic_0_unchanged(tmp_path):
+    """elastic 1.0: every phase-2 step after the curriculum is a reduced configuration, and the weights differ
+    from the full-configuration run; elastic 0 gives the same weights as a run that never heard of it."""
+    from safetensors.torch import load_file
+
+    common = dict(steps=3, seed=0, batch_size=2, config=TOY3, pool_size=40, log_every=1, workers=0,
+                  pretrain_steps=1, pretrain_batch=2, early_crops=(0.0, 1))
+    plain = train(out=tmp_path / "plain", **common)
+    zero = train(out=tmp_path / "zero", elastic=0.0, **common)
+    elastic = train(out=tmp_path / "elastic", elastic=1.0, **common)
+    assert (plain["reduced_steps"], zero["reduced_steps"], elastic["reduced_steps"]) == (0, 0, 3)
+    a, b, c = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "zero", "elastic"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="elastic is the share"):
+        train(out=tmp_path / "bad", elastic=1.5, **common)

@@ -53,6 +53,7 @@ import math
 import pickle
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -63,6 +64,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
+from flexvlm_ray.knobs.moe import temporary_top_k
 from flexvlm_ray.models.flexmoe.config import PAD_ID, PRESETS, FlexMoeConfig
 from flexvlm_ray.models.flexmoe.model import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, FlexMoeModel,
                                               build_flexmoe, load_flexmoe, splice_image_embeds)
@@ -165,6 +167,34 @@ def batch_loss(*, model: FlexMoeModel, examples: Sequence[Example], aux_coef: fl
     return total, ce, aux
 
 
+@contextmanager
+def reduced_config(*, model: FlexMoeModel, blocks: int, top_k: int) -> Iterator[None]:
+    """Inside, the decoder runs its first ``blocks`` blocks (the prefix mask) with ``top_k`` experts per token:
+    a training step of a reduced configuration (``train(elastic=)``). The blocks and every router's top_k are
+    restored afterwards, also when the step raises."""
+    decoder = model.decoder.model
+    layers, count = decoder.layers, decoder.config.num_hidden_layers
+    if not 1 <= blocks <= len(layers) or not 1 <= top_k <= model.config.num_experts:
+        raise ValueError(f"a reduced configuration needs 1 <= blocks <= {len(layers)} and "
+                         f"1 <= top_k <= {model.config.num_experts}, got blocks {blocks}, top_k {top_k}")
+    # OLMoE's forward runs layers[:config.num_hidden_layers]; the module list stays whole, so the output
+    # hooks transformers installs on the first forward (router logits) cover every block
+    decoder.config.num_hidden_layers = blocks
+    try:
+        with temporary_top_k(routers=[layer.mlp.gate for layer in layers], top_k=top_k):
+            yield
+    finally:
+        decoder.config.num_hidden_layers = count
+
+
+def draw_reduced(*, rng: np.random.Generator, elastic: float, config: FlexMoeConfig) -> Optional[tuple[int, int]]:
+    """With probability ``elastic``: (blocks, top_k) uniform over 1..num_blocks x 1..top_k (the preset's
+    default top_k; fewer experts is the knob's direction), else None (the full configuration)."""
+    if elastic <= 0 or rng.random() >= elastic:
+        return None
+    return int(rng.integers(1, config.num_blocks + 1)), int(rng.integers(1, config.top_k + 1))
+
+
 def image_reliance(*, model: FlexMoeModel, own: Sequence[Example], shuffled: Sequence[Example]) -> dict[str, float]:
     """Teacher-forced target cross-entropy and first-target-token accuracy with each sample's own
     image and with another sample's image; a model that reads the image does better with its own."""
@@ -228,7 +258,8 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
           phase1_cache: Optional[Path] = None, ground_coef: float = GROUND_COEF,
           ground_layer: int = GROUND_LAYER, probes: tuple[float, float] = PROBES,
           init_from: Optional[Path] = None, ground_extra: bool = GROUND_EXTRA,
-          ground_answers: bool = GROUND_ANSWERS, device: str = "cpu", workers: int = 1) -> dict[str, Any]:
+          ground_answers: bool = GROUND_ANSWERS, device: str = "cpu", workers: int = 1,
+          elastic: float = 0.0) -> dict[str, Any]:
     """Train from the seed's random weights, save to ``out``; the training report.
 
     Phase 1 (``pretrain_steps``): the vision tower, pooling and projector learn the attribute
@@ -239,7 +270,15 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
 
     ``device``: where the model trains (on CUDA with TF32 matmuls); ``workers``: processes that build
     the examples ahead of the step (the draws themselves come from one stream, so they do not change).
+
+    ``elastic``: the share of phase-2 steps after the curriculum that train a reduced configuration
+    (``draw_reduced``: a prefix of 1..num_blocks blocks and 1..top_k experts, ``reduced_config``), so that the
+    knobs cost less quality at inference; the summary and grounding losses are left out of a step whose
+    blocks do not reach their layer. Its draws come from their own stream (seed + 2): ``elastic`` 0 trains
+    exactly as before.
     """
+    if not 0.0 <= elastic <= 1.0:
+        raise ValueError(f"elastic is the share of steps that train a reduced configuration: 0..1, got {elastic}")
     torch.set_num_threads(threads)
     device = torch.device(device)
     if device.type == "cuda":
@@ -311,6 +350,8 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
     for param in image_params:
         param.requires_grad_(freeze_steps == 0)
     running: list[tuple[float, float, float]] = []
+    elastic_rng = np.random.default_rng(seed + 2)
+    reduced_steps = 0
     loader = batches(draw_batches(steps, batch_size, early=early_steps, probe_p=probes[1]))
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -320,11 +361,17 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
                 param.requires_grad_(True)
         examples = next(loader)
         extras: dict[str, Any] = {}
-        loss, ce, aux = batch_loss(model=model, examples=examples, head=head,
-                                   attr_coef=attr_coef if step >= freeze_steps else 0.0,
-                                   summary_head=summary_head, summary_coef=summary_coef,
-                                   summary_layer=summary_layer, ground_head=ground_head, ground_coef=ground_coef,
-                                   ground_layer=ground_layer, extras=extras)
+        reduced = draw_reduced(rng=elastic_rng, elastic=elastic, config=config) if step >= early_steps else None
+        blocks, top_k = reduced or (config.num_blocks, config.top_k)
+        reduced_steps += reduced is not None
+        with reduced_config(model=model, blocks=blocks, top_k=top_k):
+            loss, ce, aux = batch_loss(model=model, examples=examples, head=head,
+                                       attr_coef=attr_coef if step >= freeze_steps else 0.0,
+                                       summary_head=summary_head,
+                                       summary_coef=summary_coef if blocks >= summary_layer else 0.0,
+                                       summary_layer=summary_layer, ground_head=ground_head,
+                                       ground_coef=ground_coef if blocks >= ground_layer else 0.0,
+                                       ground_layer=ground_layer, extras=extras)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -361,6 +408,7 @@ def train(*, out: Path, steps: int, seed: int, batch_size: int = 8, peak_lr: flo
               "early_crops": list(early_crops), "init_from": None if init_from is None else str(init_from),
               "phase1_loaded_from_cache": phase1_loaded, "warmup_steps": warmup,
               "pool_size": pool_size, "threads": threads, "workers": workers, "wall_seconds": round(wall, 1),
+              "elastic": elastic, "reduced_steps": reduced_steps,
               **_fixed_settings(device=device), "history": history, "image_reliance": diagnostics}
     model.eval()
     save_trained(model=model, tokenizer=tokenizer, directory=Path(out), report=report)
@@ -477,6 +525,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--pool-size", type=int, default=POOL_SIZE)
     parser.add_argument("--checkpoint-every", type=int, default=0, help="save to --checkpoint-dir every N steps")
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--elastic", type=float, default=0.0,
+                        help="share of phase-2 steps (after the curriculum) that train a reduced configuration: "
+                             "a prefix of 1..N blocks and 1..top_k experts (0: full configuration only)")
     args = parser.parse_args(argv)
     report = train(out=args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, peak_lr=args.lr,
                    threads=args.threads, log_every=args.log_every, vision_lr_mult=args.vision_lr_mult,
@@ -485,7 +536,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    diag_every=args.diag_every, pool_size=args.pool_size, summary_coef=args.summary_coef,
                    summary_layer=args.summary_layer, ground_coef=args.ground_coef, ground_layer=args.ground_layer,
                    phase1_cache=args.phase1_cache, init_from=args.init_from, ground_extra=bool(args.ground_extra),
-                   ground_answers=bool(args.ground_answers), device=args.device, workers=args.workers, probes=(PROBES[0], args.probes_later), early_crops=(args.early_crops_share, EARLY_CROPS[1]))
+                   ground_answers=bool(args.ground_answers), device=args.device, workers=args.workers, probes=(PROBES[0], args.probes_later), early_crops=(args.early_crops_share, EARLY_CROPS[1]),
+                   elastic=args.elastic)
     print(f"trained {report['steps']} steps in {report['wall_seconds']:.0f}s -> {args.out}")
 
 
