@@ -244,7 +244,7 @@ def measure_pass(*, adapter: ModelAdapter, sample: Sample, unit: WorkUnit,
     eos = adapter.eos_token_id
     stop = eos if natural else None
     if measure.per_token_decode:
-        while 0 < len(state.tokens) < max_new and not (stop is not None and state.tokens[-1] == stop):
+        while state.unfinished(max_new=max_new, stop=stop):
             adapter.decode_step(state)
             timer.mark("decode_token")
     else:

@@ -68,6 +68,11 @@ class DecodeState:
     position: int = 0                     # sequence length so far
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def unfinished(self, *, max_new: int, stop: Optional[int]) -> bool:
+        """Whether greedy decoding goes on: fewer than ``max_new`` tokens, and the last one is not ``stop``
+        (None: no stop token)."""
+        return 0 < len(self.tokens) < max_new and not (stop is not None and self.tokens[-1] == stop)
+
 
 class ModelAdapter(ABC):
     """One model family. Subclasses register with ``@register_model("name")``."""
@@ -117,7 +122,7 @@ class ModelAdapter(ABC):
         tokens (the flexmoe fast backend overlaps host and device); where it leaves device work running
         past the stop token it returns the CUDA timing event at which the output was complete (the stage
         ends there), else None."""
-        while 0 < len(state.tokens) < max_new and not (stop is not None and state.tokens[-1] == stop):
+        while state.unfinished(max_new=max_new, stop=stop):
             self.decode_step(state)
         return None
 

@@ -296,19 +296,21 @@ class FlexMoeAdapter(ModelAdapter):
         if self.fast is None or not self.overlap_decode:
             return super().decode_run(state, max_new=max_new, stop=stop)
         check_blocks_unchanged(state=state, active=self._active)
-        if state.extras.get("epoch") != self.fast.cache.epoch:
-            raise RuntimeError("this decode state's KV cache was overwritten by a later prefill")
-        if not 0 < len(state.tokens) < max_new or (stop is not None and state.tokens[-1] == stop):
+        self._check_fast_cache(state)
+        if not state.unfinished(max_new=max_new, stop=stop):
             return None
         for token in self.fast.decode_run(token=state.next_token, position=state.position, blocks=self._active,
                                           steps=max_new - len(state.tokens), stop=stop):
             record_token(state=state, token=token, logits=self.fast.logits)
         return self.fast.stop_event
 
-    def _fast_decode_step(self, state: DecodeState) -> int:
-        """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""
+    def _check_fast_cache(self, state: DecodeState) -> None:
         if state.extras.get("epoch") != self.fast.cache.epoch:
             raise RuntimeError("this decode state's KV cache was overwritten by a later prefill")
+
+    def _fast_decode_step(self, state: DecodeState) -> int:
+        """One step of the fast decoder; ``extras['logits']`` is its static buffer (valid until the next step)."""
+        self._check_fast_cache(state)
         token = self.fast.decode(token=state.next_token, position=state.position, blocks=self._active)
         return record_token(state=state, token=token, logits=self.fast.logits)
 

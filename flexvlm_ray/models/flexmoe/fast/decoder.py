@@ -600,11 +600,7 @@ class FastDecoder:
             raise ValueError(f"decode position {position} is outside the static cache of {self.cache.max_len}")
         self.token_in.fill_(int(token))
         self.position_in.fill_(int(position))
-        key = self.graph_key(blocks=blocks, position=position)
-        if not self.use_graphs:
-            self._decode_body(blocks=key[0], bucket=key[2])
-        else:
-            self._replay(key, lambda: self._decode_body(blocks=key[0], bucket=key[2]))
+        self._step(blocks=blocks, position=position)
         return int(self.token_out.item())
 
     def decode_run(self, *, token: int, position: int, blocks: Sequence[int], steps: int,
@@ -655,11 +651,7 @@ class FastDecoder:
     def _enqueue_step(self, *, slot: int, position: int, blocks: Sequence[int]) -> Optional[Any]:
         """One step from the device-side token and position; its token copied to ``host_tokens[slot]``, then
         the next step's input made on the device. A timing event recorded after the copy (None on the CPU)."""
-        key = self.graph_key(blocks=blocks, position=position)
-        if not self.use_graphs:
-            self._decode_body(blocks=key[0], bucket=key[2])
-        else:
-            self._replay(key, lambda: self._decode_body(blocks=key[0], bucket=key[2]))
+        self._step(blocks=blocks, position=position)
         self.host_tokens[slot:slot + 1].copy_(self.token_out, non_blocking=True)
         self.token_in.copy_(self.token_out)
         self.position_in.add_(1)
@@ -668,6 +660,15 @@ class FastDecoder:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    def _step(self, *, blocks: Sequence[int], position: int) -> None:
+        """One decode step from the input buffers: the graph of its key replayed (captured on first use), or
+        the body run eagerly without graphs."""
+        key = self.graph_key(blocks=blocks, position=position)
+        if not self.use_graphs:
+            self._decode_body(blocks=key[0], bucket=key[2])
+        else:
+            self._replay(key, lambda: self._decode_body(blocks=key[0], bucket=key[2]))
 
     def _decode_body(self, *, blocks: Sequence[int], bucket: int) -> None:
         """One step from the static input buffers to the static output buffers (what a graph records)."""
