@@ -15,16 +15,7 @@ OUT=${OUT:-/tmp/out}; RUNS=${RUNS:-/tmp/runs}; LIMIT_S=${LIMIT_S:-540}
 mkdir -p "$OUT" "$RUNS"
 started=$(date +%s)
 log="$OUT/h200_m2_noise.log"
-if ls "${WHL:-.whl}"/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${WHL:-.whl}"/*.whl \
-    > /tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TQDM_DISABLE=1
-PY=${PYTHON:-python3}
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
-fi
-git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null || true
+source benchmarks/gpu_env.sh
 BASE=(--set model.backend=fast --set datasets.0.num_samples=3)
 [ -n "${CPU_CHECK:-}" ] && BASE+=(--set model.preset=tiny --set model.dtype=float32 --set measure.runs_per_sample=4
                                   --set datasets.0.num_samples=1 --set knobs.max_new_tokens=4)

@@ -17,18 +17,7 @@ LIST=${1:-benchmarks/reference/h200_refs.txt}
 mkdir -p "$OUT" "$RUNS"
 started=$(date +%s)
 log="$OUT/h200_refs.log"
-if ls "${WHL:-.whl}"/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${WHL:-.whl}"/*.whl \
-    > /tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TQDM_DISABLE=1
-PY=${PYTHON:-python3}
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
-fi
-$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-  >> "$OUT/gpu.txt" 2>&1
-git rev-parse HEAD >> "$OUT/gpu.txt" 2>/dev/null || true
+source benchmarks/gpu_env.sh
 echo "=== h200_refs $LIST ($(date +%T), limit ${LIMIT_S}s)" | tee "$log"
 extra=()
 [ -n "${CPU_CHECK:-}" ] && extra=(--cpu-check)
