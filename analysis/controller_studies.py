@@ -25,6 +25,7 @@ import pandas as pd
 RESAMPLES = 2000
 KEYS = ["seed", "dataset", "sample_id", "budget_fraction"]
 STATS = ("retained", "violation", "reward")
+SETTINGS = ("budgets", "samples", "trainers", "seeds", "sources")   # what a study's manifest says it ran
 
 
 def _sums(frame: pd.DataFrame, clusters: pd.Index) -> np.ndarray:
@@ -99,3 +100,27 @@ def fmt(value: Optional[float], ci: Optional[list] = None, *, pct: bool = False,
     if ci and ci[0] is not None:
         text += " [" + f.format(ci[0] * scale) + ", " + f.format(ci[1] * scale) + "]"
     return text
+
+
+def study_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The study's settings from its manifest, for the head of its result."""
+    return {key: manifest.get(key) for key in SETTINGS}
+
+
+def policy_baselines(rows: pd.DataFrame, *, seed: int = 0) -> list[dict[str, Any]]:
+    """``full`` and ``static`` on ``rows`` (one variant's decisions), from the first trainer's rows (a baseline
+    decides the same for every trainer), with ``group_stats``."""
+    out = []
+    for policy in ("full", "static"):
+        part = rows[rows["policy"] == policy]
+        if len(part):
+            part = part[part["trainer"] == part["trainer"].iloc[0]]
+            out.append({"policy": policy, **group_stats(part, seed=seed)})
+    return out
+
+
+def fmt_difference(diff: dict[str, Any], name: str, *, pct: bool = False) -> str:
+    """A paired difference's statistic ``name`` (``paired_difference``), signed, with its CI and * where the CI
+    excludes 0; '-' where it has none."""
+    return (fmt(diff.get(name), diff.get(f"{name}_ci"), pct=pct, signed=True)
+            + (" *" if diff.get(f"{name}_claim") else ""))

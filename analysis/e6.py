@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from flexvlm_ray.analysis.common import figures_dir, write_json
-from flexvlm_ray.analysis.controller_studies import fmt, group_stats, paired_difference
+from flexvlm_ray.analysis.controller_studies import (fmt, fmt_difference, group_stats, paired_difference,
+                                                       policy_baselines, study_settings)
 from flexvlm_ray.analysis.plots import save
 from flexvlm_ray.analysis.registry import register_analysis
 
@@ -57,16 +58,10 @@ def analyze_e6(*, rows: pd.DataFrame, out_dir: Path, manifest: dict[str, Any], s
                 entry["reference"] = ref
                 entry["vs_reference"] = paired_difference(part, mine_t[mine_t["variant"] == ref], seed=seed)
             table.append(entry)
-    baselines = []
-    for variant in (BASE, "mask=prefix"):
-        for policy in ("full", "static"):
-            part = rows[(rows["variant"] == variant) & (rows["policy"] == policy)]
-            if len(part):
-                first = part[part["trainer"] == part["trainer"].iloc[0]]     # the same for every trainer
-                baselines.append({"variant": variant, "policy": policy, **group_stats(first, seed=seed)})
+    baselines = [{"variant": variant, **b} for variant in (BASE, "mask=prefix")
+                 for b in policy_baselines(rows[rows["variant"] == variant], seed=seed)]
     result = {"experiment": "e6", "protocol": "E4's budgets on profiled rows (control.train.studies), held-out requests",
-              "budgets": manifest.get("budgets"), "samples": manifest.get("samples"), "trainers": manifest.get("trainers"),
-              "seeds": manifest.get("seeds"), "sources": manifest.get("sources"), "rows": table, "baselines": baselines,
+              **study_settings(manifest), "rows": table, "baselines": baselines,
               "ci": "95% cluster bootstrap over requests (2000 resamples), seeds pooled; differences paired"}
     written = [write_json(out_dir / "e6.json", result), _table(result, out_dir / "e6_table.md")]
     written.append(_plot(result, figures_dir(out_dir) / "e6_ablations.png"))
@@ -84,14 +79,10 @@ def _table(result: dict[str, Any], path: Path) -> Path:
              "|---|---|---|---|---|---|---|---|---|"]
     for e in result["rows"]:
         vs = e.get("vs_reference") or {}
-
-        def d(name: str, pct: bool = False) -> str:
-            if name not in vs:
-                return "-"
-            return fmt(vs[name], vs[f"{name}_ci"], pct=pct, signed=True) + (" *" if vs.get(f"{name}_claim") else "")
         lines.append(f"| {e['variant']} | {e['trainer']} | {e['configs']} | {fmt(e['retained'], e['retained_ci'])} | "
-                     f"{d('retained')} | {fmt(e['violation'], e['violation_ci'], pct=True)} | {d('violation', True)} | "
-                     f"{fmt(e['reward'], e['reward_ci'])} | {d('reward')} |")
+                     f"{fmt_difference(vs, 'retained')} | {fmt(e['violation'], e['violation_ci'], pct=True)} | "
+                     f"{fmt_difference(vs, 'violation', pct=True)} | {fmt(e['reward'], e['reward_ci'])} | "
+                     f"{fmt_difference(vs, 'reward')} |")
     lines += ["", "Baselines on the same contexts:", "", "| rows of | policy | quality retained | violation | mean reward |",
               "|---|---|---|---|---|"]
     for b in result["baselines"]:

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from flexvlm_ray.analysis.common import figures_dir, write_json
-from flexvlm_ray.analysis.controller_studies import fmt, group_stats, paired_difference
+from flexvlm_ray.analysis.controller_studies import (fmt, fmt_difference, group_stats, paired_difference,
+                                                       policy_baselines, study_settings)
 from flexvlm_ray.analysis.plots import save
 from flexvlm_ray.analysis.registry import register_analysis
 
@@ -52,15 +53,9 @@ def analyze_m6(*, rows: pd.DataFrame, out_dir: Path, manifest: dict[str, Any], s
                          "seen": dataset in trained_on, "variant_stats": group_stats(keys, seed=seed),
                          "base_stats": group_stats(b.merge(keys[["seed", "sample_id", "budget_fraction"]]), seed=seed),
                          "gap": diff})
-    baselines = []
-    for policy in ("full", "static"):
-        part = rows[(rows["variant"] == BASE) & (rows["policy"] == policy) & (rows["split"] == "in")]
-        if len(part):
-            part = part[part["trainer"] == part["trainer"].iloc[0]]
-            baselines.append({"policy": policy, **group_stats(part, seed=seed)})
+    baselines = policy_baselines(rows[(rows["variant"] == BASE) & (rows["split"] == "in")], seed=seed)
     result = {"experiment": "m6", "protocol": "E4's budgets on profiled rows (control.train.studies)",
-              "budgets": manifest.get("budgets"), "samples": manifest.get("samples"), "trainers": manifest.get("trainers"),
-              "seeds": manifest.get("seeds"), "sources": manifest.get("sources"), "summary": summary, "gaps": gaps,
+              **study_settings(manifest), "summary": summary, "gaps": gaps,
               "baselines": baselines,
               "ci": "95% cluster bootstrap over requests (2000 resamples), seeds pooled; gaps paired on base's held-out requests"}
     written = [write_json(out_dir / "m6.json", result), _table(result, out_dir / "m6_table.md")]
@@ -77,14 +72,11 @@ def _table(result: dict[str, Any], path: Path) -> Path:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in result["gaps"]:
         v, b, d = g["variant_stats"], g["base_stats"], g["gap"]
-
-        def gap(name: str, pct: bool = False) -> str:
-            return fmt(d.get(name), d.get(f"{name}_ci"), pct=pct, signed=True) + (" *" if d.get(f"{name}_claim") else "")
         lines.append(f"| {g['variant'].removeprefix('train=')} | {g['trainer']} | {g['dataset']} | "
                      f"{'yes' if g['seen'] else 'no'} | {d.get('requests', 0)} | {fmt(v['retained'], v['retained_ci'])} | "
-                     f"{fmt(b['retained'], b['retained_ci'])} | {gap('retained')} | "
+                     f"{fmt(b['retained'], b['retained_ci'])} | {fmt_difference(d, 'retained')} | "
                      f"{fmt(v['violation'], v['violation_ci'], pct=True)} | {fmt(b['violation'], b['violation_ci'], pct=True)} | "
-                     f"{gap('violation', True)} |")
+                     f"{fmt_difference(d, 'violation', pct=True)} |")
     lines += ["", "## Per variant and split (in: held-out requests of its training workloads; out: every request of the others)",
               "", "| variant | trainer | split | requests | quality retained | violation | mean reward |",
               "|---|---|---|---|---|---|---|"]
