@@ -25,7 +25,7 @@ violation and measured quality side by side per workload and budget.
 Files: e4.json (everything, and the targets met or not with their numbers), e4_table.md (the
 table a paper could print), figures/e4_frontier.png, figures/e4_violation.png, figures/e4_overhead.png.
 Quality is marked not meaningful for models with random weights (every preset but flexmoe
-'tiny', which ships trained weights, unless the spec names a checkpoint ``path``).
+'tiny' and 'tiny-elastic', which ship trained weights, unless the spec names a checkpoint ``path``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from flexvlm_ray.analysis.plots import save
 from flexvlm_ray.analysis.registry import register_analysis
 from flexvlm_ray.spec.schema import ModelSpec
 
-TRAINED_PRESETS = {("flexmoe", "tiny")}      # presets that load trained weights (flexvlm_ray/assets/tiny)
+TRAINED_PRESETS = {("flexmoe", "tiny"), ("flexmoe", "tiny-elastic")}   # presets with shipped trained weights (assets/)
 GUARDED = ("lut+guard", "learned+guard")
 RESAMPLES = 2000
 VIOLATION_TARGET, RETAINED_TARGET, RETAINED_AT = 0.05, 0.95, 0.7

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -187,6 +187,9 @@ PRESETS: dict[str, FlexMoeConfig] = {
     "molmoe-1b": FlexMoeConfig(name="molmoe-1b", vit_layers=23, projector_hidden=1024, extra_embeddings=128,
                                vit_post_layernorm=False, pad_embed=True, image_embed_mode="add", preprocess="molmo"),
 }
+# ``tiny``'s architecture with the shipped elastic weights (assets/tiny_elastic: ``tiny`` fine-tuned with reduced
+# blocks and experts, docs/TINY_MODEL.md)
+PRESETS["tiny-elastic"] = replace(PRESETS["tiny"], name="tiny-elastic")
 
 
 def build_tokenizer(*, vocab_size: int, extra_words: Sequence[str] = ()) -> Tokenizer:
@@ -214,6 +217,7 @@ def word_level_tokenizer(*, tokens: Sequence[str], special_tokens: Sequence[str]
 
 # -- folders, options and the spec-time description (no torch) -------------------------------------
 ASSETS_TINY = Path(__file__).resolve().parents[2] / "assets" / "tiny"
+ASSETS_TINY_ELASTIC = ASSETS_TINY.parent / "tiny_elastic"
 DEFAULT_PRESET = "tiny"
 CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE = "config.json", "tokenizer.json", "model.safetensors"
 BACKENDS = ("hf", "fast")
@@ -241,12 +245,14 @@ def read_flexmoe_config(directory: str | os.PathLike) -> FlexMoeConfig:
 
 
 def preset_config(preset: Optional[str]) -> tuple[FlexMoeConfig, Optional[Path]]:
-    """A preset's config and its weights folder (the shipped trained ``tiny``; None: random weights)."""
+    """A preset's config and its weights folder (the shipped trained ``tiny`` and ``tiny-elastic``; None:
+    random weights)."""
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise ValueError(f"Unknown preset '{name}' for family 'flexmoe'. Available: {', '.join(sorted(PRESETS))}")
-    if name == "tiny" and (ASSETS_TINY / WEIGHTS_FILE).is_file():
-        return read_flexmoe_config(ASSETS_TINY), ASSETS_TINY
+    folder = {"tiny": ASSETS_TINY, "tiny-elastic": ASSETS_TINY_ELASTIC}.get(name)   # read here: tests patch them
+    if folder is not None and (folder / WEIGHTS_FILE).is_file():
+        return replace(read_flexmoe_config(folder), name=name), folder
     return PRESETS[name], None
 
 
