@@ -82,6 +82,31 @@ def test_m6_trains_on_some_workloads_and_evaluates_the_others_out_of_distributio
     assert set(base["split"]) == {"in"} and set(base["dataset"]) == {"vqa_set", "caption_set"}
 
 
+def test_m6_model_variant_scores_base_decisions_on_the_other_model_rows(prepared):
+    """Another model, same grid and requests, whose reduced configurations score 0: the controller trained on
+    the first model decides as base does (same network, same latencies, so the same configurations) and gets
+    the other model's quality; a run without those requests is refused by name."""
+    rows = synthetic_rows(requests=synthetic_requests(n=16), space=prepared.space)
+    full_key = prepared.space.keys[prepared.space.full_index]
+    rows.loc[rows["config"] != full_key, "score"] = 0.0
+    other = Prepared.of(rows=rows, requests=synthetic_requests(n=16), space=prepared.space)
+    variants = m6_variants(prepared.datasets, [], models=("other",))
+    assert [(v.name, v.eval_model) for v in variants] == [("base", ""), ("model=other", "other")]
+    frame = run_study(prepared, variants, trainers=["supervised"], seeds=[0], samples=800,
+                      other_models={"other": other})
+    ctrl = frame[frame["policy"] == "controller"]
+    base, mine = (ctrl[ctrl["variant"] == v].reset_index(drop=True) for v in ("base", "model=other"))
+    assert set(mine["split"]) == {"in"} and set(mine["eval_model"]) == {"other"}
+    assert list(mine["config"]) == list(base["config"]) and list(mine["sample_id"]) == list(base["sample_id"])
+    reduced = mine["config"] != full_key
+    assert reduced.any() and (mine.loc[reduced, "quality"] == 0).all()
+    assert (base.loc[reduced, "quality"] > 0).any()
+    few = Prepared.of(rows=rows[rows["sample_id"].isin(rows["sample_id"].unique()[:3])],
+                      requests=synthetic_requests(n=16)[:3], space=prepared.space)
+    with pytest.raises(ValueError, match="lack .* held-out requests"):
+        run_variant(prepared, variants[1], trainer="supervised", seed=0, samples=100, evaluate=few)
+
+
 def _decisions(shift_quality=0.0, shift_violation=False, n=30):
     """Hand-made decision rows: base and one variant on the same requests, the variant's quality shifted."""
     rng = np.random.default_rng(0)
@@ -146,6 +171,7 @@ def test_m6_gap_is_paired_on_the_base_held_out_requests(tmp_path):
     (["m7", "x", "--out", "o"], "'m7' is not one of 'm6', 'e6'"),
     (["m6", "nope", "--out", "o"], "nope: not a run folder"),
     (["e6", ".", "--out", "o", "--trainers", "ppo,nope"], "unknown trainer 'nope'"),
+    (["e6", ".", "--out", "o", "--other-model", "."], "--other-model is for the m6 study"),
 ])
 def test_controller_study_bad_input_exits_2(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -19,6 +19,9 @@ from flexvlm_ray.commands.common import analyze_or_exit, fail
               help="e6: a run whose grid varies block_policy (sweeps/m5_masks.yaml): the mask-strategy ablation")
 @click.option("--train-sets", default="shapes_vqa+shapes_caption;shapes_mc+shapes_count", show_default=True,
               help="m6: groups of workloads to train on, ';' between groups, '+' within one")
+@click.option("--other-model", "other_models", multiple=True, type=click.Path(file_okay=False),
+              help="m6: a run of the same grid and requests on another model (repeatable): base's controller is "
+                   "scored on that model's rows")
 @click.option("--trainers", default="supervised,ppo", show_default=True, help="E5 trainers, comma list")
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="seeds 0 .. N-1")
 @click.option("--samples", type=click.IntRange(1, 10_000_000), default=10_000, show_default=True,
@@ -34,15 +37,16 @@ from flexvlm_ray.commands.common import analyze_or_exit, fail
 @click.option("--draws", type=click.IntRange(1, 100), default=5, show_default=True,
               help="portability: draws of the K rows per split")
 @click.option("--no-analysis", is_flag=True, help="skip the analysis")
-def controller_study(study: str, run_dir: str, out_dir: str, mask_run: Optional[str], train_sets: str, trainers: str,
-                     seeds: int, samples: int, margin: float, targets: tuple[str, ...], ks: str, splits: int,
-                     draws: int, no_analysis: bool) -> None:
+def controller_study(study: str, run_dir: str, out_dir: str, mask_run: Optional[str], train_sets: str,
+                     other_models: tuple[str, ...], trainers: str, seeds: int, samples: int, margin: float,
+                     targets: tuple[str, ...], ks: str, splits: int, draws: int, no_analysis: bool) -> None:
     """STUDY (m6 or e6) on RUN_DIR's profiled rows (a grid sweep, or an E4 run's training rows).
 
     Each variant's controller (E4's learned network, trained by each E5 trainer on the variant's training
     requests) decides on held-out requests at E4's budgets (0.35 ... 1.0 x the workload's full P50); the
-    rows give each decision's measured quality and T_total. Writes OUT/manifest.json, decisions.parquet and
-    OUT/analysis/. See docs/E6_M5_M6.md.
+    rows give each decision's measured quality and T_total. m6 with --other-model: base's controller also
+    decides on its held-out requests as another model measured them. Writes OUT/manifest.json,
+    decisions.parquet and OUT/analysis/. See docs/E6_M5_M6.md.
 
     portability: E3's estimator fitted on RUN_DIR's rows, recalibrated from K rows of each --on run; its error
     on the target's held-out configurations and the violation rate of the guardrail it drives on the target's
@@ -55,6 +59,8 @@ def controller_study(study: str, run_dir: str, out_dir: str, mask_run: Optional[
         return
     if targets:
         fail("--on is for the portability study")
+    if other_models and study != "m6":
+        fail("--other-model is for the m6 study")
     from flexvlm_ray.control.train import TRAINERS
 
     names = [t.strip() for t in trainers.split(",") if t.strip()]
@@ -62,7 +68,7 @@ def controller_study(study: str, run_dir: str, out_dir: str, mask_run: Optional[
         if name not in TRAINERS:
             fail(f"--trainers: unknown trainer {name!r}; allowed: {', '.join(TRAINERS.names())}")
     groups = [tuple(d.strip() for d in g.split("+") if d.strip()) for g in train_sets.split(";") if g.strip()]
-    for path in [run_dir] + ([mask_run] if mask_run else []):
+    for path in [run_dir] + ([mask_run] if mask_run else []) + list(other_models):
         if not (Path(path) / "manifest.json").is_file():
             fail(f"{path}: not a run folder (no manifest.json)")
     from flexvlm_ray.run.controller_study import run_controller_study
@@ -70,7 +76,7 @@ def controller_study(study: str, run_dir: str, out_dir: str, mask_run: Optional[
     try:
         out = run_controller_study(study=study, run_dir=run_dir, out_dir=out_dir, trainers=names,
                                    seeds=list(range(seeds)), samples=samples, mask_run=mask_run, train_sets=groups,
-                                   margin=margin, say=lambda m: click.echo(m, err=True))
+                                   margin=margin, other_models=other_models, say=lambda m: click.echo(m, err=True))
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     if not no_analysis:

@@ -5,7 +5,8 @@
 the requests they measured (loaded again from the dataset registry, as ``bandit_from_run`` does).
 ``run_controller_study`` writes OUT_DIR:
 
-  manifest.json       experiment ``m6`` or ``e6``, ``table_file``, the source runs, the settings (trainers,
+  manifest.json       experiment ``m6`` or ``e6``, ``table_file``, the source runs (with m6's other models' runs),
+                      the rows' model, the settings (trainers,
                       seeds, samples, budgets, reward, margin, the variants), host load, wall time
   decisions.parquet   one row per (variant, trainer, seed, policy, request, budget): studies.run_variant's
                       records (config, quality, normalized quality, latency, violated, reward)
@@ -31,16 +32,22 @@ STUDIES = ("m6", "e6")
 
 
 def prepared_from_run(run_dir: str | Path) -> Prepared:
+    return _prepared_and_model(run_dir)[0]
+
+
+def _prepared_and_model(run_dir: str | Path) -> tuple[Prepared, str]:
+    """The run's Prepared rows and its model's label (the spec's preset, else its checkpoint folder's name)."""
     from flexvlm_ray.run.controller_tune import profiled_run
 
-    rows, requests, space, _ = profiled_run(run_dir)
-    return Prepared.of(rows=rows, requests=requests, space=space)
+    rows, requests, space, spec = profiled_run(run_dir)
+    return (Prepared.of(rows=rows, requests=requests, space=space),
+            f"{spec.model.family}:{spec.model.preset or Path(spec.model.path).name}")
 
 
 def run_controller_study(*, study: str, run_dir: str | Path, out_dir: str | Path, trainers: list[str],
                          seeds: list[int], samples: int, mask_run: Optional[str | Path] = None,
                          train_sets: Optional[list[tuple[str, ...]]] = None, reward: Optional[RewardSpec] = None,
-                         margin: float = 0.9, held_out: float = 0.25,
+                         margin: float = 0.9, held_out: float = 0.25, other_models: tuple[str | Path, ...] = (),
                          say: Callable[[str], None] = lambda m: None) -> Path:
     import torch
 
@@ -52,9 +59,18 @@ def run_controller_study(*, study: str, run_dir: str | Path, out_dir: str | Path
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    prepared = prepared_from_run(run_dir)
+    prepared, model = _prepared_and_model(run_dir)
     kw = dict(trainers=trainers, seeds=seeds, samples=samples, reward=reward, margin=margin, held_out=held_out, say=say)
     sources = {"rows": str(run_dir)}
+    if other_models and study != "m6":
+        raise ValueError("other models are for the m6 study")
+    others = {}
+    for path in other_models:
+        other, label = _prepared_and_model(path)
+        if label == model or label in others:
+            raise ValueError(f"{path}: its model {label} is not another model ({model} is the rows' own)")
+        others[label] = other
+        sources[f"model={label}"] = str(path)
     if study == "m6":
         if not train_sets:
             raise ValueError("m6 needs train_sets: groups of workloads to train on")
@@ -62,8 +78,8 @@ def run_controller_study(*, study: str, run_dir: str | Path, out_dir: str | Path
         if unknown:
             raise ValueError(f"train sets name workloads without rows: {unknown}; the rows have "
                              f"{', '.join(prepared.datasets)}")
-        variants = m6_variants(prepared.datasets, train_sets)
-        frame = run_study(prepared, variants, **kw)
+        variants = m6_variants(prepared.datasets, train_sets, models=tuple(others))
+        frame = run_study(prepared, variants, other_models=others, **kw)
         frame["rows_source"] = "rows"
     else:
         variants = e6_variants(prepared.space)
@@ -84,7 +100,7 @@ def run_controller_study(*, study: str, run_dir: str | Path, out_dir: str | Path
                 "sources": sources, "trainers": trainers, "seeds": seeds, "samples": samples,
                 "budgets": list(EVAL_BUDGETS), "reward": reward.to_dict(), "margin": margin, "held_out": held_out,
                 "variants": [{**asdict(v), "configs": None if v.configs is None else len(v.configs)} for v in variants],
-                "requests": {"rows": len(prepared.env), "datasets": prepared.datasets},
+                "requests": {"rows": len(prepared.env), "datasets": prepared.datasets}, "model": model,
                 "configs": len(prepared.space), "wall_s": time.perf_counter() - start,
                 "host": {"cpus": os.cpu_count(), "load_before": list(load_before), "load_after": list(os.getloadavg())}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")

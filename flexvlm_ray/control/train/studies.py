@@ -21,6 +21,10 @@ A ``Variant`` restricts what the controller sees and may do:
   guardrail        the E3 guardrail on or off
   budget_feature   off: the two budget inputs (log B, log B / estimated full latency) are constant 0,
                    in training and evaluation (the network cannot see the budget)
+  eval_model       M6's second model: the controller trains on these rows as ``base`` does and decides on
+                   base's held-out requests, but what it gets is what another model measured on those
+                   requests (``run_variant``'s ``evaluate``: a run of the same grid on that model); budgets
+                   are fractions of that model's full P50, its quality normalized by its own full mean
 
 ``run_variant`` returns one record per (request, budget, policy): the controller, and two baselines on
 the same contexts: ``full`` and ``static`` (per budget fraction the configuration with the best mean
@@ -88,6 +92,7 @@ class Variant:
     guardrail: bool = False
     budget_feature: bool = True
     group: str = ""                                    # the ablation it belongs to (E6 table rows)
+    eval_model: str = ""                               # M6: evaluated on another model's rows (its label)
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
@@ -109,8 +114,10 @@ def subset(env: RowEnvironment, idx: np.ndarray, columns: Optional[np.ndarray] =
 
 def run_variant(prepared: Prepared, variant: Variant, *, trainer: str, seed: int, samples: int,
                 hparams: Optional[dict[str, Any]] = None, reward: Optional[RewardSpec] = None, held_out: float = 0.25,
-                margin: float = 0.9, hidden: int = 64, budgets: tuple[float, ...] = EVAL_BUDGETS) -> pd.DataFrame:
-    """Train the variant's controller and evaluate it and the baselines (see the module docstring)."""
+                margin: float = 0.9, hidden: int = 64, budgets: tuple[float, ...] = EVAL_BUDGETS,
+                evaluate: Optional[Prepared] = None) -> pd.DataFrame:
+    """Train the variant's controller and evaluate it and the baselines (see the module docstring);
+    ``evaluate``: another model's rows that the decisions are scored on (``Variant.eval_model``)."""
     reward = reward or RewardSpec()
     keys = list(variant.configs) if variant.configs is not None else prepared.space.keys
     missing = sorted(set(keys) - set(prepared.space.keys))
@@ -144,16 +151,21 @@ def run_variant(prepared: Prepared, variant: Variant, *, trainer: str, seed: int
     out_idx = np.flatnonzero(~train_mask)
     idx = np.concatenate([in_idx, out_idx])
     split = np.array(["in"] * len(in_idx) + ["out"] * len(out_idx))
+    env_eval = env_all
+    if evaluate is not None:                    # the same held-out requests, as the other model measured them
+        env_eval, idx = other_model_env(evaluate, keys=keys, space=space, requests=[
+            (str(env_all.datasets[i]), env_all.requests[i].request.request_id) for i in in_idx])
+        split = np.array(["in"] * len(idx))
     full = space.full_index
-    p50 = {ds: env_all.full_p50(dataset=ds) for ds in sorted(set(env_all.datasets))}
-    q_ref = {ds: float(env_all.quality[env_all.datasets == ds, full].mean()) for ds in p50}
-    estimates = np.stack([model.latency(env_all.requests[i]) for i in idx])
+    p50 = {ds: env_eval.full_p50(dataset=ds) for ds in sorted(set(env_eval.datasets))}
+    q_ref = {ds: float(env_eval.quality[env_eval.datasets == ds, full].mean()) for ds in p50}
+    estimates = np.stack([model.latency(env_eval.requests[i]) for i in idx])
     fr = np.asarray(budgets, float)
     ii = np.repeat(np.arange(len(idx)), len(fr))                # position in idx
     req = idx[ii]
     frac = np.tile(fr, len(idx))
-    budget = frac * np.array([p50[ds] for ds in env_all.datasets[req]])
-    x = np.stack([featurizer.vector(env_all.requests[r], budget_ms=b, full_estimate_ms=float(estimates[j, full]))
+    budget = frac * np.array([p50[ds] for ds in env_eval.datasets[req]])
+    x = np.stack([featurizer.vector(env_eval.requests[r], budget_ms=b, full_estimate_ms=float(estimates[j, full]))
                   for r, b, j in zip(req, budget, ii)])
     if not variant.budget_feature:
         x[:, :2] = 0.0
@@ -177,8 +189,8 @@ def run_variant(prepared: Prepared, variant: Variant, *, trainer: str, seed: int
         b = f * bandit.p50[train_req]
         static[f] = int(np.argmax(bandit.rewards(train_req, b).mean(axis=0)))
     policies = {"controller": chosen, "full": np.full(len(req), full), "static": np.array([static[f] for f in frac])}
-    lat, qual = env_all.latency[req], env_all.quality[req]
-    scale = np.array([q_ref[ds] if reward.normalize and q_ref[ds] > 0 else 1.0 for ds in env_all.datasets[req]])
+    lat, qual = env_eval.latency[req], env_eval.quality[req]
+    scale = np.array([q_ref[ds] if reward.normalize and q_ref[ds] > 0 else 1.0 for ds in env_eval.datasets[req]])
     all_rewards = reward(quality=qual / scale[:, None], latency_ms=lat, budget_ms=budget[:, None])
     records = []
     rows_n = np.arange(len(req))
@@ -187,17 +199,33 @@ def run_variant(prepared: Prepared, variant: Variant, *, trainer: str, seed: int
             "variant": variant.name, "group": variant.group, "trainer": trainer, "seed": seed, "policy": name,
             "guardrail": bool(variant.guardrail) and name == "controller", "budget_feature": variant.budget_feature,
             "configs": len(space), "train_datasets": ",".join(train_sets), "split": split[ii],
-            "dataset": env_all.datasets[req].astype(str), "task": env_all.tasks[req].astype(str),
-            "sample_id": [env_all.requests[r].request.request_id for r in req],
+            "dataset": env_eval.datasets[req].astype(str), "task": env_eval.tasks[req].astype(str),
+            "sample_id": [env_eval.requests[r].request.request_id for r in req],
             "budget_fraction": frac, "budget_ms": budget, "config": [space.keys[a] for a in action],
             "quality": qual[rows_n, action], "quality_full": qual[:, full],
             "quality_norm": qual[rows_n, action] / np.where(scale > 0, scale, 1.0),
             "quality_full_norm": qual[:, full] / np.where(scale > 0, scale, 1.0),
             "latency_ms": lat[rows_n, action], "violated": lat[rows_n, action] > budget,
             "reward": all_rewards[rows_n, action], "hindsight_reward": all_rewards.max(axis=1),
-            "train_env_samples": int(result.final["env_samples"]),
+            "train_env_samples": int(result.final["env_samples"]), "eval_model": variant.eval_model,
         }))
     return pd.concat(records, ignore_index=True)
+
+
+def other_model_env(other: Prepared, *, keys: list[str], space: ConfigSpace,
+                    requests: list[tuple[str, str]]) -> tuple[RowEnvironment, np.ndarray]:
+    """``other``'s environment over ``keys`` (in that order) and the positions of ``requests`` (dataset,
+    request id) in it; a clear error when the other rows lack a configuration or any of the requests."""
+    missing = sorted(set(keys) - set(other.space.keys))
+    if missing:
+        raise ValueError(f"the other model's rows lack configurations {missing}: run the same grid on it")
+    env = subset(other.env, np.arange(len(other.env)), np.array([other.space.keys.index(k) for k in keys]), space)
+    position = {(str(d), r.request.request_id): i for i, (d, r) in enumerate(zip(env.datasets, env.requests))}
+    absent = [key for key in requests if key not in position]
+    if absent:
+        raise ValueError(f"the other model's rows lack {len(absent)} of the {len(requests)} held-out requests "
+                         f"(first: {absent[0][0]} {absent[0][1]}): run the same datasets and samples on it")
+    return env, np.array([position[key] for key in requests], dtype=int)
 
 
 # -- the studies' variants ------------------------------------------------------------------------------
@@ -234,15 +262,18 @@ def mask_variants(space: ConfigSpace) -> list[Variant]:
     return out
 
 
-def m6_variants(datasets: list[str], splits: list[tuple[str, ...]]) -> list[Variant]:
-    """M6: trained on every workload (in distribution only), then on each listed group of workloads."""
+def m6_variants(datasets: list[str], splits: list[tuple[str, ...]], models: tuple[str, ...] = ()) -> list[Variant]:
+    """M6: trained on every workload (in distribution only), then on each listed group of workloads; per other
+    model, base's controller scored on that model's rows (``Variant.eval_model``)."""
     out = [Variant(name=BASE, train_datasets=tuple(datasets), group="base")]
     out += [Variant(name="train=" + "+".join(s), train_datasets=tuple(s), group="generalisation") for s in splits]
+    out += [Variant(name=f"model={m}", train_datasets=tuple(datasets), group="model", eval_model=m) for m in models]
     return out
 
 
 def run_study(prepared: Prepared, variants: list[Variant], *, trainers: list[str], seeds: list[int], samples: int,
-              hparams: Optional[dict[str, dict[str, Any]]] = None, say=None, **kwargs: Any) -> pd.DataFrame:
+              hparams: Optional[dict[str, dict[str, Any]]] = None, say=None,
+              other_models: Optional[dict[str, Prepared]] = None, **kwargs: Any) -> pd.DataFrame:
     frames = []
     for variant in variants:
         for trainer in trainers:
@@ -250,5 +281,6 @@ def run_study(prepared: Prepared, variants: list[Variant], *, trainers: list[str
                 if say is not None:
                     say(f"{variant.name} {trainer} seed {seed}")
                 frames.append(run_variant(prepared, variant, trainer=trainer, seed=seed, samples=samples,
-                                          hparams=(hparams or {}).get(trainer), **kwargs))
+                                          hparams=(hparams or {}).get(trainer),
+                                          evaluate=(other_models or {}).get(variant.eval_model), **kwargs))
     return pd.concat(frames, ignore_index=True)
