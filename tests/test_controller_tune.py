@@ -185,14 +185,15 @@ def test_bandit_from_the_committed_e4_reference_run():
     assert base["uniform"] < base["best_static"] < base["oracle"] <= base["hindsight"]
 
 
-E5_REFERENCE = ROOT / "results" / "reference" / "cpu-2core-2026-12-03" / "e5" / "tiny"
+E5_REFERENCES = [ROOT / "results" / "reference" / "cpu-2core-2026-12-03" / "e5" / name
+                 for name in ("tiny", "tiny-elastic")]
 
 
-@pytest.mark.skipif(not E5_REFERENCE.is_dir(), reason="the committed E5 reference run is not in this checkout")
-def test_committed_e5_reference_run_reanalyses_to_its_committed_json(tmp_path):
-    manifest = json.loads((E5_REFERENCE / "manifest.json").read_text())
-    rows = pd.read_parquet(E5_REFERENCE / manifest["table_file"])
+@pytest.mark.parametrize("reference", [p for p in E5_REFERENCES if p.is_dir()], ids=lambda p: p.name)
+def test_committed_e5_reference_runs_reanalyse_to_their_committed_json(reference, tmp_path):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    rows = pd.read_parquet(reference / manifest["table_file"])
     analyze_e5(rows=rows, out_dir=tmp_path, manifest=manifest)
-    assert json.loads((tmp_path / "e5.json").read_text()) == json.loads((E5_REFERENCE / "analysis" / "e5.json").read_text())
-    assert (tmp_path / "e5_table.md").read_text() == (E5_REFERENCE / "analysis" / "e5_table.md").read_text()
-    assert manifest["trials"] == len(json.loads((E5_REFERENCE / "trials.json").read_text())) == 42
+    assert json.loads((tmp_path / "e5.json").read_text()) == json.loads((reference / "analysis" / "e5.json").read_text())
+    assert (tmp_path / "e5_table.md").read_text() == (reference / "analysis" / "e5_table.md").read_text()
+    assert manifest["trials"] == len(json.loads((reference / "trials.json").read_text())) == 42
