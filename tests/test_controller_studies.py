@@ -104,7 +104,7 @@ def test_m6_model_variant_scores_base_decisions_on_the_other_model_rows(prepared
     few = Prepared.of(rows=rows[rows["sample_id"].isin(rows["sample_id"].unique()[:3])],
                       requests=synthetic_requests(n=16)[:3], space=prepared.space)
     with pytest.raises(ValueError, match="lack .* held-out requests"):
-        run_variant(prepared, variants[1], trainer="supervised", seed=0, samples=100, evaluate=few)
+        run_variant(prepared, variants[0], trainer="supervised", seed=0, samples=100, scored_on={variants[1]: few})
 
 
 def _decisions(shift_quality=0.0, shift_violation=False, n=30):

@@ -68,9 +68,7 @@ def controller_study(study: str, run_dir: str, out_dir: str, mask_run: Optional[
         if name not in TRAINERS:
             fail(f"--trainers: unknown trainer {name!r}; allowed: {', '.join(TRAINERS.names())}")
     groups = [tuple(d.strip() for d in g.split("+") if d.strip()) for g in train_sets.split(";") if g.strip()]
-    for path in [run_dir] + ([mask_run] if mask_run else []) + list(other_models):
-        if not (Path(path) / "manifest.json").is_file():
-            fail(f"{path}: not a run folder (no manifest.json)")
+    _require_runs([run_dir] + ([mask_run] if mask_run else []) + list(other_models))
     from flexvlm_ray.run.controller_study import run_controller_study
 
     try:
@@ -93,9 +91,7 @@ def _portability(*, run_dir: str, targets: tuple[str, ...], out_dir: str, ks: st
         fail(f"--k: a comma list of integers, got {ks!r}")
     if not values or min(values) < 0:
         fail(f"--k: non-negative row counts, got {ks!r}")
-    for path in (run_dir, *targets):
-        if not (Path(path) / "manifest.json").is_file():
-            fail(f"{path}: not a run folder (no manifest.json)")
+    _require_runs([run_dir, *targets])
     from flexvlm_ray.analysis.portability import run_portability
 
     try:
@@ -105,3 +101,10 @@ def _portability(*, run_dir: str, targets: tuple[str, ...], out_dir: str, ks: st
         fail(str(exc))
     if not no_analysis:
         analyze_or_exit(out)
+
+
+def _require_runs(paths: list[str]) -> None:
+    """A one-line failure (exit 2) for the first path that is not a run folder."""
+    for path in paths:
+        if not (Path(path) / "manifest.json").is_file():
+            fail(f"{path}: not a run folder (no manifest.json)")

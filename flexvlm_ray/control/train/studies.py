@@ -21,10 +21,10 @@ A ``Variant`` restricts what the controller sees and may do:
   guardrail        the E3 guardrail on or off
   budget_feature   off: the two budget inputs (log B, log B / estimated full latency) are constant 0,
                    in training and evaluation (the network cannot see the budget)
-  eval_model       M6's second model: the controller trains on these rows as ``base`` does and decides on
-                   base's held-out requests, but what it gets is what another model measured on those
-                   requests (``run_variant``'s ``evaluate``: a run of the same grid on that model); budgets
-                   are fractions of that model's full P50, its quality normalized by its own full mean
+  eval_model       M6's second model: base's trained controller (same trainer and seed) decides on base's
+                   held-out requests, but what it gets is what another model measured on those requests
+                   (``run_variant``'s ``scored_on``: a run of the same grid on that model); budgets are
+                   fractions of that model's full P50, its quality normalized by its own full mean
 
 ``run_variant`` returns one record per (request, budget, policy): the controller, and two baselines on
 the same contexts: ``full`` and ``static`` (per budget fraction the configuration with the best mean
@@ -115,9 +115,10 @@ def subset(env: RowEnvironment, idx: np.ndarray, columns: Optional[np.ndarray] =
 def run_variant(prepared: Prepared, variant: Variant, *, trainer: str, seed: int, samples: int,
                 hparams: Optional[dict[str, Any]] = None, reward: Optional[RewardSpec] = None, held_out: float = 0.25,
                 margin: float = 0.9, hidden: int = 64, budgets: tuple[float, ...] = EVAL_BUDGETS,
-                evaluate: Optional[Prepared] = None) -> pd.DataFrame:
+                scored_on: Optional[dict[Variant, Prepared]] = None) -> pd.DataFrame:
     """Train the variant's controller and evaluate it and the baselines (see the module docstring);
-    ``evaluate``: another model's rows that the decisions are scored on (``Variant.eval_model``)."""
+    ``scored_on``: per ``Variant.eval_model`` variant, another model's rows that the same trained controller's
+    decisions on the held-out requests are also scored on (their records carry that variant's name)."""
     reward = reward or RewardSpec()
     keys = list(variant.configs) if variant.configs is not None else prepared.space.keys
     missing = sorted(set(keys) - set(prepared.space.keys))
@@ -145,71 +146,70 @@ def run_variant(prepared: Prepared, variant: Variant, *, trainer: str, seed: int
     result = make_trainer(trainer, **(hparams or {})).train(bandit, sample_budget=samples, seed=seed, hidden=hidden,
                                                             eval_every=samples)
     net = result.net
+    full = space.full_index
+    fr = np.asarray(budgets, float)
+    # static: per budget fraction, the best mean training reward over the bandit's training requests
+    static = {f: int(np.argmax(bandit.rewards(bandit.train, f * bandit.p50[bandit.train]).mean(axis=0))) for f in fr}
+
+    def decisions(label: Variant, env_eval: RowEnvironment, idx: np.ndarray, split: np.ndarray) -> pd.DataFrame:
+        """The controller's and the baselines' records on ``env_eval``'s requests ``idx`` at every budget."""
+        p50 = {ds: env_eval.full_p50(dataset=ds) for ds in sorted(set(env_eval.datasets))}
+        q_ref = {ds: float(env_eval.quality[env_eval.datasets == ds, full].mean()) for ds in p50}
+        estimates = np.stack([model.latency(env_eval.requests[i]) for i in idx])
+        ii = np.repeat(np.arange(len(idx)), len(fr))                # position in idx
+        req = idx[ii]
+        frac = np.tile(fr, len(idx))
+        budget = frac * np.array([p50[ds] for ds in env_eval.datasets[req]])
+        x = np.stack([featurizer.vector(env_eval.requests[r], budget_ms=b, full_estimate_ms=float(estimates[j, full]))
+                      for r, b, j in zip(req, budget, ii)])
+        if not variant.budget_feature:
+            x[:, :2] = 0.0
+        import torch
+
+        with torch.no_grad():
+            logits = net(torch.as_tensor(x, dtype=torch.float32)).numpy()
+        order = np.argsort(-logits, axis=1, kind="stable")
+        if variant.guardrail:
+            guard = Guardrail(margin=margin)
+            chosen = np.empty(len(req), int)
+            for k in range(len(req)):
+                mask = guard.admit(estimates=estimates[ii[k]], budget_ms=float(budget[k]))
+                chosen[k] = order[k][np.argmax(mask[order[k]])] if mask.any() else int(np.argmin(estimates[ii[k]]))
+        else:
+            chosen = order[:, 0]
+        policies = {"controller": chosen, "full": np.full(len(req), full), "static": np.array([static[f] for f in frac])}
+        lat, qual = env_eval.latency[req], env_eval.quality[req]
+        scale = np.array([q_ref[ds] if reward.normalize and q_ref[ds] > 0 else 1.0 for ds in env_eval.datasets[req]])
+        all_rewards = reward(quality=qual / scale[:, None], latency_ms=lat, budget_ms=budget[:, None])
+        records = []
+        rows_n = np.arange(len(req))
+        for name, action in policies.items():
+            records.append(pd.DataFrame({
+                "variant": label.name, "group": label.group, "trainer": trainer, "seed": seed, "policy": name,
+                "guardrail": bool(variant.guardrail) and name == "controller", "budget_feature": variant.budget_feature,
+                "configs": len(space), "train_datasets": ",".join(train_sets), "split": split[ii],
+                "dataset": env_eval.datasets[req].astype(str), "task": env_eval.tasks[req].astype(str),
+                "sample_id": [env_eval.requests[r].request.request_id for r in req],
+                "budget_fraction": frac, "budget_ms": budget, "config": [space.keys[a] for a in action],
+                "quality": qual[rows_n, action], "quality_full": qual[:, full],
+                "quality_norm": qual[rows_n, action] / np.where(scale > 0, scale, 1.0),
+                "quality_full_norm": qual[:, full] / np.where(scale > 0, scale, 1.0),
+                "latency_ms": lat[rows_n, action], "violated": lat[rows_n, action] > budget,
+                "reward": all_rewards[rows_n, action], "hindsight_reward": all_rewards.max(axis=1),
+                "train_env_samples": int(result.final["env_samples"]), "eval_model": label.eval_model,
+            }))
+        return pd.concat(records, ignore_index=True)
 
     # evaluation contexts: the bandit's held-out requests ("in") and every request of the other workloads ("out")
     in_idx = np.flatnonzero(train_mask)[bandit.held_out]
     out_idx = np.flatnonzero(~train_mask)
-    idx = np.concatenate([in_idx, out_idx])
-    split = np.array(["in"] * len(in_idx) + ["out"] * len(out_idx))
-    env_eval = env_all
-    if evaluate is not None:                    # the same held-out requests, as the other model measured them
-        env_eval, idx = other_model_env(evaluate, keys=keys, space=space, requests=[
-            (str(env_all.datasets[i]), env_all.requests[i].request.request_id) for i in in_idx])
-        split = np.array(["in"] * len(idx))
-    full = space.full_index
-    p50 = {ds: env_eval.full_p50(dataset=ds) for ds in sorted(set(env_eval.datasets))}
-    q_ref = {ds: float(env_eval.quality[env_eval.datasets == ds, full].mean()) for ds in p50}
-    estimates = np.stack([model.latency(env_eval.requests[i]) for i in idx])
-    fr = np.asarray(budgets, float)
-    ii = np.repeat(np.arange(len(idx)), len(fr))                # position in idx
-    req = idx[ii]
-    frac = np.tile(fr, len(idx))
-    budget = frac * np.array([p50[ds] for ds in env_eval.datasets[req]])
-    x = np.stack([featurizer.vector(env_eval.requests[r], budget_ms=b, full_estimate_ms=float(estimates[j, full]))
-                  for r, b, j in zip(req, budget, ii)])
-    if not variant.budget_feature:
-        x[:, :2] = 0.0
-    import torch
-
-    with torch.no_grad():
-        logits = net(torch.as_tensor(x, dtype=torch.float32)).numpy()
-    order = np.argsort(-logits, axis=1, kind="stable")
-    if variant.guardrail:
-        guard = Guardrail(margin=margin)
-        chosen = np.empty(len(req), int)
-        for k in range(len(req)):
-            mask = guard.admit(estimates=estimates[ii[k]], budget_ms=float(budget[k]))
-            chosen[k] = order[k][np.argmax(mask[order[k]])] if mask.any() else int(np.argmin(estimates[ii[k]]))
-    else:
-        chosen = order[:, 0]
-    # static: per budget fraction, the best mean training reward over the bandit's training requests
-    train_req = bandit.train
-    static = {}
-    for f in fr:
-        b = f * bandit.p50[train_req]
-        static[f] = int(np.argmax(bandit.rewards(train_req, b).mean(axis=0)))
-    policies = {"controller": chosen, "full": np.full(len(req), full), "static": np.array([static[f] for f in frac])}
-    lat, qual = env_eval.latency[req], env_eval.quality[req]
-    scale = np.array([q_ref[ds] if reward.normalize and q_ref[ds] > 0 else 1.0 for ds in env_eval.datasets[req]])
-    all_rewards = reward(quality=qual / scale[:, None], latency_ms=lat, budget_ms=budget[:, None])
-    records = []
-    rows_n = np.arange(len(req))
-    for name, action in policies.items():
-        records.append(pd.DataFrame({
-            "variant": variant.name, "group": variant.group, "trainer": trainer, "seed": seed, "policy": name,
-            "guardrail": bool(variant.guardrail) and name == "controller", "budget_feature": variant.budget_feature,
-            "configs": len(space), "train_datasets": ",".join(train_sets), "split": split[ii],
-            "dataset": env_eval.datasets[req].astype(str), "task": env_eval.tasks[req].astype(str),
-            "sample_id": [env_eval.requests[r].request.request_id for r in req],
-            "budget_fraction": frac, "budget_ms": budget, "config": [space.keys[a] for a in action],
-            "quality": qual[rows_n, action], "quality_full": qual[:, full],
-            "quality_norm": qual[rows_n, action] / np.where(scale > 0, scale, 1.0),
-            "quality_full_norm": qual[:, full] / np.where(scale > 0, scale, 1.0),
-            "latency_ms": lat[rows_n, action], "violated": lat[rows_n, action] > budget,
-            "reward": all_rewards[rows_n, action], "hindsight_reward": all_rewards.max(axis=1),
-            "train_env_samples": int(result.final["env_samples"]), "eval_model": variant.eval_model,
-        }))
-    return pd.concat(records, ignore_index=True)
+    frames = [decisions(variant, env_all, np.concatenate([in_idx, out_idx]),
+                        np.array(["in"] * len(in_idx) + ["out"] * len(out_idx)))]
+    held = [(str(env_all.datasets[i]), env_all.requests[i].request.request_id) for i in in_idx]
+    for label, other in (scored_on or {}).items():   # the same held-out requests, as another model measured them
+        env_other, idx = other_model_env(other, keys=keys, space=space, requests=held)
+        frames.append(decisions(label, env_other, idx, np.array(["in"] * len(idx))))
+    return pd.concat(frames, ignore_index=True)
 
 
 def other_model_env(other: Prepared, *, keys: list[str], space: ConfigSpace,
@@ -274,13 +274,19 @@ def m6_variants(datasets: list[str], splits: list[tuple[str, ...]], models: tupl
 def run_study(prepared: Prepared, variants: list[Variant], *, trainers: list[str], seeds: list[int], samples: int,
               hparams: Optional[dict[str, dict[str, Any]]] = None, say=None,
               other_models: Optional[dict[str, Prepared]] = None, **kwargs: Any) -> pd.DataFrame:
-    frames = []
-    for variant in variants:
+    """Every variant x trainer x seed, in the variants' order. A ``Variant.eval_model`` variant trains nothing:
+    base's controller of the same trainer and seed is scored on ``other_models[eval_model]`` as well."""
+    scored = [v for v in variants if v.eval_model]
+    frames: dict[str, list[pd.DataFrame]] = {v.name: [] for v in variants}
+    for variant in (v for v in variants if not v.eval_model):
         for trainer in trainers:
             for seed in seeds:
                 if say is not None:
                     say(f"{variant.name} {trainer} seed {seed}")
-                frames.append(run_variant(prepared, variant, trainer=trainer, seed=seed, samples=samples,
-                                          hparams=(hparams or {}).get(trainer),
-                                          evaluate=(other_models or {}).get(variant.eval_model), **kwargs))
-    return pd.concat(frames, ignore_index=True)
+                frame = run_variant(prepared, variant, trainer=trainer, seed=seed, samples=samples,
+                                    hparams=(hparams or {}).get(trainer), scored_on={
+                                        v: (other_models or {})[v.eval_model] for v in scored} if variant.name == BASE
+                                    else None, **kwargs)
+                for name, part in frame.groupby("variant", sort=False):
+                    frames[name].append(part)
+    return pd.concat([f for v in variants for f in frames[v.name]], ignore_index=True)
